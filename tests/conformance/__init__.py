@@ -1,0 +1,421 @@
+"""The behaviour every repository must show, run against the real store.
+
+A backend's test module subclasses :class:`RepositoryConformance` and provides
+a ``repository`` fixture that yields a fresh, empty repository (its own
+namespace, table, prefix or folder) and cleans up afterwards::
+
+    class TestSQLiteConformance(RepositoryConformance):
+        @pytest.fixture
+        def repository(self, tmp_path):
+            with SQLiteStateRepository(tmp_path / "warm.db") as repo:
+                yield repo
+
+The contract itself is documented in ``tiered_state/repositories/base.py``.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from typing import Any
+
+import pytest
+
+from tiered_state import codec
+from tiered_state.errors import BatchError, InvalidKeyError
+from tiered_state.keys import matches
+from tiered_state.record import Entry, Metadata, make_metadata
+from tiered_state.repositories.base import StateRepository
+
+#: Keys that break naive backends: SQL LIKE and glob metacharacters, path
+#: tricks, whitespace, non-ASCII and the longest key allowed.
+AWKWARD_KEYS = [
+    "plain",
+    "with space",
+    "a/b/c",
+    "/leading-slash",
+    "..",
+    "../escape",
+    "a/../../b",
+    ".hidden",
+    "100%",
+    "a_b",
+    "a%b_c",
+    "back\\slash",
+    "star*key",
+    "what?",
+    "[bracket]",
+    "caret^",
+    "dollar$",
+    "quote'\"",
+    "colon:semi;",
+    "CaseSensitive",
+    "casesensitive",
+    "ünïcödé-κλειδί-键",
+    "emoji-🔑",
+    "trailing.",
+    "trailing ",
+    "x" * 1024,
+    "é" * 512,
+]
+
+#: Keys a repository must refuse before any I/O.
+INVALID_KEYS: list[Any] = [
+    "",
+    "nul\x00byte",
+    "new\nline",
+    "tab\tkey",
+    "del\x7f",
+    "c1\x85",
+    "x" * 1025,
+    "é" * 513,
+    "lone\ud800surrogate",
+    None,
+    42,
+    b"bytes",
+]
+
+#: (pattern, keys it must select from AWKWARD_KEYS-like sets) is checked
+#: against the reference matcher rather than spelled out.
+PATTERNS = [
+    "*",
+    "a*",
+    "a/*",
+    "*%",
+    "100%",
+    "a_b",
+    "a?b",
+    "a%b*",
+    "*\\*key",
+    "what\\?",
+    "\\[bracket]",
+    "[ab]*",
+    "[!a]*",
+    "[^a-c]*",
+    "*/*",
+    "ünï*",
+    "*🔑",
+    "back\\\\slash",
+    "[[]bracket]",
+    "*e",
+    "Case*",
+    "?",
+]
+
+
+def make(
+    value: Any, version: int = 1, *, ttl: float | None = None, now: float | None = None
+) -> tuple[str, Metadata]:
+    """A (payload, metadata) pair as the manager would store it."""
+    payload = codec.encode(value)
+    return payload, make_metadata(payload, version, now=time.time() if now is None else now, ttl=ttl)
+
+
+def same_metadata(got: Metadata, want: Metadata) -> bool:
+    """Metadata equal, allowing timestamps the store keeps to the microsecond."""
+    for field in ("checksum", "size_bytes", "version", "encoding"):
+        if got[field] != want[field]:
+            return False
+    for field in ("created_at", "updated_at", "expires_at"):
+        a, b = got[field], want[field]  # type: ignore[literal-required]
+        if (a is None) != (b is None):
+            return False
+        if a is not None and abs(a - b) > 0.002:
+            return False
+    return True
+
+
+class RepositoryConformance:
+    """Subclass and provide a ``repository`` fixture yielding an empty repository."""
+
+    #: Seconds a short TTL test waits; stores with coarse expiry may raise it.
+    ttl_seconds = 1.0
+
+    # ------------------------------------------------------------ basics
+    def test_interface_is_complete(self, repository: StateRepository) -> None:
+        assert isinstance(repository, StateRepository)
+        assert repository.backend != "base"
+        for name in ("fetch", "fetch_record", "store", "delete", "keys", "stats",
+                     "store_many", "delete_many", "fetch_many", "store_if_version",
+                     "store_if_newer", "delete_if_version", "scan", "clear", "close"):
+            assert callable(getattr(repository, name))
+
+    def test_round_trip(self, repository: StateRepository) -> None:
+        value = {"qty": 1.5, "side": "buy", "fills": [1, 2, 3], "note": "ünï", "none": None}
+        payload, metadata = make(value, version=7)
+        assert repository.store("position:BTC", payload, metadata) is True
+        assert repository.fetch("position:BTC") == value
+        entry = repository.fetch_record("position:BTC")
+        assert isinstance(entry, Entry)
+        assert entry.key == "position:BTC"
+        assert codec.decode(entry.payload) == value
+        assert entry.valid()
+        assert same_metadata(entry.metadata, metadata)
+
+    @pytest.mark.parametrize(
+        "value", [0, -1, 2**70, 1.25, 1e300, "", "text", True, False, None, [], {}, [[{"a": [None]}]]]
+    )
+    def test_json_values(self, repository: StateRepository, value: Any) -> None:
+        repository.store("v", *make(value))
+        entry = repository.fetch_record("v")
+        assert entry is not None and entry.valid()
+        got = repository.fetch("v")
+        assert got == value and type(got) is type(value)
+
+    def test_overwrite(self, repository: StateRepository) -> None:
+        repository.store("k", *make("one", 1))
+        repository.store("k", *make("two", 2))
+        assert repository.fetch("k") == "two"
+        entry = repository.fetch_record("k")
+        assert entry is not None and entry.version == 2
+        assert repository.keys("*") == ["k"]
+
+    def test_absent_key(self, repository: StateRepository) -> None:
+        assert repository.fetch("missing") is None
+        assert repository.fetch_record("missing") is None
+        assert repository.delete("missing") is False
+        assert repository.fetch_many(["missing"]) == {}
+
+    def test_delete_is_idempotent(self, repository: StateRepository) -> None:
+        repository.store("k", *make(1))
+        assert repository.delete("k") is True
+        assert repository.delete("k") is False
+        assert repository.fetch("k") is None
+        assert repository.keys() == []
+
+    def test_large_value(self, repository: StateRepository) -> None:
+        value = {"blob": "x" * 300_000, "items": list(range(5000))}
+        repository.store("big", *make(value))
+        assert repository.fetch("big") == value
+
+    # ------------------------------------------------------------ keys
+    def test_awkward_keys_round_trip(self, repository: StateRepository) -> None:
+        for i, key in enumerate(AWKWARD_KEYS):
+            repository.store(key, *make({"i": i, "key": key}))
+        for i, key in enumerate(AWKWARD_KEYS):
+            assert repository.fetch(key) == {"i": i, "key": key}, key
+        assert sorted(repository.keys("*")) == sorted(AWKWARD_KEYS)
+        assert repository.delete_many(AWKWARD_KEYS) == len(AWKWARD_KEYS)
+        assert repository.keys("*") == []
+
+    @pytest.mark.parametrize("pattern", PATTERNS)
+    def test_glob_matches_reference(self, repository: StateRepository, pattern: str) -> None:
+        keys = [k for k in AWKWARD_KEYS if len(k) < 100] + [
+            "a", "ab", "b", "abc", "a/x", "bb/cc", "100", "1000%", "aXb", "a%bzz", "e",
+        ]
+        repository.store_many({k: make(k) for k in keys})
+        want = sorted(k for k in keys if matches(pattern, k))
+        assert sorted(repository.keys(pattern)) == want
+        assert sorted(repository.iter_keys(pattern)) == want
+
+    @pytest.mark.parametrize("key", INVALID_KEYS, ids=repr)
+    def test_invalid_keys_rejected_before_io(self, repository: StateRepository, key: Any) -> None:
+        payload, metadata = make(1)
+        with pytest.raises(InvalidKeyError):
+            repository.store(key, payload, metadata)
+        with pytest.raises(InvalidKeyError):
+            repository.fetch(key)
+        with pytest.raises(InvalidKeyError):
+            repository.fetch_record(key)
+        with pytest.raises(InvalidKeyError):
+            repository.delete(key)
+        with pytest.raises(InvalidKeyError):
+            repository.store_many({"good": (payload, metadata), key: (payload, metadata)})
+        with pytest.raises(InvalidKeyError):
+            repository.delete_many(["good", key])
+        with pytest.raises(InvalidKeyError):
+            repository.fetch_many(["good", key])
+        # nothing at all was written by the refused batch
+        assert repository.fetch("good") is None
+        assert repository.keys() == []
+
+    # ------------------------------------------------------------ TTL
+    def test_ttl_expiry(self, repository: StateRepository) -> None:
+        repository.store("short", *make("s", ttl=self.ttl_seconds))
+        repository.store("forever", *make("f"))
+        assert repository.fetch("short") == "s"
+        time.sleep(self.ttl_seconds + 0.3)
+        assert repository.fetch("short") is None
+        assert repository.fetch("forever") == "f"
+        assert repository.keys("*") == ["forever"]
+        assert repository.stats()["key_count"] == 1
+        entry = repository.fetch_record("short")
+        assert entry is None or entry.expired()
+
+    def test_already_expired_record_is_never_shown(self, repository: StateRepository) -> None:
+        payload, metadata = make("old", now=time.time() - 10, ttl=5)
+        repository.store("gone", payload, metadata)
+        repository.store_many({"gone2": (payload, metadata), "live": make("x")})
+        assert repository.fetch("gone") is None
+        assert repository.fetch("gone2") is None
+        assert repository.keys() == ["live"]
+
+    def test_expiry_kept_in_metadata(self, repository: StateRepository) -> None:
+        payload, metadata = make("v", ttl=3600)
+        repository.store("k", payload, metadata)
+        entry = repository.fetch_record("k")
+        assert entry is not None and entry.expires_at is not None
+        assert abs(entry.expires_at - metadata["expires_at"]) < 0.002  # type: ignore[operator]
+
+    # ------------------------------------------------------------ batches
+    def test_store_many_empty(self, repository: StateRepository) -> None:
+        assert repository.store_many({}) == set()
+        assert repository.delete_many([]) == 0
+        assert repository.fetch_many([]) == {}
+
+    def test_store_many_and_fetch_many(self, repository: StateRepository) -> None:
+        items = {f"k{i:05d}": make({"i": i}) for i in range(1500)}
+        assert repository.store_many(items) == set(items)
+        got = repository.fetch_many(list(items) + ["absent"])
+        assert set(got) == set(items)
+        assert all(codec.decode(e.payload) == {"i": int(k[1:])} for k, e in got.items())
+        assert all(e.valid() for e in got.values())
+        assert len(repository.keys("k*")) == 1500
+        assert repository.stats()["key_count"] == 1500
+
+    def test_store_many_overwrites(self, repository: StateRepository) -> None:
+        repository.store_many({"a": make(1, 1), "b": make(1, 1)})
+        repository.store_many({"a": make(2, 2), "c": make(2, 2)})
+        assert repository.fetch("a") == 2 and repository.fetch("b") == 1
+        assert repository.fetch("c") == 2
+
+    def test_store_many_mixed_ttls(self, repository: StateRepository) -> None:
+        repository.store_many({
+            "short": make("s", ttl=self.ttl_seconds),
+            "long": make("l", ttl=3600),
+            "none": make("n"),
+        })
+        time.sleep(self.ttl_seconds + 0.3)
+        assert sorted(repository.keys()) == ["long", "none"]
+
+    def test_delete_many_mixed(self, repository: StateRepository) -> None:
+        repository.store_many({f"d{i}": make(i) for i in range(1200)})
+        keys = [f"d{i}" for i in range(0, 1200, 2)] + ["absent1", "absent2"]
+        assert repository.delete_many(keys) == 600
+        assert len(repository.keys("d*")) == 600
+        assert repository.fetch("d0") is None and repository.fetch("d1") == 1
+
+    def test_delete_many_duplicates_count_once(self, repository: StateRepository) -> None:
+        repository.store("a", *make(1))
+        assert repository.delete_many(["a", "a"]) == 1
+
+    # ------------------------------------------------------------ conditional
+    def test_store_if_version(self, repository: StateRepository) -> None:
+        assert repository.store_if_version("k", *make("v1", 10), expected=0) is True
+        assert repository.store_if_version("k", *make("x", 11), expected=0) is False
+        assert repository.store_if_version("k", *make("x", 11), expected=9) is False
+        assert repository.fetch("k") == "v1"
+        assert repository.store_if_version("k", *make("v2", 11), expected=10) is True
+        assert repository.fetch("k") == "v2"
+
+    def test_store_if_version_treats_expired_as_absent(self, repository: StateRepository) -> None:
+        payload, metadata = make("old", 5, now=time.time() - 10, ttl=1)
+        repository.store("k", payload, metadata)
+        assert repository.store_if_version("k", *make("new", 6), expected=0) is True
+        assert repository.fetch("k") == "new"
+
+    def test_store_if_newer(self, repository: StateRepository) -> None:
+        assert repository.store_if_newer("k", *make("v5", 5)) is True
+        assert repository.store_if_newer("k", *make("v3", 3)) is False
+        assert repository.store_if_newer("k", *make("v5b", 5)) is False
+        assert repository.fetch("k") == "v5"
+        assert repository.store_if_newer("k", *make("v9", 9)) is True
+        assert repository.fetch("k") == "v9"
+
+    def test_delete_if_version(self, repository: StateRepository) -> None:
+        repository.store("k", *make("v", 4))
+        assert repository.delete_if_version("k", 3) is False
+        assert repository.fetch("k") == "v"
+        assert repository.delete_if_version("k", 4) is True
+        assert repository.fetch("k") is None
+        assert repository.delete_if_version("k", 4) is False
+
+    # ------------------------------------------------------------ sweep support
+    def test_scan_finds_expired_and_idle(self, repository: StateRepository) -> None:
+        now = time.time()
+        repository.store("expired", *make("e", now=now - 100, ttl=10))
+        repository.store("idle", *make("i", now=now - 100))
+        repository.store("fresh", *make("f", now=now))
+        for i in range(30):
+            repository.store(f"idle{i}", *make(i, now=now - 100))
+        seen: list[str] = []
+        for batch in repository.scan(batch_size=7, now=now, idle_before=now - 50):
+            assert 0 < len(batch) <= 7
+            seen.extend(e.key for e in batch)
+        if repository.volatile:  # expired records may already be gone natively
+            seen = [k for k in seen if k != "expired"]
+            assert sorted(seen) == sorted(["idle"] + [f"idle{i}" for i in range(30)])
+        else:
+            assert sorted(seen) == sorted(["expired", "idle"] + [f"idle{i}" for i in range(30)])
+        only_expired = [e.key for b in repository.scan(batch_size=100, now=now) for e in b]
+        if repository.volatile:
+            assert only_expired in ([], ["expired"])
+        else:
+            assert only_expired == ["expired"]
+
+    def test_scan_allows_deleting_while_iterating(self, repository: StateRepository) -> None:
+        now = time.time()
+        repository.store_many({f"s{i:04d}": make(i, now=now - 100) for i in range(250)})
+        moved = 0
+        for batch in repository.scan(batch_size=40, now=now, idle_before=now - 50):
+            moved += repository.delete_many([e.key for e in batch])
+        assert moved == 250
+        assert repository.keys() == []
+
+    def test_touch_many_marks_records_as_read(self, repository: StateRepository) -> None:
+        now = time.time()
+        repository.store_many({"read": make(1, now=now - 100), "unread": make(2, now=now - 100)})
+        repository.touch_many(["read", "absent"], at=now)
+        idle = [e.key for b in repository.scan(now=now, idle_before=now - 50) for e in b]
+        assert "unread" in idle
+        if type(repository).touch_many is not StateRepository.touch_many:
+            assert "read" not in idle  # a backend that tracks reads must honour them
+        assert repository.fetch("read") == 1
+
+    # ------------------------------------------------------------ stats, lifecycle
+    def test_stats(self, repository: StateRepository) -> None:
+        repository.store_many({"a": make(1), "b": make(2)})
+        stats = repository.stats()
+        assert stats["backend"] == repository.backend
+        assert "tier" in stats
+        assert stats["key_count"] == 2
+
+    def test_clear(self, repository: StateRepository) -> None:
+        repository.store_many({f"c{i}": make(i) for i in range(20)})
+        assert repository.clear() == 20
+        assert repository.keys() == []
+
+    def test_close_twice(self, repository: StateRepository) -> None:
+        repository.close()
+        repository.close()
+
+    def test_ping(self, repository: StateRepository) -> None:
+        assert repository.ping() >= 0.0
+
+    def test_repr_has_no_secret(self, repository: StateRepository) -> None:
+        text = repr(repository)
+        assert "password" not in text.lower() and "secret" not in text.lower()
+
+    def test_concurrent_writers(self, repository: StateRepository) -> None:
+        errors: list[BaseException] = []
+
+        def work(t: int) -> None:
+            try:
+                for i in range(50):
+                    repository.store(f"t{t}-{i}", *make([t, i]))
+                    assert repository.fetch(f"t{t}-{i}") == [t, i]
+            except BaseException as exc:  # noqa: BLE001 - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+        assert len(repository.keys("t*")) == 200
+
+    def test_batch_error_type_exists(self) -> None:
+        # Backends raise BatchError for part-way failures; its shape is fixed.
+        err = BatchError("store_many", {"a": ValueError("x")}, ["b"], "memory")
+        assert err.failed.keys() == {"a"} and err.succeeded == ["b"]

@@ -1,0 +1,87 @@
+"""Encoding values to payloads and back.
+
+The payload a repository stores is text: deterministic, compact JSON (sorted
+keys, no spaces, UTF-8 kept as is, ``NaN``/``Infinity`` rejected because JSON
+has no such numbers). Encoding always uses the standard library so the same
+value gives the same bytes (and checksum) on every machine; decoding uses
+``orjson`` when it is installed, because reads dominate.
+
+Compression (zlib) is a storage detail some backends use for large payloads;
+:func:`compress` and :func:`decompress` are shared here so the ``encoding``
+metadata field (``json`` or ``json+zlib``) means the same thing everywhere.
+
+No codec that can execute code on load (pickle) exists here: a payload is data.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import zlib
+from typing import Any, Callable
+
+from .errors import SerializationError
+
+__all__ = ["ENCODING", "ZLIB_ENCODING", "compress", "decode", "decompress", "encode"]
+
+ENCODING = "json"
+ZLIB_ENCODING = "json+zlib"
+
+_encoder = json.JSONEncoder(
+    ensure_ascii=False, allow_nan=False, sort_keys=True, separators=(",", ":")
+)
+
+_loads: Callable[[str], Any]
+try:  # pragma: no cover - depends on what is installed
+    import orjson as _orjson
+
+    # orjson turns integers beyond 64 bits into floats without a word; any
+    # run of 19+ digits sends the payload to the exact standard decoder.
+    _long_number = re.compile(r"\d{19}").search
+
+    def _loads(payload: str) -> Any:
+        if _long_number(payload):
+            return json.loads(payload)
+        return _orjson.loads(payload)
+
+except ImportError:  # pragma: no cover
+    _loads = json.loads
+
+
+def encode(value: Any) -> str:
+    """Encode ``value`` as deterministic compact JSON.
+
+    :raises SerializationError: the value is not JSON (a set, bytes, an
+        object, a non-str dict key, NaN, a circular reference...).
+    """
+    try:
+        return _encoder.encode(value)
+    except (TypeError, ValueError, RecursionError) as exc:
+        raise SerializationError(f"value cannot be encoded as JSON: {exc}") from exc
+
+
+def decode(payload: str) -> Any:
+    """Decode a payload written by :func:`encode`.
+
+    :raises SerializationError: the payload is not JSON.
+    """
+    try:
+        return _loads(payload)
+    except ValueError as exc:
+        raise SerializationError(f"stored payload is not valid JSON: {exc}") from exc
+
+
+def compress(payload: str, level: int = 6) -> bytes:
+    """zlib-compress a payload's UTF-8 bytes (``encoding`` = ``json+zlib``)."""
+    return zlib.compress(payload.encode("utf-8"), level)
+
+
+def decompress(data: bytes) -> str:
+    """Inverse of :func:`compress`.
+
+    :raises SerializationError: the data is not a zlib stream of UTF-8.
+    """
+    try:
+        return zlib.decompress(data).decode("utf-8")
+    except (zlib.error, UnicodeDecodeError) as exc:
+        raise SerializationError(f"stored payload cannot be decompressed: {exc}") from exc

@@ -1,0 +1,117 @@
+"""The exceptions tiered-state raises.
+
+Every error derives from :class:`TieredStateError`, so one ``except`` clause
+catches them all::
+
+    TieredStateError
+    ├── ConfigurationError (also ValueError)   bad URL, unknown scheme, bad option
+    │   └── MissingDependencyError (also ImportError)
+    ├── InvalidKeyError (also ValueError)
+    ├── SerializationError (also TypeError)
+    ├── IntegrityError                         checksum mismatch, no valid copy left
+    ├── ConflictError                          if_version did not match
+    └── BackendError                           .backend, __cause__ = driver error
+        ├── BackendUnavailableError            connect / timeout: the manager may skip the tier
+        └── BatchError                         .failed: {key: exception}
+
+Driver exceptions never leave a repository raw: each backend translates them in
+one place into :class:`BackendError` or :class:`BackendUnavailableError`, with
+the driver's exception kept as ``__cause__``. Messages never contain values or
+passwords.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+__all__ = [
+    "BackendError",
+    "BackendUnavailableError",
+    "BatchError",
+    "ConfigurationError",
+    "ConflictError",
+    "IntegrityError",
+    "InvalidKeyError",
+    "MissingDependencyError",
+    "SerializationError",
+    "TieredStateError",
+]
+
+
+class TieredStateError(Exception):
+    """Base class of every error raised by tiered-state."""
+
+
+class ConfigurationError(TieredStateError, ValueError):
+    """A URL, scheme or option is wrong."""
+
+
+class MissingDependencyError(ConfigurationError, ImportError):
+    """A backend's driver is not installed; the message names the extra."""
+
+    def __init__(self, package: str, extra: str) -> None:
+        self.package = package
+        self.extra = extra
+        super().__init__(
+            f"the {package!r} package is required for this backend: "
+            f"pip install 'tiered-state[{extra}]'"
+        )
+
+
+class InvalidKeyError(TieredStateError, ValueError):
+    """A key is not a str of 1..1024 UTF-8 bytes free of control characters."""
+
+
+class SerializationError(TieredStateError, TypeError):
+    """A value cannot be encoded (or a stored payload cannot be decoded)."""
+
+
+class IntegrityError(TieredStateError):
+    """A stored copy failed its checksum and no valid copy was left."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class ConflictError(TieredStateError):
+    """``if_version`` did not match the stored version."""
+
+    def __init__(self, key: str, expected: int, actual: int) -> None:
+        super().__init__(
+            f"version conflict on {key!r}: expected {expected}, found {actual}"
+        )
+        self.key = key
+        self.expected = expected
+        self.actual = actual
+
+
+class BackendError(TieredStateError):
+    """A backend operation failed; ``__cause__`` holds the driver's error."""
+
+    def __init__(self, message: str, backend: str = "") -> None:
+        super().__init__(f"{backend}: {message}" if backend else message)
+        self.backend = backend
+
+
+class BackendUnavailableError(BackendError):
+    """The backend cannot be reached (connect failure, timeout, lost connection)."""
+
+
+class BatchError(BackendError):
+    """Part of a batch failed.
+
+    :ivar failed: ``{key: exception}`` for every key that was not handled.
+    :ivar succeeded: the keys that were handled before or despite the failure.
+    """
+
+    def __init__(
+        self,
+        message: str,
+        failed: Mapping[str, BaseException],
+        succeeded: Iterable[str] = (),
+        backend: str = "",
+    ) -> None:
+        super().__init__(f"{message} ({len(failed)} failed)", backend)
+        self.failed: dict[str, BaseException] = dict(failed)
+        self.succeeded: list[str] = list(succeeded)

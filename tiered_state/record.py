@@ -1,0 +1,176 @@
+"""Records, their metadata, checksums and the version clock.
+
+A repository stores a *payload* (the encoded value, see :mod:`.codec`) with a
+*metadata* dict. The metadata every backend persists with each record:
+
+==============  =========================================================
+``checksum``    hex SHA-256 of the payload's UTF-8 bytes
+``size_bytes``  length of the payload's UTF-8 bytes
+``version``     integer, increases on every write of the key
+``created_at``  epoch seconds (float) of the key's first write
+``updated_at``  epoch seconds (float) of this version's write
+``expires_at``  epoch seconds (float) after which the record is gone, or None
+``encoding``    ``json`` (``json+zlib`` where a backend compressed it)
+==============  =========================================================
+"""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+import time
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, TypedDict
+
+from .errors import SerializationError
+
+__all__ = [
+    "Entry",
+    "Metadata",
+    "Record",
+    "Tier",
+    "VersionClock",
+    "checksum",
+    "make_metadata",
+]
+
+
+class Tier(str, Enum):
+    """The three storage tiers, hottest first. A ``str``, so ``"hot"`` works too."""
+
+    HOT = "hot"
+    WARM = "warm"
+    COLD = "cold"
+
+    def __str__(self) -> str:
+        return self.value
+
+    @classmethod
+    def parse(cls, tier: Tier | str) -> Tier:
+        """Accept a :class:`Tier` or its name in any case."""
+        if isinstance(tier, Tier):
+            return tier
+        try:
+            return cls(str(tier).lower())
+        except ValueError:
+            from .errors import ConfigurationError
+
+            raise ConfigurationError(
+                f"unknown tier {tier!r}: use 'hot', 'warm' or 'cold'"
+            ) from None
+
+
+class Metadata(TypedDict):
+    """What a repository persists with each payload (see the module docstring)."""
+
+    checksum: str
+    size_bytes: int
+    version: int
+    created_at: float
+    updated_at: float
+    expires_at: float | None
+    encoding: str
+
+
+def checksum(payload: str) -> str:
+    """Hex SHA-256 of the payload's UTF-8 bytes."""
+    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+
+
+def make_metadata(
+    payload: str,
+    version: int,
+    *,
+    now: float,
+    created_at: float | None = None,
+    ttl: float | None = None,
+    encoding: str = "json",
+) -> Metadata:
+    """Build the metadata of a new version of a record.
+
+    :raises SerializationError: the payload is not encodable as UTF-8 (a lone
+        surrogate in a string value).
+    """
+    try:
+        data = payload.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise SerializationError(f"value contains text that is not valid UTF-8: {exc}") from exc
+    return {
+        "checksum": hashlib.sha256(data).hexdigest(),
+        "size_bytes": len(data),
+        "version": version,
+        "created_at": now if created_at is None else created_at,
+        "updated_at": now,
+        "expires_at": None if ttl is None else now + ttl,
+        "encoding": encoding,
+    }
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """A stored record as a repository returns it: the payload and its metadata."""
+
+    key: str
+    payload: str
+    metadata: Metadata
+
+    @property
+    def version(self) -> int:
+        return self.metadata["version"]
+
+    @property
+    def expires_at(self) -> float | None:
+        return self.metadata["expires_at"]
+
+    def expired(self, now: float | None = None) -> bool:
+        """True if the record's lifetime has run out."""
+        expires_at = self.metadata["expires_at"]
+        return expires_at is not None and expires_at <= (time.time() if now is None else now)
+
+    def valid(self) -> bool:
+        """True if the payload matches its checksum."""
+        return checksum(self.payload) == self.metadata["checksum"]
+
+
+@dataclass(frozen=True, slots=True)
+class Record:
+    """A value with its metadata and the tier it was read from."""
+
+    key: str
+    value: Any
+    version: int
+    checksum: str
+    size_bytes: int
+    created_at: float
+    updated_at: float
+    expires_at: float | None
+    tier: Tier
+
+
+class VersionClock:
+    """A hybrid logical clock: versions are microseconds since the epoch, never repeated.
+
+    Each call returns a number greater than every number this clock returned
+    or observed before, so a key rewritten, or re-created after a delete, gets
+    a greater version even if the wall clock steps back. Across processes on
+    one machine the shared wall clock keeps versions increasing; conditional
+    writes (``if_version``) are the tool where several machines race.
+    """
+
+    def __init__(self) -> None:
+        self._last = 0
+        self._lock = threading.Lock()
+
+    def next(self, after: int = 0) -> int:
+        """A new version greater than ``after`` and than every earlier one."""
+        with self._lock:
+            version = max(time.time_ns() // 1000, self._last + 1, after + 1)
+            self._last = version
+            return version
+
+    def observe(self, version: int) -> None:
+        """Note a version seen elsewhere, so later versions exceed it."""
+        if version > self._last:
+            with self._lock:
+                self._last = max(self._last, version)
