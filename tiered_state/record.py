@@ -12,6 +12,12 @@ A repository stores a *payload* (the encoded value, see :mod:`.codec`) with a
 ``expires_at``  epoch seconds (float) after which the record is gone, or None
 ``encoding``    ``json`` (``json+zlib`` where a backend compressed it)
 ==============  =========================================================
+
+A copy the manager puts in a *volatile* tier (memory, redis) may carry one
+more key, ``hot_until`` (epoch seconds): the policy's ``hot_ttl`` for that
+copy. A volatile backend drops the copy at ``min(expires_at, hot_until)`` but
+reports ``expires_at`` unchanged, because that is the record's lifetime.
+Durable backends never receive it.
 """
 
 from __future__ import annotations

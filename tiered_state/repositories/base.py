@@ -222,6 +222,16 @@ class StateRepository(abc.ABC):
                 return False
             return self.delete(key)
 
+    def delete_many_if_version(self, versions: Mapping[str, int]) -> set[str]:
+        """:meth:`delete_if_version` for many keys (``key -> version``).
+
+        Used by the sweep to drop source copies after a verified copy; sqlite
+        and postgres do it in one transaction.
+
+        :returns: the keys deleted.
+        """
+        return {key for key, version in versions.items() if self.delete_if_version(key, version)}
+
     def iter_keys(self, pattern: str = "*") -> Iterator[str]:
         """Like :meth:`keys`, but streamed in bounded memory where the backend can."""
         return iter(self.keys(pattern))
@@ -325,10 +335,10 @@ _OPERATION = {
     "delete": "delete",
     "delete_if_version": "delete",
     "delete_many": "delete_many",
+    "delete_many_if_version": "delete_many",
     "keys": "keys",
     "touch_many": "touch_many",
 }
-_BATCH = {"fetch_many", "store_many", "delete_many", "touch_many"}
 
 
 class InstrumentedRepository(StateRepository):
@@ -422,6 +432,9 @@ class InstrumentedRepository(StateRepository):
 
     def delete_if_version(self, key: str, version: int) -> bool:
         return self._call("delete_if_version", None, key, version)  # type: ignore[no-any-return]
+
+    def delete_many_if_version(self, versions: Mapping[str, int]) -> set[str]:
+        return self._call("delete_many_if_version", len(versions), versions)  # type: ignore[no-any-return]
 
     def touch_many(self, keys: Iterable[str], at: float) -> None:
         keys = list(keys)

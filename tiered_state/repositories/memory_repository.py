@@ -67,8 +67,11 @@ class MemoryStateRepository(StateRepository):
         item = self._data.get(key)
         if item is None:
             return None
-        expires_at = item[1]["expires_at"]
-        if expires_at is not None and expires_at <= now:
+        metadata = item[1]
+        expires_at = metadata["expires_at"]
+        if (expires_at is not None and expires_at <= now) or (
+            "hot_until" in metadata and metadata["hot_until"] <= now  # type: ignore[typeddict-item]
+        ):
             self._remove(key)
             return None
         self._data.move_to_end(key)
@@ -184,11 +187,7 @@ class MemoryStateRepository(StateRepository):
                 key = literal_prefix(pattern)
                 return [key] if self._get_live(key, now) else []
             match = compile_pattern(pattern).match
-            return [
-                k
-                for k, (_, md, _) in self._data.items()
-                if (md["expires_at"] is None or md["expires_at"] > now) and match(k)
-            ]
+            return [k for k, (_, md, _) in self._data.items() if _live(md, now) and match(k)]
 
     def iter_keys(self, pattern: str = "*") -> Iterator[str]:
         return iter(self.keys(pattern))
@@ -203,10 +202,7 @@ class MemoryStateRepository(StateRepository):
     def stats(self) -> dict[str, Any]:
         now = time.time()
         with self._lock:
-            live = sum(
-                1 for _, md, _ in self._data.values()
-                if md["expires_at"] is None or md["expires_at"] > now
-            )
+            live = sum(1 for _, md, _ in self._data.values() if _live(md, now))
             return {
                 "backend": self.backend,
                 "tier": str(self.tier) if self.tier else None,
@@ -219,3 +215,9 @@ class MemoryStateRepository(StateRepository):
 
     def __len__(self) -> int:
         return len(self._data)
+
+
+def _live(metadata: Metadata, now: float) -> bool:
+    expires_at = metadata["expires_at"]
+    hot_until = metadata.get("hot_until")
+    return (expires_at is None or expires_at > now) and (hot_until is None or hot_until > now)
