@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from .errors import (
     BackendError,
     BackendUnavailableError,
@@ -14,7 +16,11 @@ from .errors import (
     SerializationError,
     TieredStateError,
 )
+from .manager import LocalCache, StateManager, open
+from .policy import SweepReport, TieringPolicy
 from .record import Record, Tier
+
+logging.getLogger("tiered_state").addHandler(logging.NullHandler())
 
 __version__ = "0.1.0"
 
@@ -26,9 +32,14 @@ __all__ = [
     "ConflictError",
     "IntegrityError",
     "InvalidKeyError",
+    "LocalCache",
     "MissingDependencyError",
     "Record",
     "SerializationError",
+    "StateManager",
+    "SweepReport",
     "Tier",
     "TieredStateError",
+    "TieringPolicy",
+    "open",
 ]

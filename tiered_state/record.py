@@ -23,6 +23,7 @@ Durable backends never receive it.
 from __future__ import annotations
 
 import hashlib
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -155,23 +156,32 @@ class Record:
 
 
 class VersionClock:
-    """A hybrid logical clock: versions are microseconds since the epoch, never repeated.
+    """A hybrid logical clock: each version is ``microseconds << 10 | node``.
 
     Each call returns a number greater than every number this clock returned
     or observed before, so a key rewritten, or re-created after a delete, gets
-    a greater version even if the wall clock steps back. Across processes on
-    one machine the shared wall clock keeps versions increasing; conditional
-    writes (``if_version``) are the tool where several machines race.
+    a greater version even if the wall clock steps back. The low 10 bits are a
+    random per-clock node id, so two processes writing the same key in the
+    same microsecond still produce different versions (a tie could let an old
+    copy pass for the new one). Versions fit a signed 64-bit column until the
+    year 2255. Across machines with skewed clocks the manager observes the
+    stored version and moves past it, so every write still increases it.
     """
 
-    def __init__(self) -> None:
+    NODE_BITS = 10
+
+    def __init__(self, node: int | None = None) -> None:
+        mask = (1 << self.NODE_BITS) - 1
+        self.node = (secrets.randbits(self.NODE_BITS) if node is None else node) & mask
         self._last = 0
         self._lock = threading.Lock()
 
     def next(self, after: int = 0) -> int:
         """A new version greater than ``after`` and than every earlier one."""
+        bits = self.NODE_BITS
         with self._lock:
-            version = max(time.time_ns() // 1000, self._last + 1, after + 1)
+            tick = max(time.time_ns() // 1000, (self._last >> bits) + 1, (after >> bits) + 1)
+            version = (tick << bits) | self.node
             self._last = version
             return version
 

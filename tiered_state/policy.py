@@ -1,0 +1,94 @@
+"""The tiering policy and the report a sweep returns.
+
+:class:`TieringPolicy` says how long a copy stays in HOT, where reads below HOT
+are promoted to, when WARM records go COLD, how big the memory tier may grow
+and how many records a sweep handles per batch. The sweep itself lives on
+:meth:`tiered_state.StateManager.sweep`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigurationError
+from .record import Tier
+
+__all__ = ["SweepReport", "TieringPolicy"]
+
+
+def _check_seconds(name: str, value: float | None) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+        raise ConfigurationError(f"{name} must be a positive number of seconds or None, not {value!r}")
+
+
+@dataclass(frozen=True)
+class TieringPolicy:
+    """How records move between tiers.
+
+    :param hot_ttl: seconds a copy stays in HOT after a write or promotion
+        (None: until evicted or the record expires). Not the record's TTL.
+    :param promote_to: where a read hit below HOT is copied (``"hot"``,
+        ``"warm"``, or None for never). A promotion copies; the lower copy stays.
+    :param cold_after: a sweep moves WARM records neither written nor read
+        for this many seconds to COLD (None: never).
+    :param hot_max_items: cap on the embedded memory tier's item count.
+    :param hot_max_bytes: cap on the embedded memory tier's payload bytes.
+    :param batch_size: records a sweep handles per batch (bounds its memory).
+    """
+
+    hot_ttl: float | None = 3600
+    promote_to: Tier | str | None = "hot"
+    cold_after: float | None = 7 * 86400
+    hot_max_items: int | None = None
+    hot_max_bytes: int | None = None
+    batch_size: int = 500
+
+    def __post_init__(self) -> None:
+        _check_seconds("hot_ttl", self.hot_ttl)
+        _check_seconds("cold_after", self.cold_after)
+        if self.promote_to is not None:
+            tier = Tier.parse(self.promote_to)
+            if tier is Tier.COLD:
+                raise ConfigurationError("promote_to must be 'hot', 'warm' or None")
+            object.__setattr__(self, "promote_to", tier)
+        for name in ("hot_max_items", "hot_max_bytes"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigurationError(f"{name} must be a positive int or None, not {value!r}")
+        if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
+            raise ConfigurationError(f"batch_size must be a positive int, not {self.batch_size!r}")
+
+
+@dataclass
+class SweepReport:
+    """What one sweep did.
+
+    :ivar scanned: records examined (candidates the tiers returned).
+    :ivar moved: records moved WARM -> COLD (copied, verified, source deleted).
+    :ivar purged: expired records deleted (tombstones and older copies below).
+    :ivar skipped: records left alone because a newer write raced the sweep.
+    :ivar failed: records that could not be moved or purged (``errors`` says why).
+    :ivar seconds: wall time of the sweep.
+    """
+
+    scanned: int = 0
+    moved: int = 0
+    purged: int = 0
+    skipped: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "scanned": self.scanned,
+            "moved": self.moved,
+            "purged": self.purged,
+            "skipped": self.skipped,
+            "failed": self.failed,
+            "seconds": round(self.seconds, 6),
+            "errors": dict(self.errors),
+        }
