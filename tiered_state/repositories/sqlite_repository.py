@@ -1,0 +1,677 @@
+"""``sqlite:///path`` -- one SQLite file in WAL mode (the embedded WARM tier).
+
+URL (SQLAlchemy's form): ``sqlite:///relative/warm.db`` (relative to the
+working directory) or ``sqlite:////abs/path/warm.db``. Query options:
+
+``busy_timeout``  seconds a writer waits for another writer's lock (default 5)
+``synchronous``   ``NORMAL`` (default), ``FULL``, ``EXTRA`` or ``OFF``
+``table``         table name (default ``tiered_state``), a plain identifier
+
+Durability: in WAL mode ``synchronous=NORMAL`` never corrupts the database,
+but a power loss (not a process crash) may roll back the last transactions
+committed before it. ``FULL`` fsyncs the WAL on every commit, so a write that
+returned survives a power loss too, at the price of one fsync per write.
+
+Storage: one table (schema created on first use, see :data:`_SCHEMA`) with a
+row per key; the payload is the JSON text as given. Expired rows stay until
+deleted (tombstones, see :mod:`.base`). ``last_accessed`` is the later of the
+write time and the last :meth:`touch_many`, so the sweep's idle test is one
+indexed range scan.
+
+Concurrency: one connection per thread (reopened after ``fork`` and after
+:meth:`close`), several processes may share the file. Multi-statement writes
+run in ``BEGIN IMMEDIATE`` transactions, so two writers never deadlock on a
+lock upgrade; the conditional writes are single statements.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import mmap
+import os
+import re
+import sqlite3
+import threading
+import time
+from collections.abc import Iterable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from .. import codec
+from ..config import parse_number, query_options
+from ..errors import BackendError, BackendUnavailableError, ConfigurationError, IntegrityError
+from ..keys import has_class, is_literal, literal_prefix, matches, to_like, validate_key, validate_pattern
+from ..record import Entry, Metadata, checksum
+from .base import Items, StateRepository, chunked
+
+__all__ = ["SQLiteStateRepository"]
+
+log = logging.getLogger(__name__)
+
+_SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}\Z")
+#: Keys per statement in ``IN (...)`` lists; SQLite before 3.32 allowed 999 parameters.
+_CHUNK = 500
+#: Rows per keyset page in iter_keys / scan: bounded memory however big the table.
+_PAGE = 1000
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS {t} (
+    key           TEXT PRIMARY KEY NOT NULL,
+    payload       TEXT NOT NULL,
+    checksum      TEXT NOT NULL,
+    size_bytes    INTEGER NOT NULL,
+    version       INTEGER NOT NULL,
+    created_at    REAL NOT NULL,
+    updated_at    REAL NOT NULL,
+    last_accessed REAL NOT NULL,
+    expires_at    REAL,
+    encoding      TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS {i}_expires ON {t} (expires_at, key) WHERE expires_at IS NOT NULL;
+CREATE INDEX IF NOT EXISTS {i}_accessed ON {t} (last_accessed, key);
+"""
+
+_COLUMNS = "payload, checksum, size_bytes, version, created_at, updated_at, expires_at, encoding"
+_VALUES = "(:key, :payload, :checksum, :size_bytes, :version, :created_at, :updated_at, :updated_at, :expires_at, :encoding)"
+_INSERT_COLUMNS = (
+    "(key, payload, checksum, size_bytes, version, created_at, updated_at, last_accessed, expires_at, encoding)"
+)
+_SET_ALL = (
+    "payload = excluded.payload, checksum = excluded.checksum, size_bytes = excluded.size_bytes,"
+    " version = excluded.version, created_at = excluded.created_at, updated_at = excluded.updated_at,"
+    " last_accessed = excluded.last_accessed, expires_at = excluded.expires_at, encoding = excluded.encoding"
+)
+
+# SQLite's primary result codes that mean "the file cannot be used at all".
+_UNAVAILABLE_CODES = {10, 13, 14, 26}  # IOERR, FULL, CANTOPEN, NOTADB
+_UNAVAILABLE_TEXT = ("disk i/o error", "unable to open", "database or disk is full", "not a database")
+
+# ---------------------------------------------------------------- fork safety
+# A connection must never be used (or closed) in a child process: closing it
+# there could checkpoint and delete the parent's WAL. A child bumps this
+# generation; threads compare it with the one their connection was opened in.
+_fork_generation = 0
+# Connections inherited across fork are kept referenced so that garbage
+# collection never closes them in the child.
+_orphans: list[sqlite3.Connection] = []
+
+
+def _after_fork_in_child() -> None:
+    global _fork_generation
+    _fork_generation += 1
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _ShmHeader:
+    """Reads the WAL-index header (first 96 bytes of ``<db>-shm``) cheaply.
+
+    Every commit rewrites it (``iChange``, ``mxFrame``, salts -- see
+    https://www.sqlite.org/walformat.html), so unchanged bytes prove nobody
+    committed and ``PRAGMA data_version`` (several µs) can be skipped.
+
+    Only one file descriptor per process and file is ever opened and it is
+    never closed: closing any descriptor of a file drops *every* POSIX lock
+    the process holds on it, including SQLite's own locks on the ``-shm``
+    file, which would let another process re-initialise the WAL index under
+    our readers. The header is read through an ``mmap`` (0.1 µs) in the
+    process that opened it; a forked child reads it with ``pread`` instead,
+    because there SQLite's inherited shm state holds no lock on the file and
+    another process may truncate it (an mmap read past the end is SIGBUS).
+    """
+
+    _registry: dict[str, _ShmHeader] = {}
+    _registry_lock = threading.Lock()
+
+    def __init__(self, fd: int, ino: int) -> None:
+        self.fd = fd
+        self.ino = ino
+        self.pid = os.getpid()
+        self.map: mmap.mmap | None = mmap.mmap(fd, 96, access=mmap.ACCESS_READ)
+
+    @classmethod
+    def open(cls, db_path: str) -> _ShmHeader | None:
+        path = db_path + "-shm"
+        try:
+            st = os.stat(path)
+        except OSError:
+            return None
+        if st.st_size < 96:
+            return None
+        with cls._registry_lock:
+            header = cls._registry.get(path)
+            if header is not None and header.ino == st.st_ino:
+                return header
+            try:
+                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+            except OSError:
+                return None
+            try:
+                header = cls(fd, os.fstat(fd).st_ino)
+            except (OSError, ValueError):
+                return None  # fd deliberately left open (see the class docstring)
+            cls._registry[path] = header
+            return header
+
+    def read(self) -> bytes | None:
+        if self.map is not None and self.pid == os.getpid():
+            return self.map[:96]
+        try:
+            data = os.pread(self.fd, 96, 0)
+        except OSError:
+            return None
+        return data if len(data) == 96 else None
+
+
+class _ThreadState(threading.local):
+    conn: sqlite3.Connection | None = None
+    generation: tuple[int, int] = (-1, -1)
+    data_version: int = 0
+    header: bytes | None = None
+    shm: _ShmHeader | None = None
+
+
+class SQLiteStateRepository(StateRepository):
+    """Records in one table of a SQLite database file.
+
+    :param path: the database file; its folder is created (0700) if missing
+        and the file is created 0600 (SQLite gives ``-wal``/``-shm`` the same).
+    :param busy_timeout: seconds to wait for another writer before failing.
+    :param synchronous: ``NORMAL`` (default), ``FULL``, ``EXTRA`` or ``OFF``.
+    :param table: table name (an identifier), for several stores in one file.
+    """
+
+    backend = "sqlite"
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        busy_timeout: float = 5.0,
+        synchronous: str = "NORMAL",
+        table: str = "tiered_state",
+    ) -> None:
+        path = os.fspath(path)
+        if not path or path == ":memory:" or path.startswith("file:"):
+            raise ConfigurationError(
+                "sqlite needs a database file path (use memory:// for an in-process store)"
+            )
+        sync = str(synchronous).upper()
+        if sync not in _SYNCHRONOUS:
+            raise ConfigurationError(f"synchronous must be one of {', '.join(_SYNCHRONOUS)}")
+        if not _IDENTIFIER.match(table):
+            raise ConfigurationError(f"table must be an identifier ([A-Za-z_][A-Za-z0-9_]*), not {table!r}")
+        if not isinstance(busy_timeout, (int, float)) or busy_timeout < 0:
+            raise ConfigurationError("busy_timeout must be a number of seconds >= 0")
+        self.path = os.path.abspath(path)
+        self.busy_timeout = float(busy_timeout)
+        self.synchronous = sync
+        self.table = table
+        self._t = f'"{table}"'
+        self._local = _ThreadState()
+        self._epoch = 0  # bumped by close(): every thread reopens
+        # (fork generation, thread, connection) of every thread's connection,
+        # for close() and to close the connections of threads that ended.
+        self._conns: list[tuple[int, threading.Thread, sqlite3.Connection]] = []
+        self._conns_lock = threading.Lock()
+        self._schema_ready = False
+        t = self._t
+        self._sql_fetch = f"SELECT {_COLUMNS} FROM {t} WHERE key = ?"
+        self._sql_fetch_live = f"SELECT payload, checksum, expires_at FROM {t} WHERE key = ?"
+        self._sql_store = f"INSERT OR REPLACE INTO {t} {_INSERT_COLUMNS} VALUES {_VALUES}"
+        self._sql_delete = f"DELETE FROM {t} WHERE key = ?"
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> SQLiteStateRepository:
+        _, query = query_options(url)
+        query.update(options)
+        # Not urlsplit's path: it would fold sqlite:////abs into //abs.
+        base = url.split("?", 1)[0]
+        unknown = set(query) - {"busy_timeout", "synchronous", "table"}
+        if unknown:
+            raise ConfigurationError(f"sqlite:// does not take {sorted(unknown)}")
+        scheme, _, rest = base.partition("://")
+        # SQLAlchemy: sqlite:///relative.db and sqlite:////abs/path.db; the
+        # part between // and the next / is an (empty) host.
+        if not rest.startswith("/") or len(rest) < 2:
+            raise ConfigurationError(
+                "sqlite URL must be sqlite:///relative.db or sqlite:////absolute/path.db"
+            )
+        from urllib.parse import unquote
+
+        path = unquote(rest[1:])
+        kwargs: dict[str, Any] = {}
+        timeout = parse_number(query.get("busy_timeout"), "busy_timeout")
+        if timeout is not None:
+            kwargs["busy_timeout"] = timeout
+        if "synchronous" in query:
+            kwargs["synchronous"] = query["synchronous"]
+        if "table" in query:
+            kwargs["table"] = query["table"]
+        return cls(path, **kwargs)
+
+    # ------------------------------------------------------------ connections
+    def _conn(self) -> sqlite3.Connection:
+        local = self._local
+        conn = local.conn
+        if conn is None or local.generation != (_fork_generation, self._epoch):
+            conn = self._open(local)
+        return conn
+
+    def _open(self, local: _ThreadState) -> sqlite3.Connection:
+        self._drop_inherited()
+        with self._errors():
+            self._create_file()
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self.busy_timeout,
+                isolation_level=None,  # autocommit; transactions are explicit
+                check_same_thread=False,  # close() may run on another thread
+            )
+            try:
+                conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                conn.execute(f"PRAGMA synchronous = {self.synchronous}")
+                # LIKE must be case sensitive: keys are. (It also lets a
+                # prefix pattern use the primary key index.)
+                conn.execute("PRAGMA case_sensitive_like = ON")
+                if not self._schema_ready:
+                    conn.executescript(
+                        "BEGIN IMMEDIATE;"
+                        + _SCHEMA.format(t=self._t, i=self.table)
+                        + "COMMIT;"
+                    )
+                    self._schema_ready = True
+                local.data_version = conn.execute("PRAGMA data_version").fetchone()[0]
+            except BaseException:
+                conn.close()
+                raise
+        local.conn = conn
+        local.generation = (_fork_generation, self._epoch)
+        # The shm fast path is only sound in WAL mode (rollback mode has no
+        # -shm file, so its bytes would never change).
+        local.shm = _ShmHeader.open(self.path) if str(mode).lower() == "wal" else None
+        local.header = None
+        with self._conns_lock:
+            ended = [c for g, th, c in self._conns if g == _fork_generation and not th.is_alive()]
+            self._conns = [e for e in self._conns if e[2] not in ended]
+            self._conns.append((_fork_generation, threading.current_thread(), conn))
+        for stale in ended:
+            with contextlib.suppress(sqlite3.Error):
+                stale.close()
+        log.debug("sqlite: opened connection to %s", self.path)
+        return conn
+
+    def _create_file(self) -> None:
+        folder = os.path.dirname(self.path)
+        if not os.path.isdir(folder):
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+        if not os.path.exists(self.path):
+            # Create it 0600 ourselves: SQLite would use 0644 minus umask, and
+            # gives the -wal and -shm files the main file's permissions.
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        try:
+            yield
+        except (sqlite3.Error, OSError) as exc:
+            raise self._translate(exc) from exc
+
+    def _translate(self, exc: BaseException) -> BackendError:
+        """The one place sqlite3 and OS errors become tiered-state errors."""
+        code = getattr(exc, "sqlite_errorcode", None)
+        text = str(exc).lower()
+        unavailable = isinstance(exc, OSError) or (
+            (code & 0xFF) in _UNAVAILABLE_CODES
+            if isinstance(code, int)
+            else any(t in text for t in _UNAVAILABLE_TEXT)
+        )
+        kind = BackendUnavailableError if unavailable else BackendError
+        name = getattr(exc, "sqlite_errorname", type(exc).__name__)
+        return kind(f"{name}: {exc} ({self.path})", self.backend)
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        conn = self._conn()
+        with self._errors():
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                yield conn
+            except BaseException:
+                conn.execute("ROLLBACK")
+                raise
+            conn.execute("COMMIT")
+
+    # ------------------------------------------------------------ the contract
+    @staticmethod
+    def _entry(key: str, row: tuple[Any, ...]) -> Entry:
+        metadata: Metadata = {
+            "checksum": row[1],
+            "size_bytes": row[2],
+            "version": row[3],
+            "created_at": row[4],
+            "updated_at": row[5],
+            "expires_at": row[6],
+            "encoding": row[7],
+        }
+        return Entry(key, row[0], metadata)
+
+    def fetch_record(self, key: str) -> Entry | None:
+        validate_key(key)
+        conn = self._conn()
+        try:
+            row = conn.execute(self._sql_fetch, (key,)).fetchone()
+        except sqlite3.Error as exc:
+            raise self._translate(exc) from exc
+        return None if row is None else self._entry(key, row)
+
+    def fetch(self, key: str) -> Any | None:
+        validate_key(key)
+        conn = self._conn()
+        try:
+            row = conn.execute(self._sql_fetch_live, (key,)).fetchone()
+        except sqlite3.Error as exc:
+            raise self._translate(exc) from exc
+        if row is None or (row[2] is not None and row[2] <= time.time()):
+            return None
+        payload = row[0]
+        if checksum(payload) != row[1]:
+            raise IntegrityError(f"sqlite: checksum mismatch for {key!r}", key)
+        return codec.decode(payload)
+
+    def fetch_many(self, keys: Iterable[str]) -> dict[str, Entry]:
+        keys = list(dict.fromkeys(validate_key(k) for k in keys))
+        out: dict[str, Entry] = {}
+        conn = self._conn()
+        with self._errors():
+            for chunk in chunked(keys, _CHUNK):
+                sql = f"SELECT key, {_COLUMNS} FROM {self._t} WHERE key IN ({','.join('?' * len(chunk))})"
+                for row in conn.execute(sql, chunk):
+                    out[row[0]] = self._entry(row[0], row[1:])
+        return out
+
+    @staticmethod
+    def _params(key: str, value: str, metadata: Metadata) -> dict[str, Any]:
+        return {
+            "key": key,
+            "payload": value,
+            "checksum": metadata["checksum"],
+            "size_bytes": metadata["size_bytes"],
+            "version": metadata["version"],
+            "created_at": metadata["created_at"],
+            "updated_at": metadata["updated_at"],
+            "expires_at": metadata["expires_at"],
+            "encoding": metadata["encoding"],
+        }
+
+    def store(self, key: str, value: str, metadata: Metadata) -> bool:
+        validate_key(key)
+        conn = self._conn()
+        try:
+            conn.execute(self._sql_store, self._params(key, value, metadata))
+        except sqlite3.Error as exc:
+            raise self._translate(exc) from exc
+        return True
+
+    def store_many(self, items: Items) -> set[str]:
+        for key in items:
+            validate_key(key)
+        if not items:
+            return set()
+        params = self._params
+        # One transaction: all rows or none. A failure raises the translated
+        # error itself (not BatchError) because nothing was stored.
+        with self._transaction() as conn:
+            conn.executemany(
+                self._sql_store, (params(k, v, md) for k, (v, md) in items.items())
+            )
+        return set(items)
+
+    def store_if_version(self, key: str, value: str, metadata: Metadata, expected: int) -> bool:
+        validate_key(key)
+        params = self._params(key, value, metadata)
+        params["now"] = time.time()
+        t = self._t
+        if expected == 0:
+            # Absent, or present but expired: one statement, atomic.
+            sql = (
+                f"INSERT INTO {t} {_INSERT_COLUMNS} VALUES {_VALUES} ON CONFLICT(key) DO UPDATE"
+                f" SET {_SET_ALL} WHERE {t}.expires_at IS NOT NULL AND {t}.expires_at <= :now"
+            )
+        else:
+            params["expected"] = expected
+            sql = (
+                f"UPDATE {t} SET payload = :payload, checksum = :checksum, size_bytes = :size_bytes,"
+                " version = :version, created_at = :created_at, updated_at = :updated_at,"
+                " last_accessed = :updated_at, expires_at = :expires_at, encoding = :encoding"
+                " WHERE key = :key AND version = :expected"
+                " AND (expires_at IS NULL OR expires_at > :now)"
+            )
+        with self._errors():
+            return self._conn().execute(sql, params).rowcount > 0
+
+    def store_if_newer(self, key: str, value: str, metadata: Metadata) -> bool:
+        validate_key(key)
+        t = self._t
+        sql = (
+            f"INSERT INTO {t} {_INSERT_COLUMNS} VALUES {_VALUES} ON CONFLICT(key) DO UPDATE"
+            f" SET {_SET_ALL} WHERE {t}.version < excluded.version"
+        )
+        with self._errors():
+            return self._conn().execute(sql, self._params(key, value, metadata)).rowcount > 0
+
+    def delete(self, key: str) -> bool:
+        validate_key(key)
+        with self._errors():
+            return self._conn().execute(self._sql_delete, (key,)).rowcount > 0
+
+    def delete_if_version(self, key: str, version: int) -> bool:
+        validate_key(key)
+        sql = f"DELETE FROM {self._t} WHERE key = ? AND version = ?"
+        with self._errors():
+            return self._conn().execute(sql, (key, version)).rowcount > 0
+
+    def delete_many_if_version(self, versions: Mapping[str, int]) -> set[str]:
+        for key in versions:
+            validate_key(key)
+        if not versions:
+            return set()
+        sql = f"DELETE FROM {self._t} WHERE key = ? AND version = ?"
+        deleted: set[str] = set()
+        with self._transaction() as conn:
+            for key, version in versions.items():
+                if conn.execute(sql, (key, version)).rowcount > 0:
+                    deleted.add(key)
+        return deleted
+
+    def delete_many(self, keys: Iterable[str]) -> int:
+        keys = list(dict.fromkeys(validate_key(k) for k in keys))
+        if not keys:
+            return 0
+        total = 0
+        with self._transaction() as conn:
+            for chunk in chunked(keys, _CHUNK):
+                sql = f"DELETE FROM {self._t} WHERE key IN ({','.join('?' * len(chunk))})"
+                total += conn.execute(sql, chunk).rowcount
+        return total
+
+    def touch_many(self, keys: Iterable[str], at: float) -> None:
+        keys = list(dict.fromkeys(validate_key(k) for k in keys))
+        if not keys:
+            return
+        with self._transaction() as conn:
+            for chunk in chunked(keys, _CHUNK):
+                sql = (
+                    f"UPDATE {self._t} SET last_accessed = ? WHERE last_accessed < ?"
+                    f" AND key IN ({','.join('?' * len(chunk))})"
+                )
+                conn.execute(sql, [at, at, *chunk])
+
+    # ------------------------------------------------------------ listing
+    def _key_pages(self, pattern: str, live: bool) -> Iterator[list[str]]:
+        """Keyset pages of matching keys in key order: bounded memory."""
+        validate_pattern(pattern)
+        conn = self._conn()
+        t = self._t
+        if is_literal(pattern):
+            key = literal_prefix(pattern)
+            sql = f"SELECT key FROM {t} WHERE key = ?"
+            params: list[Any] = [key]
+            if live:
+                sql += " AND (expires_at IS NULL OR expires_at > ?)"
+                params.append(time.time())
+            with self._errors():
+                rows = conn.execute(sql, params).fetchall()
+            if rows:
+                yield [rows[0][0]]
+            return
+        like = to_like(pattern)
+        post_filter = has_class(pattern)  # LIKE cannot express [...]: it over-matches
+        where = "key > ? AND key LIKE ? ESCAPE '\\'"
+        if live:
+            where += " AND (expires_at IS NULL OR expires_at > ?)"
+        sql = f"SELECT key FROM {t} WHERE {where} ORDER BY key LIMIT {_PAGE}"
+        after = ""
+        now = time.time()
+        while True:
+            params = [after, like, now] if live else [after, like]
+            with self._errors():
+                rows = conn.execute(sql, params).fetchall()
+            if not rows:
+                return
+            page = [r[0] for r in rows]
+            after = page[-1]
+            if post_filter:
+                page = [k for k in page if matches(pattern, k)]
+            if page:
+                yield page
+            if len(rows) < _PAGE:
+                return
+
+    def keys(self, pattern: str = "*") -> list[str]:
+        return [k for page in self._key_pages(pattern, live=True) for k in page]
+
+    def iter_keys(self, pattern: str = "*") -> Iterator[str]:
+        for page in self._key_pages(pattern, live=True):
+            yield from page
+
+    def _all_keys(self) -> Iterator[str]:
+        for page in self._key_pages("*", live=False):
+            yield from page
+
+    def scan(
+        self, batch_size: int = 500, *, now: float | None = None, idle_before: float | None = None
+    ) -> Iterator[list[Entry]]:
+        now = time.time() if now is None else now
+        t = self._t
+        cols = f"key, {_COLUMNS}, "
+        # Expired rows in (expires_at, key) order, then idle live rows in
+        # (last_accessed, key) order; each a keyset walk over its index, so
+        # the caller may delete a batch before asking for the next.
+        walks = [
+            (
+                f"SELECT {cols}expires_at FROM {t} WHERE expires_at IS NOT NULL AND expires_at <= ?"
+                " AND (expires_at, key) > (?, ?) ORDER BY expires_at, key LIMIT ?",
+                now,
+            )
+        ]
+        if idle_before is not None:
+            walks.append(
+                (
+                    f"SELECT {cols}last_accessed FROM {t} WHERE last_accessed < ?"
+                    " AND (expires_at IS NULL OR expires_at > " + repr(float(now)) + ")"
+                    " AND (last_accessed, key) > (?, ?) ORDER BY last_accessed, key LIMIT ?",
+                    idle_before,
+                )
+            )
+        for sql, bound in walks:
+            cursor: tuple[float, str] = (float("-inf"), "")
+            while True:
+                with self._errors():
+                    rows = self._conn().execute(sql, (bound, *cursor, batch_size)).fetchall()
+                if not rows:
+                    break
+                cursor = (rows[-1][-1], rows[-1][0])
+                yield [self._entry(r[0], r[1:9]) for r in rows]
+                if len(rows) < batch_size:
+                    break
+
+    def clear(self) -> int:
+        with self._transaction() as conn:
+            return conn.execute(f"DELETE FROM {self._t}").rowcount
+
+    def stats(self) -> dict[str, Any]:
+        conn = self._conn()
+        with self._errors():
+            live, total, size = conn.execute(
+                f"SELECT COUNT(*) FILTER (WHERE expires_at IS NULL OR expires_at > ?),"
+                f" COUNT(*), COALESCE(SUM(size_bytes), 0) FROM {self._t}",
+                (time.time(),),
+            ).fetchone()
+            page_size = conn.execute("PRAGMA page_size").fetchone()[0]
+            page_count = conn.execute("PRAGMA page_count").fetchone()[0]
+        return {
+            "backend": self.backend,
+            "tier": str(self.tier) if self.tier else None,
+            "key_count": live,
+            "expired_count": total - live,
+            "payload_bytes": size,
+            "file_bytes": page_size * page_count,
+            "path": self.path,
+            "table": self.table,
+            "synchronous": self.synchronous,
+        }
+
+    # ------------------------------------------------------------ change signal
+    def changed_by_others(self) -> bool:
+        local = self._local
+        conn = local.conn
+        if conn is None or local.generation != (_fork_generation, self._epoch):
+            conn = self._open(local)
+        shm = local.shm
+        if shm is not None:
+            # Read the header BEFORE the pragma: a commit landing between the
+            # two then shows up as a changed header on the next call.
+            header = shm.read()
+            if header is not None and header == local.header:
+                return False
+            local.header = header
+        try:
+            version = conn.execute("PRAGMA data_version").fetchone()[0]
+        except sqlite3.Error as exc:
+            raise self._translate(exc) from exc
+        changed: bool = version != local.data_version
+        local.data_version = version
+        return changed
+
+    def ping(self) -> float:
+        start = time.perf_counter()
+        with self._errors():
+            self._conn().execute("SELECT 1").fetchone()
+        return (time.perf_counter() - start) * 1000.0
+
+    def _drop_inherited(self) -> None:
+        """Forget connections opened before a fork, keeping them from the GC."""
+        with self._conns_lock:
+            inherited = [c for g, _, c in self._conns if g != _fork_generation]
+            if inherited:
+                _orphans.extend(inherited)
+                self._conns = [e for e in self._conns if e[0] == _fork_generation]
+
+    def close(self) -> None:
+        self._drop_inherited()
+        with self._conns_lock:
+            conns, self._conns = self._conns, []
+            self._epoch += 1
+        for _, _, conn in conns:
+            with contextlib.suppress(sqlite3.Error):
+                conn.close()
+
+    def __repr__(self) -> str:
+        return f"<SQLiteStateRepository {str(Path(self.path))!r} table={self.table} tier={self.tier}>"
