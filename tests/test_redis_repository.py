@@ -1,0 +1,380 @@
+"""RedisStateRepository against the real Redis (TIERED_STATE_TEST_REDIS_URL).
+
+Each test gets its own prefix and the fixture deletes everything under it
+afterwards, so runs never see each other's keys.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from tiered_state import codec
+from tiered_state.config import open_repository
+from tiered_state.errors import (
+    BackendError,
+    BackendUnavailableError,
+    ConfigurationError,
+    IntegrityError,
+)
+from tiered_state.keys import matches
+
+from .conformance import RepositoryConformance, make
+from .support import free_port, unique_name
+
+redis = pytest.importorskip("redis")
+
+from tiered_state.repositories.redis_repository import (  # noqa: E402
+    META_MARK,
+    RedisStateRepository,
+)
+
+
+@pytest.fixture
+def prefix() -> str:
+    return unique_name("ts") + ":"
+
+
+@pytest.fixture
+def raw(redis_url: str) -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(redis_url)
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def repository(redis_url: str, prefix: str, raw: redis.Redis) -> Iterator[RedisStateRepository]:
+    with RedisStateRepository.from_url(redis_url, prefix=prefix) as repo:
+        yield repo
+    leftovers = list(raw.scan_iter(match=prefix.replace("*", "\\*") + "*", count=1000))
+    if leftovers:
+        raw.unlink(*leftovers)
+
+
+class TestRedisConformance(RepositoryConformance):
+    pass
+
+
+# ---------------------------------------------------------------- storage format
+def test_redis_cli_get_shows_the_json_value(repository: RedisStateRepository, raw: redis.Redis,
+                                            prefix: str) -> None:
+    payload, metadata = make({"qty": 1.5, "side": "buy"}, version=42)
+    repository.store("position:BTC", payload, metadata)
+    assert raw.get(f"{prefix}position:BTC") == b'{"qty":1.5,"side":"buy"}'
+    meta = codec.decode(raw.get(f"{prefix}{META_MARK}position:BTC").decode())
+    assert meta["version"] == 42 and meta["checksum"] == metadata["checksum"]
+    assert set(meta) == set(metadata)
+    # No TTL: both keys persist.
+    assert raw.pttl(f"{prefix}position:BTC") == -1
+    assert raw.pttl(f"{prefix}{META_MARK}position:BTC") == -1
+
+
+def test_ttl_is_native_on_both_keys(repository: RedisStateRepository, raw: redis.Redis,
+                                    prefix: str) -> None:
+    repository.store("k", *make("v", ttl=60))
+    for name in (f"{prefix}k", f"{prefix}{META_MARK}k"):
+        assert 59_000 < raw.pttl(name) <= 60_000
+    # Overwriting without a TTL removes the old expiry from both keys.
+    repository.store("k", *make("v2"))
+    assert raw.pttl(f"{prefix}k") == -1 and raw.pttl(f"{prefix}{META_MARK}k") == -1
+    repository.store_many({"a": make(1, ttl=30), "b": make(2)})
+    assert 29_000 < raw.pttl(f"{prefix}{META_MARK}a") <= 30_000
+    assert raw.pttl(f"{prefix}b") == -1
+
+
+def test_expired_record_replaces_older_copy_with_nothing(repository: RedisStateRepository,
+                                                         raw: redis.Redis, prefix: str) -> None:
+    repository.store_many({"a": make("live"), "b": make("live")})
+    old = make("old", now=time.time() - 10, ttl=5)
+    repository.store("a", *old)
+    repository.store_many({"b": old})
+    assert raw.exists(f"{prefix}a", f"{prefix}{META_MARK}a", f"{prefix}b") == 0
+    assert repository.fetch_record("a") is None
+
+
+def test_default_ttl_applies_only_to_records_without_expiry(redis_url: str, prefix: str,
+                                                            raw: redis.Redis) -> None:
+    with RedisStateRepository.from_url(f"{redis_url}?default_ttl=120", prefix=prefix) as repo:
+        assert repo.default_ttl == 120
+        repo.store("plain", *make(1))
+        repo.store("own", *make(2, ttl=10))
+        assert 119_000 < raw.pttl(f"{prefix}plain") <= 120_000
+        assert raw.pttl(f"{prefix}own") <= 10_000
+        entry = repo.fetch_record("plain")
+        assert entry is not None and entry.expires_at is None  # a cache lifetime, not the record's
+        repo.clear()
+
+
+def test_half_written_record_reads_as_absent(repository: RedisStateRepository, raw: redis.Redis,
+                                             prefix: str) -> None:
+    raw.set(f"{prefix}by-hand", b'{"x":1}')  # another tool wrote a value, no metadata
+    assert repository.fetch_record("by-hand") is None
+    assert repository.fetch_many(["by-hand"]) == {}
+    raw.set(f"{prefix}{META_MARK}garbled", b"not json")
+    raw.set(f"{prefix}garbled", b"1")
+    assert repository.fetch_record("garbled") is None
+
+
+def test_corrupt_payload_fails_its_checksum(repository: RedisStateRepository, raw: redis.Redis,
+                                            prefix: str) -> None:
+    repository.store("k", *make({"a": 1}))
+    raw.set(f"{prefix}k", b'{"a":2}')
+    with pytest.raises(IntegrityError):
+        repository.fetch("k")
+    raw.set(f"{prefix}k", b"\xff\xfe")  # not even UTF-8
+    entry = repository.fetch_record("k")
+    assert entry is not None and not entry.valid()
+
+
+# ---------------------------------------------------------------- namespaces
+def test_prefix_isolates_namespaces(redis_url: str, raw: redis.Redis) -> None:
+    one, two = unique_name("a") + ":", unique_name("b") + ":"
+    with RedisStateRepository.from_url(f"{redis_url}?prefix={one}") as a, \
+            RedisStateRepository(redis_url, prefix=two) as b:
+        a.store_many({"x": make(1), "y": make(2)})
+        b.store("x", *make("other"))
+        assert a.prefix == one
+        assert a.fetch("x") == 1 and b.fetch("x") == "other"
+        assert sorted(a.keys()) == ["x", "y"] and b.keys() == ["x"]
+        assert a.stats()["key_count"] == 2 and b.stats()["key_count"] == 1
+        assert a.clear() == 2
+        assert b.fetch("x") == "other"
+        assert b.clear() == 1
+    assert list(raw.scan_iter(match=one + "*")) == [] and list(raw.scan_iter(match=two + "*")) == []
+
+
+@pytest.mark.parametrize("special", ["a*", "b?", "c[x]", "d\\", "e^"])
+def test_glob_characters_in_the_prefix_are_literal(redis_url: str, raw: redis.Redis,
+                                                   special: str) -> None:
+    base = unique_name("g")
+    neighbour = RedisStateRepository(redis_url, prefix=f"{base}{special}X:")
+    with RedisStateRepository(redis_url, prefix=f"{base}{special}:") as repo:
+        neighbour.store("n", *make(0))  # would match an unescaped prefix glob
+        repo.store_many({"k1": make(1), "k2": make(2)})
+        assert sorted(repo.keys()) == ["k1", "k2"]
+        assert sorted(repo.keys("k?")) == ["k1", "k2"]
+        assert repo.stats()["key_count"] == 2
+        assert repo.clear() == 2
+        assert neighbour.fetch("n") == 0
+    neighbour.clear()
+    neighbour.close()
+
+
+def test_non_ascii_single_character_wildcards(repository: RedisStateRepository) -> None:
+    # Redis globs match bytes; "?" must still match one (multi-byte) character.
+    keys = ["é", "a", "aé", "éé", "🔑x", "[é]"]
+    repository.store_many({k: make(k) for k in keys})
+    for pattern in ["?", "??", "a?", "?x", "[é]", "[!a]", "[!a]?", "\\[?]", "*"]:
+        want = sorted(k for k in keys if matches(pattern, k))
+        assert sorted(repository.keys(pattern)) == want, pattern
+
+
+def test_keys_scans_in_batches(repository: RedisStateRepository, raw: redis.Redis) -> None:
+    repository.store_many({f"s{i:05d}": make(i) for i in range(3000)})
+    iterator = repository.iter_keys("s*")
+    first = next(iterator)
+    assert first.startswith("s")
+    assert len(set(iterator)) + 1 == 3000
+    commands = raw.info("commandstats")
+    assert "cmdstat_keys" not in commands or commands["cmdstat_keys"]["calls"] == 0
+
+
+# ---------------------------------------------------------------- options and URLs
+def test_from_url_and_registry(redis_url: str, prefix: str) -> None:
+    repo = open_repository(f"{redis_url}?prefix={prefix}&socket_timeout=2.5"
+                           "&socket_connect_timeout=0.25&max_connections=7")
+    assert isinstance(repo, RedisStateRepository)
+    kwargs = repo.client.connection_pool.connection_kwargs
+    assert kwargs["socket_timeout"] == 2.5 and kwargs["socket_connect_timeout"] == 0.25
+    assert repo.client.connection_pool.max_connections == 7
+    assert repo.prefix == prefix
+    repo.close()
+    default = RedisStateRepository(redis_url)
+    kwargs = default.client.connection_pool.connection_kwargs
+    assert (kwargs["socket_timeout"], kwargs["socket_connect_timeout"]) == (1.0, 0.5)
+    assert default.prefix == "tiered_state:"
+    default.close()
+
+
+@pytest.mark.parametrize("url", [
+    "redis://127.0.0.1:6379/0?default_ttl=-3",
+    "redis://127.0.0.1:6379/0?default_ttl=soon",
+    "redis://127.0.0.1:6379/0?socket_timeout=0",
+    "redis://127.0.0.1:6379/0?prefix=bad%0Aprefix",
+])
+def test_bad_options_are_configuration_errors(url: str) -> None:
+    with pytest.raises(ConfigurationError):
+        open_repository(url)
+
+
+def test_unix_socket_url(tmp_path, prefix: str) -> None:  # type: ignore[no-untyped-def]
+    import shutil
+    import subprocess
+
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("redis-server is not installed")
+    sock = tmp_path / "redis.sock"
+    proc = subprocess.Popen([server, "--port", "0", "--unixsocket", str(sock), "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while not sock.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        with open_repository(f"unix://{sock}?db=1&prefix={prefix}") as repo:
+            assert "unix://" in repr(repo)
+            repo.store("k", *make([1, 2]))
+            assert repo.fetch("k") == [1, 2]
+            assert repo.client.connection_pool.connection_kwargs["db"] == 1
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_accepts_a_ready_client(redis_url: str, prefix: str) -> None:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    with RedisStateRepository(client, prefix=prefix) as repo:
+        repo.store_many({"a": make({"x": "ü"}), "b": make(2, ttl=60)})
+        assert repo.fetch("a") == {"x": "ü"}
+        assert sorted(repo.keys()) == ["a", "b"]
+        assert set(repo.fetch_many(["a", "b"])) == {"a", "b"}
+        assert repo.clear() == 2
+    assert client.ping()  # not closed: the caller owns it
+    client.close()
+    with pytest.raises(ConfigurationError):
+        RedisStateRepository(redis.Redis(), max_connections=3)
+
+
+def test_conditional_writes_are_atomic_across_clients(redis_url: str, prefix: str) -> None:
+    import threading
+
+    repos = [RedisStateRepository(redis_url, prefix=prefix) for _ in range(4)]
+    repos[0].store("counter", *make(0, version=1))
+    wins: list[int] = []
+
+    def work(repo: RedisStateRepository) -> None:
+        for _ in range(50):
+            entry = repo.fetch_record("counter")
+            assert entry is not None
+            value = codec.decode(entry.payload)
+            if repo.store_if_version("counter", *make(value + 1, entry.version + 1),
+                                     expected=entry.version):
+                wins.append(1)
+
+    threads = [threading.Thread(target=work, args=(r,)) for r in repos]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert repos[0].fetch("counter") == len(wins)  # no lost update
+    repos[0].clear()
+    for r in repos:
+        r.close()
+
+
+def test_store_many_groups_ttls_and_reports_all(repository: RedisStateRepository) -> None:
+    now = time.time()
+    items = {f"p{i}": make(i) for i in range(700)}
+    items.update({f"t{i}": make(i, ttl=100 + i) for i in range(700)})
+    items.update({f"e{i}": make(i, now=now - 10, ttl=1) for i in range(10)})
+    assert repository.store_many(items) == set(items)
+    got = repository.fetch_many(items)
+    assert set(got) == {k for k in items if not k.startswith("e")}
+    assert got["t5"].expires_at == items["t5"][1]["expires_at"]
+
+
+# ---------------------------------------------------------------- errors and secrets
+def test_unreachable_server_is_backend_unavailable() -> None:
+    repo = RedisStateRepository(f"redis://127.0.0.1:{free_port()}/0")
+    start = time.monotonic()
+    with pytest.raises(BackendUnavailableError) as info:
+        repo.fetch("k")
+    assert time.monotonic() - start < 1.5
+    assert isinstance(info.value.__cause__, redis.exceptions.ConnectionError)
+    for call in (lambda: repo.store("k", *make(1)), lambda: repo.keys(), repo.stats,
+                 lambda: repo.store_many({"a": make(1)}), lambda: repo.delete_many(["a"]),
+                 lambda: repo.fetch_many(["a"]), lambda: repo.delete_if_version("a", 1), repo.ping):
+        with pytest.raises(BackendUnavailableError):
+            call()
+
+
+def test_other_driver_errors_are_backend_errors(repository: RedisStateRepository, raw: redis.Redis,
+                                                prefix: str) -> None:
+    raw.hset(f"{prefix}{META_MARK}wrongtype", "a", "b")  # GET on a hash: WRONGTYPE
+    raw.set(f"{prefix}wrongtype", b"1")
+    with pytest.raises(BackendError) as info:
+        repository.store_if_version("wrongtype", *make(1), expected=0)
+    assert not isinstance(info.value, BackendUnavailableError)
+    assert isinstance(info.value.__cause__, redis.exceptions.ResponseError)
+
+
+@pytest.fixture
+def password_server() -> Iterator[tuple[int, str]]:
+    import shutil
+    import subprocess
+
+    from .support import wait_for_port
+
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("redis-server is not installed")
+    port, secret = free_port(), "s3cr3t-" + unique_name("pw")
+    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no", "--requirepass", secret],
+                            stdout=subprocess.DEVNULL)
+    try:
+        wait_for_port("127.0.0.1", port, 10)
+        yield port, secret
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_password_never_shown(password_server: tuple[int, str], caplog: pytest.LogCaptureFixture,
+                              prefix: str) -> None:
+    port, secret = password_server
+    caplog.set_level(logging.DEBUG)
+    with RedisStateRepository(f"redis://:{secret}@127.0.0.1:{port}/0", prefix=prefix) as repo:
+        repo.store("k", *make(1))
+        assert repo.fetch("k") == 1
+        texts = [repr(repo), str(repo.stats())]
+    with RedisStateRepository(f"redis://:wrong-{secret}@127.0.0.1:{port}/0") as bad:
+        with pytest.raises(BackendError) as info:
+            bad.fetch("k")
+        texts += [repr(bad), str(info.value)]
+    with RedisStateRepository(f"redis://:{secret}@127.0.0.1:{free_port()}/0") as down:
+        with pytest.raises(BackendUnavailableError) as unavailable:
+            down.fetch("k")
+        texts += [repr(down), str(unavailable.value)]
+    texts += [r.getMessage() for r in caplog.records]
+    for text in texts:
+        assert secret not in text
+    assert f"127.0.0.1:{port}" in texts[0]
+
+
+def test_hot_until_drops_the_copy_but_keeps_expires_at(repository: RedisStateRepository,
+                                                       raw: redis.Redis, prefix: str) -> None:
+    payload, metadata = make("v", ttl=3600)
+    copy = {**metadata, "hot_until": time.time() + 30}
+    repository.store_many({"a": (payload, copy)})  # type: ignore[dict-item]
+    repository.store("b", payload, copy)  # type: ignore[arg-type]
+    for key in ("a", "b"):
+        assert 29_000 < raw.pttl(f"{prefix}{key}") <= 30_000
+        entry = repository.fetch_record(key)
+        assert entry is not None and entry.expires_at == metadata["expires_at"]
+    gone = {**metadata, "hot_until": time.time() - 1}
+    assert repository.store_if_newer("a", payload, {**gone, "version": 9})  # type: ignore[arg-type]
+    assert repository.fetch_record("a") is None
+
+
+def test_delete_many_if_version(repository: RedisStateRepository) -> None:
+    repository.store_many({f"k{i}": make(i, version=i + 1) for i in range(1200)})
+    wanted = {f"k{i}": i + 1 for i in range(1200)}
+    wanted["k3"] = 99  # changed meanwhile: must stay
+    wanted["absent"] = 1
+    deleted = repository.delete_many_if_version(wanted)
+    assert deleted == {f"k{i}" for i in range(1200)} - {"k3"}
+    assert repository.keys() == ["k3"]

@@ -1,0 +1,717 @@
+"""``redis://`` -- Redis as the HOT tier (redis-py, ``pip install 'tiered-state[redis]'``).
+
+URL: redis-py's own forms, plus this backend's query options::
+
+    redis://[[user]:password@]host[:port][/db][?prefix=app:&default_ttl=3600]
+    rediss://...                       (TLS; redis-py's ssl_* query options)
+    unix:///path/to/redis.sock[?db=0&prefix=app:]
+
+``prefix`` (default ``tiered_state:``) namespaces every key; ``default_ttl``
+(seconds, default none) is how long a record *without* its own ``expires_at``
+stays in Redis. Every other query option goes to redis-py unchanged
+(``socket_timeout``, ``socket_connect_timeout``, ``max_connections``,
+``health_check_interval``, ``ssl_cert_reqs``...). Timeouts default short
+(0.5 s connect, 1 s socket) so a dead Redis costs a caller about a second,
+not minutes; a lost connection (server restart) is retried once at once on a
+fresh connection, so the next call after a restart just works.
+
+Storage format (what ``redis-cli`` shows), for a record ``key``:
+
+``<prefix><key>``
+    the payload itself: the JSON text of the value, byte for byte, so
+    ``redis-cli GET 'tiered_state:position:BTC'`` prints ``{"qty":1.5}`` and
+    any other tool can read it.
+``<prefix>\\x1fmeta:<key>``
+    the metadata as a JSON object (checksum, size_bytes, version, created_at,
+    updated_at, expires_at, encoding). ``\\x1f`` is a control character, which
+    no valid key contains, so a metadata key can never collide with a record
+    key and both stay under one prefix (one ACL pattern, one SCAN).
+
+Both keys are written in one atomic command (``MSET``, or a Lua script when
+they carry a TTL) with the same ``PX``, read with one ``MGET``, and deleted
+together; a record whose two keys are not both there reads as absent.
+
+Volatile: records with ``expires_at`` expire natively (``PX``), and an
+already expired record is never stored (any older copy is deleted instead).
+Redis Cluster is not supported yet: the two keys of a record are not
+hash-tagged into one slot.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from types import TracebackType
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl, urlencode
+
+from ..config import parse_number, redact, require
+from ..errors import BackendError, BackendUnavailableError, ConfigurationError, InvalidKeyError
+from ..keys import (
+    compile_pattern,
+    is_literal,
+    literal_prefix,
+    to_redis,
+    validate_key,
+    validate_pattern,
+)
+from ..record import Entry, Metadata
+from .base import Items, StateRepository, chunked
+
+if TYPE_CHECKING:
+    import redis
+
+__all__ = ["RedisStateRepository"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PREFIX = "tiered_state:"
+DEFAULT_SOCKET_TIMEOUT = 1.0
+DEFAULT_CONNECT_TIMEOUT = 0.5
+#: Marker between the prefix and a key for metadata keys (a control
+#: character, so no valid key can start with it).
+META_MARK = "\x1fmeta:"
+#: Records per MGET / MSET / Lua call, and keys per SCAN batch.
+CHUNK = 500
+SCAN_COUNT = 1000
+#: Records per pipeline round trip in store_many (bounds client memory).
+PIPELINE_RECORDS = 10_000
+
+_META_FIELDS = ("checksum", "size_bytes", "version", "created_at", "updated_at",
+                "expires_at", "encoding")
+
+_dumps: Callable[[Any], bytes]
+_loads: Callable[[bytes | str], Any]
+try:  # pragma: no cover - depends on what is installed
+    import orjson
+
+    _dumps = orjson.dumps
+    _loads = orjson.loads
+except ImportError:  # pragma: no cover
+    _encoder = json.JSONEncoder(separators=(",", ":"))
+
+    def _dumps(obj: Any) -> bytes:
+        return _encoder.encode(obj).encode("utf-8")
+
+    _loads = json.loads
+
+# Lua, so a record's two keys change together and a conditional write is one
+# atomic step on the server. KEYS = value key, metadata key; ARGV = payload,
+# metadata, px ("0": no expiry, "-1": already expired -> delete), then the
+# condition's version. Versions are microsecond counts (< 2**53), exact in
+# Lua's doubles.
+_LUA_PUT = """
+local function put(v, m, px)
+  px = tonumber(px)
+  if px > 0 then
+    redis.call('SET', KEYS[1], v, 'PX', px)
+    redis.call('SET', KEYS[2], m, 'PX', px)
+  elseif px == 0 then
+    redis.call('MSET', KEYS[1], v, KEYS[2], m)
+  else
+    redis.call('UNLINK', KEYS[1], KEYS[2])
+  end
+  return 1
+end
+local function current()
+  local m = redis.call('GET', KEYS[2])
+  if not m or redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+  return tonumber(cjson.decode(m)['version']) or 0
+end
+"""
+_LUA_STORE = _LUA_PUT + "return put(ARGV[1], ARGV[2], ARGV[3])"
+_LUA_STORE_IF_VERSION = _LUA_PUT + """
+if current() ~= tonumber(ARGV[4]) then return 0 end
+return put(ARGV[1], ARGV[2], ARGV[3])
+"""
+_LUA_STORE_IF_NEWER = _LUA_PUT + """
+if current() >= tonumber(ARGV[4]) then return 0 end
+return put(ARGV[1], ARGV[2], ARGV[3])
+"""
+_LUA_DELETE_IF_VERSION = _LUA_PUT + """
+if current() ~= tonumber(ARGV[1]) or current() == 0 then return 0 end
+return redis.call('UNLINK', KEYS[1], KEYS[2]) > 0 and 1 or 0
+"""
+# KEYS = v1, m1, v2, m2, ...; ARGV = p1, meta1, px1, p2, ... (px > 0 only)
+_LUA_STORE_BATCH = """
+for i = 1, #KEYS, 2 do
+  local j = (i - 1) / 2 * 3
+  redis.call('SET', KEYS[i], ARGV[j + 1], 'PX', ARGV[j + 3])
+  redis.call('SET', KEYS[i + 1], ARGV[j + 2], 'PX', ARGV[j + 3])
+end
+return #KEYS / 2
+"""
+# KEYS = v1, m1, v2, m2, ...; ARGV = the versions; returns the 1-based indexes deleted.
+_LUA_DELETE_BATCH_IF_VERSION = """
+local done = {}
+for i = 1, #ARGV do
+  local m = redis.call('GET', KEYS[2 * i])
+  if m and redis.call('EXISTS', KEYS[2 * i - 1]) == 1
+      and tonumber(cjson.decode(m)['version']) == tonumber(ARGV[i]) then
+    redis.call('UNLINK', KEYS[2 * i - 1], KEYS[2 * i])
+    done[#done + 1] = i
+  end
+end
+return done
+"""
+# KEYS = the value keys, then the metadata keys; returns how many values existed.
+_LUA_DELETE_BATCH = """
+local half = #KEYS / 2
+local n = redis.call('UNLINK', unpack(KEYS, 1, half))
+redis.call('UNLINK', unpack(KEYS, half + 1, #KEYS))
+return n
+"""
+
+_GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
+_ESCAPED = re.compile(r"\\.", re.DOTALL)
+
+
+def _escape_glob(text: str) -> str:
+    """``text`` as a Redis MATCH glob that matches exactly itself."""
+    return _GLOB_SPECIAL.sub(r"\\\1", text)
+
+
+def _valid(key: str) -> bool:
+    try:
+        validate_key(key)
+    except InvalidKeyError:
+        return False
+    return True
+
+
+class _Translate:
+    """The one place redis-py errors become tiered-state errors (a context manager).
+
+    Connection loss and timeouts mean "cannot reach the server" (the manager
+    may skip the tier); anything else -- a refused password, a read-only
+    replica, a script error -- is a :class:`BackendError`. Messages carry the
+    driver's error class and a redacted text, never a value or a password.
+    """
+
+    __slots__ = ("action", "repo")
+
+    def __init__(self, repo: RedisStateRepository, action: str) -> None:
+        self.repo = repo
+        self.action = action
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if exc is None:
+            return
+        errors = self.repo._redis.exceptions
+        if not isinstance(exc, errors.RedisError):
+            return
+        where = self.repo._location
+        if isinstance(exc, (errors.AuthenticationError, errors.AuthorizationError)):
+            raise BackendError(
+                f"{self.action}: Redis at {where} refused the credentials "
+                f"({type(exc).__name__})", "redis"
+            ) from exc
+        if isinstance(exc, (errors.ConnectionError, errors.TimeoutError)):
+            log.debug("redis %s: cannot reach %s: %s", self.action, where, type(exc).__name__)
+            raise BackendUnavailableError(
+                f"{self.action}: cannot reach Redis at {where} "
+                f"({type(exc).__name__}: {redact(str(exc))[:200]})", "redis"
+            ) from exc
+        raise BackendError(
+            f"{self.action} failed on Redis at {where} "
+            f"({type(exc).__name__}: {redact(str(exc))[:200]})", "redis"
+        ) from exc
+
+
+class RedisStateRepository(StateRepository):
+    """Records in Redis under a key prefix; see the module docstring for the format.
+
+    :param client: a URL (``redis://``, ``rediss://``, ``unix://``) or a ready
+        ``redis.Redis`` client (used as is; this repository will not close it).
+    :param prefix: namespace for every key (``tiered_state:`` by default).
+    :param default_ttl: seconds a record without ``expires_at`` stays in Redis
+        (None: until deleted).
+    :param socket_timeout: seconds to wait for a reply (URL clients only).
+    :param socket_connect_timeout: seconds to wait for a connection (URL clients only).
+    :param redis_options: further ``redis.Redis.from_url`` keyword arguments.
+    """
+
+    backend = "redis"
+    volatile = True
+    shared = True
+
+    def __init__(
+        self,
+        client: str | redis.Redis = "redis://127.0.0.1:6379/0",
+        *,
+        prefix: str = DEFAULT_PREFIX,
+        default_ttl: float | None = None,
+        socket_timeout: float = DEFAULT_SOCKET_TIMEOUT,
+        socket_connect_timeout: float = DEFAULT_CONNECT_TIMEOUT,
+        **redis_options: Any,
+    ) -> None:
+        self._redis = require("redis", extra="redis")
+        if not isinstance(prefix, str) or (prefix and not _valid(prefix)):
+            raise ConfigurationError("prefix must be a str of valid key characters")
+        if default_ttl is not None and (
+            isinstance(default_ttl, bool) or not isinstance(default_ttl, (int, float))
+            or not default_ttl > 0
+        ):
+            raise ConfigurationError(
+                f"default_ttl must be a positive number or None, not {default_ttl!r}"
+            )
+        self.prefix = prefix
+        self.default_ttl = default_ttl
+        self._value_prefix = prefix.encode("utf-8")
+        self._meta_prefix = (prefix + META_MARK).encode("utf-8")
+        self._glob_prefix = _escape_glob(prefix)
+        self._owns_client = isinstance(client, str)
+        # Any: redis-py's command methods are untyped.
+        self._client: Any
+        if isinstance(client, str):
+            self._client = self._connect(
+                client, socket_timeout, socket_connect_timeout, redis_options
+            )
+        else:
+            if redis_options:
+                raise ConfigurationError("redis options only apply when opening from a URL")
+            self._client = client
+        self._location = self._describe(self._client)
+        self._guards: dict[str, _Translate] = {}
+        register = self._client.register_script
+        self._store_script = register(_LUA_STORE)
+        self._store_if_version_script = register(_LUA_STORE_IF_VERSION)
+        self._store_if_newer_script = register(_LUA_STORE_IF_NEWER)
+        self._delete_if_version_script = register(_LUA_DELETE_IF_VERSION)
+        self._store_batch_script = register(_LUA_STORE_BATCH)
+        self._delete_batch_script = register(_LUA_DELETE_BATCH)
+        self._delete_batch_if_version_script = register(_LUA_DELETE_BATCH_IF_VERSION)
+        self._closed = False
+
+    # ------------------------------------------------------------ opening
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> RedisStateRepository:
+        # Not config.query_options: urlunsplit turns unix:///path into unix:/path.
+        base, _, qs = url.partition("?")
+        query: dict[str, Any] = dict(parse_qsl(qs, keep_blank_values=True))
+        query.update(options)
+        prefix = query.pop("prefix", DEFAULT_PREFIX)
+        ttl = parse_number(query.pop("default_ttl", None), "default_ttl", minimum=0.001)
+        timeouts = {}
+        for name, default in (("socket_timeout", DEFAULT_SOCKET_TIMEOUT),
+                              ("socket_connect_timeout", DEFAULT_CONNECT_TIMEOUT)):
+            value = parse_number(query.pop(name, default), name, minimum=0.001)
+            timeouts[name] = default if value is None else value
+        # Everything else is redis-py's own query option; hand it back in the URL.
+        rest = urlencode({k: v for k, v in query.items() if isinstance(v, str)})
+        extra = {k: v for k, v in query.items() if not isinstance(v, str)}
+        return cls(base + ("?" + rest if rest else ""), prefix=str(prefix), default_ttl=ttl,
+                   **timeouts, **extra)
+
+    def _connect(
+        self, url: str, socket_timeout: float, connect_timeout: float, options: dict[str, Any]
+    ) -> redis.Redis:
+        redis = self._redis
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        # One immediate retry on a *connection* error only: after a server
+        # restart the pooled socket is dead and the retry reconnects, so the
+        # caller's next call works. A timeout is not retried (redis-py's
+        # default backoff would stall a caller for seconds on a dead server).
+        options.setdefault("retry", Retry(NoBackoff(), 1, supported_errors=(
+            redis.exceptions.ConnectionError,)))
+        try:
+            return redis.Redis.from_url(  # type: ignore[no-any-return]
+                url,
+                socket_timeout=socket_timeout,
+                socket_connect_timeout=connect_timeout,
+                **options,
+            )
+        except (ValueError, TypeError) as exc:
+            raise ConfigurationError(f"bad Redis URL {redact(url)!r}: {exc}") from None
+
+    @staticmethod
+    def _describe(client: redis.Redis) -> str:
+        """Where the client points, for messages: never a password."""
+        kwargs = client.connection_pool.connection_kwargs
+        if kwargs.get("path"):
+            return f"unix://{kwargs['path']}?db={kwargs.get('db', 0)}"
+        scheme = "rediss" if "ssl_cert_reqs" in kwargs else "redis"
+        host, port = kwargs.get("host", "localhost"), kwargs.get("port", 6379)
+        return f"{scheme}://{host}:{port}/{kwargs.get('db', 0)}"
+
+    def _errors(self, action: str) -> _Translate:
+        guard = self._guards.get(action)
+        if guard is None:
+            guard = self._guards[action] = _Translate(self, action)
+        return guard
+
+    # ------------------------------------------------------------ encoding
+    def _px(self, metadata: Metadata, now: float) -> int:
+        """PX for a record: 0 none, -1 already expired, else milliseconds left.
+
+        The copy goes at ``min(expires_at, hot_until)`` (``hot_until``: the
+        manager's hot_ttl for a HOT copy), else after ``default_ttl``.
+        """
+        deadline = metadata["expires_at"]
+        hot_until: float | None = metadata.get("hot_until")  # type: ignore[assignment]
+        if hot_until is not None and (deadline is None or hot_until < deadline):
+            deadline = hot_until
+        if deadline is None:
+            return 0 if self.default_ttl is None else max(1, math.ceil(self.default_ttl * 1000))
+        left = deadline - now
+        # Round up: Redis must not drop a record before its expires_at.
+        return -1 if left <= 0 else max(1, math.ceil(left * 1000))
+
+    @staticmethod
+    def _meta_bytes(metadata: Metadata) -> bytes:
+        meta = {name: metadata[name] for name in _META_FIELDS}  # type: ignore[literal-required]
+        if "hot_until" in metadata:
+            meta["hot_until"] = metadata["hot_until"]  # type: ignore[typeddict-item]
+        return _dumps(meta)
+
+    def _entry(
+        self, key: str, payload: bytes | str | None, meta: bytes | str | None
+    ) -> Entry | None:
+        if payload is None or meta is None:
+            return None  # half a record: expiring right now, or written by hand
+        try:
+            metadata = _loads(meta)
+            if "version" not in metadata:
+                raise KeyError("version")  # a JSON object, but not metadata we wrote
+        except (ValueError, TypeError, KeyError):
+            log.warning("redis: unreadable metadata for a key under prefix %r; treated as absent",
+                        self.prefix)
+            return None
+        if isinstance(payload, bytes):
+            # "replace" keeps a corrupted payload readable as text; its
+            # checksum then fails and the manager uses another copy.
+            payload = payload.decode("utf-8", "replace")
+        return Entry(key, payload, metadata)
+
+    # ------------------------------------------------------------ the seven
+    def fetch_record(self, key: str) -> Entry | None:
+        raw = validate_key(key).encode("utf-8")
+        with self._errors("fetch"):
+            payload, meta = self._client.execute_command(
+                "MGET", self._value_prefix + raw, self._meta_prefix + raw
+            )
+        return self._entry(key, payload, meta)
+
+    def store(self, key: str, value: str, metadata: Metadata) -> bool:
+        raw = validate_key(key).encode("utf-8")
+        keys = (self._value_prefix + raw, self._meta_prefix + raw)
+        meta = self._meta_bytes(metadata)
+        px = self._px(metadata, time.time())
+        with self._errors("store"):
+            if px == 0:
+                # MSET is atomic and clears any TTL an older copy had.
+                self._client.execute_command("MSET", keys[0], value, keys[1], meta)
+            elif px < 0:
+                self._client.execute_command("UNLINK", *keys)
+            else:
+                self._store_script(keys=keys, args=(value, meta, px))
+        return True
+
+    def delete(self, key: str) -> bool:
+        raw = validate_key(key).encode("utf-8")
+        with self._errors("delete"):
+            count = self._client.execute_command(
+                "UNLINK", self._value_prefix + raw, self._meta_prefix + raw
+            )
+        return bool(count)
+
+    def keys(self, pattern: str = "*") -> list[str]:
+        # SCAN may return a key twice while Redis rehashes; the set drops that.
+        return list(dict.fromkeys(self.iter_keys(pattern)))
+
+    def iter_keys(self, pattern: str = "*") -> Iterator[str]:
+        validate_pattern(pattern)
+        if is_literal(pattern):
+            return self._literal_key(literal_prefix(pattern))
+        return self._scan_keys(pattern)
+
+    def _literal_key(self, key: str) -> Iterator[str]:
+        try:
+            raw = validate_key(key).encode("utf-8")
+        except ValueError:
+            return
+        with self._errors("keys"):
+            both = self._client.execute_command(
+                "EXISTS", self._value_prefix + raw, self._meta_prefix + raw
+            )
+        if both == 2:
+            yield key
+
+    def _match_glob(self, pattern: str) -> str:
+        """The SCAN MATCH glob: never narrower than ``pattern``, usually exact.
+
+        Redis globs match bytes, so ``?`` and ``[...]`` would miss a multi-byte
+        UTF-8 character; such patterns scan the literal prefix and the
+        reference matcher filters.
+        """
+        body = to_redis(pattern)
+        bare = _ESCAPED.sub("", body)
+        if "?" in bare or "[" in bare:
+            body = _escape_glob(literal_prefix(pattern)) + "*"
+        if body == "*":
+            # Keys are never empty and never start with a control character,
+            # so this skips the metadata keys on the server side.
+            body = "[^\x1f]*"
+        return self._glob_prefix + body
+
+    def _scan_keys(self, pattern: str) -> Iterator[str]:
+        match = compile_pattern(pattern).match
+        start = len(self._value_prefix)
+        mark = META_MARK.encode("utf-8")
+        scan = self._client.scan
+        cursor = 0
+        glob = self._match_glob(pattern)
+        while True:
+            with self._errors("keys"):
+                cursor, batch = scan(cursor, match=glob, count=SCAN_COUNT)
+            for raw in batch:
+                rest = raw[start:] if isinstance(raw, bytes) else raw.encode("utf-8")[start:]
+                if rest.startswith(mark):
+                    continue
+                try:
+                    key = validate_key(rest.decode("utf-8"))
+                except (UnicodeDecodeError, ValueError):
+                    continue  # not a key this library could have written
+                if match(key):
+                    yield key
+            if not cursor:
+                return
+
+    def stats(self) -> dict[str, Any]:
+        count = 0
+        glob = self._glob_prefix + "[^\x1f]*"
+        with self._errors("stats"):
+            for _ in self._client.scan_iter(match=glob, count=SCAN_COUNT):
+                count += 1
+            memory = self._client.info("memory")
+            server = self._client.info("server")
+            dbsize = self._client.dbsize()
+        return {
+            "backend": self.backend,
+            "tier": str(self.tier) if self.tier else None,
+            "key_count": count,
+            "prefix": self.prefix,
+            "default_ttl": self.default_ttl,
+            "server": self._location,
+            "redis_version": server.get("redis_version"),
+            "used_memory": memory.get("used_memory"),
+            "used_memory_human": memory.get("used_memory_human"),
+            "maxmemory": memory.get("maxmemory"),
+            "maxmemory_policy": memory.get("maxmemory_policy"),
+            "db_keys": dbsize,
+        }
+
+    def store_many(self, items: Items) -> set[str]:
+        for key in items:
+            validate_key(key)
+        succeeded: list[str] = []
+        failed: dict[str, BaseException] = {}
+        parts = list(chunked(items.items(), PIPELINE_RECORDS))
+        for n, part in enumerate(parts):
+            try:
+                failed.update(self._store_pipeline(part, succeeded))
+            except BackendError as exc:
+                if not succeeded and not failed:
+                    raise  # nothing happened: Redis is down, say so plainly
+                for later in parts[n:]:
+                    failed.update((k, exc) for k, _ in later)
+                break
+        if failed:
+            raise self._batch_failed("store_many", failed, succeeded)
+        return set(items)
+
+    def _store_pipeline(
+        self, part: list[tuple[str, tuple[str, Metadata]]], succeeded: list[str]
+    ) -> dict[str, BaseException]:
+        """Store up to PIPELINE_RECORDS records in one round trip, grouped by TTL.
+
+        MSET for records without expiry, one Lua call per chunk of records
+        with a PX, UNLINK for records already expired: each record's two keys
+        change in one atomic command. Appends the stored keys to
+        ``succeeded`` and returns the failed ones.
+        """
+        now = time.time()
+        vp, mp = self._value_prefix, self._meta_prefix
+        plain: list[tuple[str, bytes, str, bytes]] = []
+        timed: list[tuple[str, bytes, str, bytes, int]] = []
+        expired: list[tuple[str, bytes]] = []
+        for key, (payload, metadata) in part:
+            raw = key.encode("utf-8")
+            px = self._px(metadata, now)
+            if px == 0:
+                plain.append((key, raw, payload, self._meta_bytes(metadata)))
+            elif px > 0:
+                timed.append((key, raw, payload, self._meta_bytes(metadata), px))
+            else:
+                expired.append((key, raw))
+        pipe = self._client.pipeline(transaction=False)
+        groups: list[list[str]] = []
+        for chunk in chunked(plain, CHUNK):
+            args: list[bytes | str] = []
+            for _, raw, payload, meta in chunk:
+                args += (vp + raw, payload, mp + raw, meta)
+            pipe.execute_command("MSET", *args)
+            groups.append([c[0] for c in chunk])
+        for tchunk in chunked(timed, CHUNK):
+            keys: list[bytes] = []
+            targs: list[bytes | str | int] = []
+            for _, raw, payload, meta, px in tchunk:
+                keys += (vp + raw, mp + raw)
+                targs += (payload, meta, px)
+            self._store_batch_script(keys=keys, args=targs, client=pipe)
+            groups.append([c[0] for c in tchunk])
+        for echunk in chunked(expired, CHUNK):
+            pipe.execute_command("UNLINK", *(p + raw for _, raw in echunk for p in (vp, mp)))
+            groups.append([c[0] for c in echunk])
+        with self._errors("store_many"):
+            results = pipe.execute(raise_on_error=False)
+        failed: dict[str, BaseException] = {}
+        for keys_of, result in zip(groups, results):
+            if isinstance(result, Exception):
+                failed.update((k, result) for k in keys_of)
+            else:
+                succeeded.extend(keys_of)
+        return failed
+
+    def delete_many(self, keys: Iterable[str]) -> int:
+        unique = list(dict.fromkeys(validate_key(k) for k in keys))
+        vp, mp = self._value_prefix, self._meta_prefix
+        total = 0
+        done: list[str] = []
+        for chunk in chunked(unique, CHUNK):
+            raws = [k.encode("utf-8") for k in chunk]
+            try:
+                with self._errors("delete_many"):
+                    total += self._delete_batch_script(
+                        keys=[vp + r for r in raws] + [mp + r for r in raws]
+                    )
+            except BackendError as exc:
+                if not done:
+                    raise
+                failed = {k: exc for k in unique[len(done):]}
+                raise self._batch_failed("delete_many", failed, done) from exc
+            done.extend(chunk)
+        return total
+
+    # ------------------------------------------------------------ native extras
+    def fetch_many(self, keys: Iterable[str]) -> dict[str, Entry]:
+        unique = list(dict.fromkeys(validate_key(k) for k in keys))
+        if not unique:
+            return {}
+        vp, mp = self._value_prefix, self._meta_prefix
+        chunks = list(chunked(unique, CHUNK))
+        with self._errors("fetch_many"):
+            if len(chunks) == 1:
+                replies = [self._client.execute_command(
+                    "MGET", *(p + k.encode("utf-8") for k in unique for p in (vp, mp)))]
+            else:
+                pipe = self._client.pipeline(transaction=False)
+                for chunk in chunks:
+                    pipe.execute_command(
+                        "MGET", *(p + k.encode("utf-8") for k in chunk for p in (vp, mp)))
+                replies = pipe.execute()
+        out: dict[str, Entry] = {}
+        entry = self._entry
+        for chunk, values in zip(chunks, replies):
+            for i, key in enumerate(chunk):
+                payload, meta = values[2 * i], values[2 * i + 1]
+                if payload is not None and meta is not None:
+                    found = entry(key, payload, meta)
+                    if found is not None:
+                        out[key] = found
+        return out
+
+    def _conditional(self, action: str, script: Any, key: str, args: tuple[Any, ...]) -> bool:
+        raw = validate_key(key).encode("utf-8")
+        with self._errors(action):
+            done = script(keys=(self._value_prefix + raw, self._meta_prefix + raw), args=args)
+        return bool(done)
+
+    def store_if_version(self, key: str, value: str, metadata: Metadata, expected: int) -> bool:
+        args = (value, self._meta_bytes(metadata), self._px(metadata, time.time()), int(expected))
+        return self._conditional("store_if_version", self._store_if_version_script, key, args)
+
+    def store_if_newer(self, key: str, value: str, metadata: Metadata) -> bool:
+        args = (value, self._meta_bytes(metadata), self._px(metadata, time.time()),
+                int(metadata["version"]))
+        return self._conditional("store_if_newer", self._store_if_newer_script, key, args)
+
+    def delete_if_version(self, key: str, version: int) -> bool:
+        return self._conditional("delete_if_version", self._delete_if_version_script, key,
+                                 (int(version),))
+
+    def delete_many_if_version(self, versions: Mapping[str, int]) -> set[str]:
+        items = [(validate_key(k), int(v)) for k, v in versions.items()]
+        vp, mp = self._value_prefix, self._meta_prefix
+        deleted: set[str] = set()
+        for n, chunk in enumerate(chunked(items, CHUNK)):
+            keys = [p + k.encode("utf-8") for k, _ in chunk for p in (vp, mp)]
+            try:
+                with self._errors("delete_many_if_version"):
+                    indexes = self._delete_batch_if_version_script(
+                        keys=keys, args=[v for _, v in chunk]
+                    )
+            except BackendError as exc:
+                if not n:
+                    raise
+                failed = {k: exc for k, _ in items[n * CHUNK:]}
+                raise self._batch_failed("delete_many_if_version", failed, deleted) from exc
+            deleted.update(chunk[i - 1][0] for i in indexes)
+        return deleted
+
+    def clear(self) -> int:
+        """Delete every record under this prefix (other prefixes are untouched)."""
+        glob = self._glob_prefix + "*"
+        start = len(self._value_prefix)
+        mark = META_MARK.encode("utf-8")
+        total = 0
+        with self._errors("clear"):
+            for chunk in chunked(self._client.scan_iter(match=glob, count=SCAN_COUNT), SCAN_COUNT):
+                raws = [r if isinstance(r, bytes) else r.encode("utf-8") for r in chunk]
+                values = [r for r in raws if not r[start:].startswith(mark)]
+                metas = [r for r in raws if r[start:].startswith(mark)]
+                pipe = self._client.pipeline(transaction=False)
+                if values:
+                    pipe.execute_command("UNLINK", *values)
+                if metas:
+                    pipe.execute_command("UNLINK", *metas)
+                results = pipe.execute()
+                total += int(results[0]) if values else 0
+        return total
+
+    def ping(self) -> float:
+        start = time.perf_counter()
+        with self._errors("ping"):
+            self._client.ping()
+        return (time.perf_counter() - start) * 1000.0
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._owns_client:
+            self._client.close()
+
+    @property
+    def client(self) -> redis.Redis:
+        """The underlying ``redis.Redis`` client (for direct access)."""
+        client: redis.Redis = self._client
+        return client
+
+    def __repr__(self) -> str:
+        return f"<RedisStateRepository {self._location} prefix={self.prefix!r} tier={self.tier}>"
+
