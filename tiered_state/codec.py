@@ -18,7 +18,8 @@ from __future__ import annotations
 import json
 import re
 import zlib
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from .errors import SerializationError
 
@@ -48,6 +49,26 @@ except ImportError:  # pragma: no cover
     _loads = json.loads
 
 
+_CONTAINERS = (dict, list, tuple)
+
+
+def _check_keys(value: Any) -> None:
+    """Refuse non-str dict keys: json would turn ``{1: "x"}`` into ``{"1": "x"}``,
+    so the value read back would silently differ from the value stored."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise SerializationError(
+                    f"dict keys must be str, not {type(key).__name__} ({key!r})"
+                )
+            if isinstance(item, _CONTAINERS):
+                _check_keys(item)
+    else:
+        for item in value:
+            if isinstance(item, _CONTAINERS):
+                _check_keys(item)
+
+
 def encode(value: Any) -> str:
     """Encode ``value`` as deterministic compact JSON.
 
@@ -55,6 +76,8 @@ def encode(value: Any) -> str:
         object, a non-str dict key, NaN, a circular reference...).
     """
     try:
+        if isinstance(value, _CONTAINERS):
+            _check_keys(value)
         return _encoder.encode(value)
     except (TypeError, ValueError, RecursionError) as exc:
         raise SerializationError(f"value cannot be encoded as JSON: {exc}") from exc

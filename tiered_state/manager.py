@@ -31,6 +31,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
+from functools import partial
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -227,6 +228,7 @@ class StateManager:
         self._dirty_marked = False
         self._access: set[str] = set()
         self._access_lock = threading.Lock()
+        self._access_at = 0.0
         self._access_flushed = time.monotonic()
         self._closed = False
         self._warm_watch = self._watch_repository()
@@ -254,7 +256,7 @@ class StateManager:
         if self.metrics is not None:
             try:
                 self.metrics.incr("state.manager." + name, n)
-            except Exception:  # noqa: BLE001 - metrics never break state operations
+            except Exception:
                 log.debug("metrics collector failed", exc_info=True)
 
     def _watch_repository(self) -> StateRepository | None:
@@ -369,8 +371,10 @@ class StateManager:
         """Remember reads for the sweep's idle test; flushed in batches, never per read."""
         if self.policy.cold_after is None:
             return
+        now = time.time()
         with self._access_lock:
             self._access.update(keys)
+            self._access_at = now
             due = (
                 len(self._access) >= FLUSH_ITEMS
                 or time.monotonic() - self._access_flushed > FLUSH_SECONDS
@@ -379,16 +383,22 @@ class StateManager:
             self.flush_access()
 
     def flush_access(self) -> None:
-        """Write the pending read timestamps to WARM in one batched call."""
+        """Write the pending read times to WARM in one batched call.
+
+        The batch is stamped with the time of its latest read, so a key may
+        look up to ``FLUSH_SECONDS`` more recently read than it was -- never
+        less, so nothing goes COLD early.
+        """
         with self._access_lock:
             keys, self._access = self._access, set()
+            at = self._access_at
             self._access_flushed = time.monotonic()
         warm = self._repos.get(Tier.WARM)
         if not keys or warm is None:
             return
         try:
             for chunk in chunked(sorted(keys), 1000):
-                warm.touch_many(chunk, time.time())
+                warm.touch_many(chunk, at)
         except BackendError as exc:
             log.warning("could not record read times in WARM: %s", exc)
 
@@ -692,7 +702,7 @@ class StateManager:
 
     def _delete_volatile(self, tier: Tier, repo: StateRepository, key: str) -> None:
         if tier is Tier.HOT:
-            self._hot_call(lambda: repo.delete(key), invalidation=True)
+            self._hot_call(partial(repo.delete, key), invalidation=True)
         else:
             repo.delete(key)
 
@@ -822,7 +832,7 @@ class StateManager:
         # newest copy, never an older one uncovered.
         for tier, repo in reversed(self._tiers):
             if tier is Tier.HOT:
-                existed = bool(self._hot_call(lambda: repo.delete(key), invalidation=True)) or existed
+                existed = bool(self._hot_call(partial(repo.delete, key), invalidation=True)) or existed
             else:
                 existed = repo.delete(key) or existed
         return existed
@@ -839,9 +849,9 @@ class StateManager:
         for tier, repo in reversed(self._tiers):
             if tier is Tier.HOT:
                 if not durable_seen:
-                    n = self._hot_call(lambda: repo.delete_many(wanted), invalidation=True)
+                    n = self._hot_call(partial(repo.delete_many, wanted), invalidation=True)
                     return int(n or 0)
-                self._hot_call(lambda: repo.delete_many(wanted), invalidation=True)
+                self._hot_call(partial(repo.delete_many, wanted), invalidation=True)
                 continue
             # Durable tiers hold every key's newest copy; count live ones once.
             present.update(k for k, e in repo.fetch_many(wanted).items() if not e.expired())
@@ -851,9 +861,10 @@ class StateManager:
 
     # ------------------------------------------------------------ migration
     def promote(self, key: str, to: Tier | str = Tier.HOT) -> bool:
-        """Copy ``key`` up into tier ``to``; the lower copy stays.
+        """Copy ``key`` into tier ``to``; every other copy stays.
 
-        :returns: True if ``to`` now holds the current version.
+        :returns: True if ``to`` now holds the current version, False if the
+            key is absent (or a newer write replaced it meanwhile).
         """
         key = _user_key(key)
         target = Tier.parse(to)
@@ -863,7 +874,7 @@ class StateManager:
         if found is None:
             return False
         entry, tier = found
-        if _ORDER.index(tier) <= _ORDER.index(target):
+        if tier is target:
             return True
         return self._copy_up(entry, tier, target)
 
@@ -899,7 +910,7 @@ class StateManager:
             if t is target:
                 break
             if t is Tier.HOT:
-                self._hot_call(lambda: upper.delete_if_version(key, entry.version), invalidation=True)
+                self._hot_call(partial(upper.delete_if_version, key, entry.version), invalidation=True)
             else:
                 upper.delete_if_version(key, entry.version)
         return True
@@ -943,7 +954,7 @@ class StateManager:
             for name in ("scanned", "moved", "purged", "skipped", "failed"):
                 try:
                     self.metrics.gauge("state.manager.sweep." + name, getattr(report, name))
-                except Exception:  # noqa: BLE001 - metrics never break state operations
+                except Exception:
                     log.debug("metrics collector failed", exc_info=True)
         return report
 
@@ -1087,7 +1098,7 @@ def _resolve(url: str | None, env: str, default: str | None) -> str | None:
     return value
 
 
-def open(  # noqa: A001 - the public name the design gives it
+def open(
     path: str | os.PathLike[str] | None = None,
     *,
     hot: str | StateRepository | None = None,

@@ -266,7 +266,7 @@ class RepositoryConformance:
     def test_store_many_and_fetch_many(self, repository: StateRepository) -> None:
         items = {f"k{i:05d}": make({"i": i}) for i in range(1500)}
         assert repository.store_many(items) == set(items)
-        got = repository.fetch_many(list(items) + ["absent"])
+        got = repository.fetch_many([*items, "absent"])
         assert set(got) == set(items)
         assert all(codec.decode(e.payload) == {"i": int(k[1:])} for k, e in got.items())
         assert all(e.valid() for e in got.values())
@@ -404,7 +404,7 @@ class RepositoryConformance:
                 for i in range(50):
                     repository.store(f"t{t}-{i}", *make([t, i]))
                     assert repository.fetch(f"t{t}-{i}") == [t, i]
-            except BaseException as exc:  # noqa: BLE001 - reported below
+            except BaseException as exc:
                 errors.append(exc)
 
         threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]

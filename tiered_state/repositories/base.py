@@ -176,7 +176,7 @@ class StateRepository(abc.ABC):
                 out[key] = entry
         return out
 
-    def _lock(self) -> threading.RLock:
+    def _generic_lock(self) -> threading.RLock:
         lock: threading.RLock | None = self.__dict__.get("_generic_lock")
         if lock is None:
             lock = self.__dict__.setdefault("_generic_lock", threading.RLock())
@@ -190,7 +190,7 @@ class StateRepository(abc.ABC):
 
         :returns: whether it stored.
         """
-        with self._lock():
+        with self._generic_lock():
             entry = self.fetch_record(key)
             current = 0 if entry is None or entry.expired() else entry.version
             if current != expected:
@@ -205,7 +205,7 @@ class StateRepository(abc.ABC):
 
         :returns: whether it stored.
         """
-        with self._lock():
+        with self._generic_lock():
             entry = self.fetch_record(key)
             if entry is not None and entry.version >= metadata["version"]:
                 return False
@@ -216,7 +216,7 @@ class StateRepository(abc.ABC):
 
         :returns: whether it deleted.
         """
-        with self._lock():
+        with self._generic_lock():
             entry = self.fetch_record(key)
             if entry is None or entry.version != version:
                 return False

@@ -87,7 +87,7 @@ class MemoryStateRepository(StateRepository):
     def _put(self, key: str, payload: str, metadata: Metadata) -> None:
         charge = metadata["size_bytes"] + len(key)
         self._remove(key)
-        self._data[key] = (payload, dict(metadata), charge)  # type: ignore[misc]
+        self._data[key] = (payload, metadata.copy(), charge)
         self._bytes += charge
         self._evict()
 
@@ -219,5 +219,5 @@ class MemoryStateRepository(StateRepository):
 
 def _live(metadata: Metadata, now: float) -> bool:
     expires_at = metadata["expires_at"]
-    hot_until = metadata.get("hot_until")
+    hot_until: float | None = metadata.get("hot_until")  # type: ignore[assignment]
     return (expires_at is None or expires_at > now) and (hot_until is None or hot_until > now)
