@@ -1,0 +1,513 @@
+"""PostgresStateRepository against the real PostgreSQL (TIERED_STATE_TEST_POSTGRES_URL)."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
+from typing import Any
+
+import pytest
+
+from tiered_state import codec
+from tiered_state.config import open_repository
+from tiered_state.errors import (
+    BackendError,
+    BackendUnavailableError,
+    ConfigurationError,
+    IntegrityError,
+)
+from tiered_state.record import make_metadata
+
+from .conformance import RepositoryConformance, make, same_metadata
+from .support import TCPProxy, free_port, unique_name
+
+psycopg2 = pytest.importorskip("psycopg2")
+
+from tiered_state.repositories.postgres_repository import PostgresStateRepository  # noqa: E402
+
+
+def _raw(url: str) -> Any:
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    return conn
+
+
+def _in_threads(*targets: Callable[[], object]) -> list[BaseException]:
+    """Run every target in its own thread; return what they raised."""
+    errors: list[BaseException] = []
+
+    def run(target: Callable[[], object]) -> None:
+        try:
+            target()
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run, args=(t,)) for t in targets]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return errors
+
+
+def _drop(url: str, table: str) -> None:
+    with _raw(url) as conn, conn.cursor() as cur:
+        cur.execute(f"DROP TABLE IF EXISTS {table}")
+    conn.close()
+
+
+@pytest.fixture
+def table(postgres_url: str) -> Iterator[str]:
+    name = unique_name("ts_test")
+    yield name
+    _drop(postgres_url, name)
+
+
+@pytest.fixture
+def repo(postgres_url: str, table: str) -> Iterator[PostgresStateRepository]:
+    with PostgresStateRepository(postgres_url, table=table) as repository:
+        yield repository
+
+
+@pytest.fixture
+def raw(postgres_url: str) -> Iterator[Any]:
+    conn = _raw(postgres_url)
+    yield conn
+    conn.close()
+
+
+class TestPostgresConformance(RepositoryConformance):
+    @pytest.fixture
+    def repository(self, repo: PostgresStateRepository) -> PostgresStateRepository:
+        return repo
+
+
+# ------------------------------------------------------------------ URL, config
+def test_from_url_options(postgres_url: str) -> None:
+    url = postgres_url + ("&" if "?" in postgres_url else "?")
+    repository = open_repository(
+        url + "table=my_state&statement_timeout=2.5&connect_timeout=4&pool_size=3&pool_timeout=1"
+    )
+    assert isinstance(repository, PostgresStateRepository)
+    assert repository.table == "my_state"
+    assert repository.statement_timeout == 2.5
+    assert repository._pool.size == 3 and repository._pool.timeout == 1
+    assert repository._connect_kwargs["connect_timeout"] == 4
+    assert "statement_timeout=2500" in repository._connect_kwargs["options"]
+    other = open_repository(postgres_url.replace("postgresql://", "postgres://", 1))
+    assert other.table == "tiered_state"
+    assert other._connect_kwargs["connect_timeout"] == 3  # short default
+
+
+@pytest.mark.parametrize(
+    "table", ["bad-name", "a;drop table x", '"quoted"', "a.b.c", "1abc", "", "x" * 49, "s.", ".t"]
+)
+def test_table_must_be_an_identifier(table: str) -> None:
+    with pytest.raises(ConfigurationError):
+        PostgresStateRepository("postgresql://127.0.0.1/test", table=table)
+
+
+def test_bad_options_rejected() -> None:
+    with pytest.raises(ConfigurationError):
+        open_repository("postgresql://127.0.0.1/test?bogus_libpq_option=1")
+    with pytest.raises(ConfigurationError):
+        open_repository("postgresql://127.0.0.1/test?pool_size=0")
+    with pytest.raises(ConfigurationError):
+        open_repository("postgresql://127.0.0.1/test?statement_timeout=-1")
+
+
+def test_schema_qualified_table(postgres_url: str, raw: Any) -> None:
+    schema = unique_name("ts_schema")
+    with raw.cursor() as cur:
+        cur.execute(f"CREATE SCHEMA {schema}")
+    try:
+        with PostgresStateRepository(postgres_url, table=f"{schema}.State") as repository:
+            repository.store("k", *make({"a": 1}))
+            assert repository.fetch("k") == {"a": 1}
+        with raw.cursor() as cur:
+            cur.execute(f'SELECT data->>\'a\' FROM {schema}."State" WHERE key = \'k\'')
+            assert cur.fetchone() == ("1",)
+    finally:
+        with raw.cursor() as cur:
+            cur.execute(f"DROP SCHEMA {schema} CASCADE")
+
+
+def test_missing_schema_is_a_backend_error_not_a_driver_error(postgres_url: str) -> None:
+    with PostgresStateRepository(postgres_url, table="no_such_schema_x.t") as repository:
+        with pytest.raises(BackendError) as info:
+            repository.store("k", *make(1))
+    assert not isinstance(info.value, BackendUnavailableError)
+    assert isinstance(info.value.__cause__, psycopg2.Error)
+
+
+# ------------------------------------------------------------------ storage format
+def test_plain_sql_reads_library_data(repo: PostgresStateRepository, raw: Any, table: str) -> None:
+    now = time.time()
+    payload, metadata = make({"qty": 1.5, "side": "buy", "fills": [1, 2]}, version=42, ttl=60)
+    repo.store("position:BTC", payload, metadata)
+    repo.store_many({f"lot:{i}": make({"qty": i}) for i in range(50)})
+    with raw.cursor() as cur:
+        cur.execute(
+            f"SELECT (data->>'qty')::float8, data->'fills'->>1, data->>'side', version, checksum, "
+            f"size_bytes, extract(epoch from updated_at), extract(epoch from expires_at), "
+            f"encoding, payload FROM {table} WHERE key = %s",
+            ("position:BTC",),
+        )
+        qty, fill, side, version, digest, size, updated, expires, encoding, text = cur.fetchone()
+        assert (qty, fill, side, version) == (1.5, "2", "buy", 42)
+        assert (digest, size, encoding, text) == (
+            metadata["checksum"], metadata["size_bytes"], "json", None
+        )
+        assert abs(float(updated) - now) < 5 and abs(float(expires) - float(updated) - 60) < 0.001
+        cur.execute(f"SELECT sum((data->>'qty')::int) FROM {table} WHERE key LIKE 'lot:%%'")
+        assert cur.fetchone() == (sum(range(50)),)
+
+
+def test_documented_schema_and_indexes(repo: PostgresStateRepository, raw: Any, table: str) -> None:
+    repo.store("k", *make(1))
+    with raw.cursor() as cur:
+        cur.execute(
+            "SELECT column_name, data_type FROM information_schema.columns "
+            "WHERE table_name = %s ORDER BY ordinal_position",
+            (table,),
+        )
+        assert dict(cur.fetchall()) == {
+            "key": "text", "data": "jsonb", "payload": "text", "checksum": "text",
+            "size_bytes": "integer", "version": "bigint",
+            "created_at": "timestamp with time zone", "updated_at": "timestamp with time zone",
+            "last_accessed": "timestamp with time zone", "expires_at": "timestamp with time zone",
+            "encoding": "text",
+        }
+        cur.execute("SELECT indexname FROM pg_indexes WHERE tablename = %s", (table,))
+        assert {r[0] for r in cur.fetchall()} == {
+            f"{table}_pkey", f"{table}_expires_idx", f"{table}_idle_idx"
+        }
+
+
+@pytest.mark.parametrize(
+    "value",
+    ["nul\x00inside", {"k\x00": 1}, 1e300, -0.0, 1e16, [1.5e-300, -1e22], {"x": "1e+5 in text"}],
+    ids=repr,
+)
+def test_values_jsonb_cannot_hold_exactly(
+    repo: PostgresStateRepository, raw: Any, table: str, value: Any
+) -> None:
+    payload, metadata = make(value)
+    repo.store("v", payload, metadata)
+    repo.store_many({f"m{i}": (payload, metadata) for i in range(40)})  # the COPY path too
+    for key in ("v", "m7"):
+        entry = repo.fetch_record(key)
+        assert entry is not None and entry.payload == payload and entry.valid()
+        got = repo.fetch(key)
+        assert codec.encode(got) == payload
+    with raw.cursor() as cur:
+        cur.execute(f"SELECT data IS NULL, payload IS NULL FROM {table} WHERE key = 'v'")
+        in_text_column = cur.fetchone() == (True, False)
+    jsonb_safe = isinstance(value, dict) and "x" in value  # only a false alarm of the pre-check
+    assert in_text_column is not jsonb_safe
+
+
+def test_non_canonical_payload_comes_back_unchanged(repo: PostgresStateRepository) -> None:
+    for payload in ['{"b": 1, "a": 2}', "[1,2 ]", "not json at all", '"\\u00e9"', "1.0E2"]:
+        metadata = make_metadata(payload, 1, now=time.time())
+        repo.store("k", payload, metadata)
+        entry = repo.fetch_record("k")
+        assert entry is not None and entry.payload == payload and entry.valid()
+
+
+def test_corrupt_row_raises_integrity_error(
+    repo: PostgresStateRepository, raw: Any, table: str
+) -> None:
+    repo.store("k", *make({"a": 1}))
+    with raw.cursor() as cur:
+        cur.execute(f"UPDATE {table} SET data = '{{\"a\": 2}}' WHERE key = 'k'")
+    with pytest.raises(IntegrityError):
+        repo.fetch("k")
+    entry = repo.fetch_record("k")
+    assert entry is not None and not entry.valid()
+
+
+def test_tombstones_until_deleted(repo: PostgresStateRepository) -> None:
+    payload, metadata = make("old", now=time.time() - 10, ttl=5)
+    repo.store("gone", payload, metadata)
+    assert repo.fetch("gone") is None and repo.keys() == [] and repo.stats()["key_count"] == 0
+    entry = repo.fetch_record("gone")
+    assert entry is not None and entry.expired() and same_metadata(entry.metadata, metadata)
+    assert "gone" in repo.fetch_many(["gone"])
+    assert list(repo._all_keys()) == ["gone"]
+    assert repo.delete("gone") is True
+
+
+def test_reads_never_write(repo: PostgresStateRepository, raw: Any, table: str) -> None:
+    now = time.time()
+    repo.store_many({f"r{i}": make(i, now=now - 100) for i in range(5)})
+
+    def snapshot() -> list[Any]:
+        with raw.cursor() as cur:
+            cur.execute(f"SELECT key, xmin::text, ctid::text, last_accessed FROM {table} ORDER BY key")
+            return cur.fetchall()
+
+    before = snapshot()
+    repo.fetch("r1")
+    repo.fetch_record("r2")
+    repo.fetch_many(["r1", "r3"])
+    repo.keys("r*")
+    list(repo.iter_keys("r*"))
+    list(repo.scan(now=now, idle_before=now - 50))
+    repo.stats()
+    assert snapshot() == before
+
+
+def test_touch_many_sets_last_accessed_monotonically(
+    repo: PostgresStateRepository, raw: Any, table: str
+) -> None:
+    now = time.time()
+    repo.store_many({f"t{i}": make(i, now=now - 100) for i in range(1500)})
+    repo.touch_many([f"t{i}" for i in range(1200)] + ["absent"], at=now)
+    repo.touch_many(["t0"], at=now - 500)  # an older report never moves it back
+    with raw.cursor() as cur:
+        cur.execute(
+            f"SELECT count(*), min(extract(epoch from last_accessed)) FROM {table} "
+            "WHERE last_accessed IS NOT NULL"
+        )
+        count, oldest = cur.fetchone()
+    assert count == 1200 and abs(float(oldest) - now) < 0.001
+    idle = {e.key for b in repo.scan(now=now, idle_before=now - 50) for e in b}
+    assert idle == {f"t{i}" for i in range(1200, 1500)}
+
+
+def test_iter_keys_pages_and_allows_writes(repo: PostgresStateRepository) -> None:
+    repo.store_many({f"i{n:05d}": make(n) for n in range(2500)})
+    repo.store_many({"other": make(0), "i_tomb": make(0, now=time.time() - 10, ttl=1)})
+    seen = []
+    for key in repo.iter_keys("i*"):
+        seen.append(key)
+        if len(seen) % 700 == 0:
+            repo.delete(key)  # writing while iterating is fine: no cursor is held
+    assert seen == sorted(seen) and len(seen) == 2500 and "i_tomb" not in seen
+    assert sorted(repo.iter_keys("i0000[0-4]")) == [f"i{n:05d}" for n in range(5)]
+
+
+def test_delete_many_if_version(repo: PostgresStateRepository) -> None:
+    repo.store_many({f"d{i}": make(i, version=i + 1) for i in range(1500)})
+    versions = {f"d{i}": i + 1 for i in range(1500)}
+    versions.update({"d0": 99, "absent": 1})
+    assert repo.delete_many_if_version(versions) == {f"d{i}" for i in range(1, 1500)}
+    assert repo.keys() == ["d0"]
+
+
+# ------------------------------------------------------------------ concurrency
+def test_concurrent_conditional_writers_keep_one_consistent_row(
+    repo: PostgresStateRepository, raw: Any, table: str
+) -> None:
+    seen_versions: list[int] = []
+    stop = threading.Event()
+
+    def cas_writer(t: int) -> None:
+        for _ in range(40):
+            while True:
+                entry = repo.fetch_record("counter")
+                current = 0 if entry is None else entry.version
+                count = 0 if entry is None else codec.decode(entry.payload)["n"]
+                value = {"n": count + 1, "by": t}
+                if repo.store_if_version("counter", *make(value, current + 1), expected=current):
+                    break
+
+    def newer_writer(t: int) -> None:
+        for i in range(60):
+            repo.store_if_newer("newest", *make({"t": t, "i": i}, version=i * 10 + t))
+
+    def reader() -> None:
+        while not stop.is_set():
+            entry = repo.fetch_record("counter")
+            if entry is not None:
+                assert entry.valid()
+                seen_versions.append(entry.version)
+
+    watcher = threading.Thread(target=reader)
+    watcher.start()
+    writers = [partial(cas_writer, t) for t in range(4)] + [partial(newer_writer, t) for t in range(4)]
+    errors = _in_threads(*writers)
+    stop.set()
+    watcher.join()
+    assert errors == []
+    # Every compare-and-set increment landed exactly once...
+    final = repo.fetch_record("counter")
+    assert final is not None and final.version == 160
+    assert codec.decode(final.payload)["n"] == 160
+    # ...and a reader never saw the version go back.
+    assert seen_versions == sorted(seen_versions)
+    newest = repo.fetch_record("newest")
+    assert newest is not None and newest.version == 593 and newest.valid()
+    with raw.cursor() as cur:
+        cur.execute(f"SELECT count(*) FROM {table} WHERE key IN ('counter', 'newest')")
+        assert cur.fetchone() == (2,)
+
+
+def test_first_use_from_many_threads_and_repositories(postgres_url: str, table: str) -> None:
+    repos = [PostgresStateRepository(postgres_url, table=table) for _ in range(4)]
+    barrier = threading.Barrier(8)
+
+    def work(i: int) -> None:
+        barrier.wait()
+        repos[i % 4].store(f"k{i}", *make(i))
+
+    assert _in_threads(*(partial(work, i) for i in range(8))) == []
+    assert sorted(repos[0].keys()) == sorted(f"k{i}" for i in range(8))
+    for r in repos:
+        r.close()
+
+
+def test_pool_waits_instead_of_failing(postgres_url: str, table: str) -> None:
+    with PostgresStateRepository(postgres_url, table=table, pool_size=2) as repository:
+        def work(t: int) -> None:
+            for i in range(20):
+                repository.store(f"w{t}-{i}", *make(i))
+
+        assert _in_threads(*(partial(work, t) for t in range(8))) == []
+        assert len(repository.keys("w*")) == 160
+        assert repository._pool._open <= 2
+
+
+# ------------------------------------------------------------------ failures
+def test_terminated_backends_are_replaced_on_the_next_call(
+    postgres_url: str, table: str, raw: Any
+) -> None:
+    app = unique_name("ts_app")
+    url = postgres_url + ("&" if "?" in postgres_url else "?") + f"application_name={app}"
+    with PostgresStateRepository(url, table=table, pool_size=4) as repository:
+        repository.store("k", *make("v"))
+        # fill the pool with several idle connections
+        assert _in_threads(*[partial(repository.fetch, "k")] * 4) == []
+        with raw.cursor() as cur:
+            cur.execute(
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                "WHERE application_name = %s",
+                (app,),
+            )
+            assert cur.fetchone()[0] >= 1
+        time.sleep(0.2)  # let the FATAL messages reach the sockets
+        assert repository.fetch("k") == "v"
+        repository.store("k2", *make("v2"))
+        assert repository.fetch("k2") == "v2"
+
+
+def test_connection_cut_mid_life_then_restored(postgres_url: str, table: str) -> None:
+    params = psycopg2.extensions.parse_dsn(postgres_url)
+    proxy = TCPProxy(params.get("host", "127.0.0.1"), int(params.get("port", 5432)))
+    try:
+        url = f"postgresql://{params.get('user', 'postgres')}@{proxy.address}/{params['dbname']}"
+        with PostgresStateRepository(url, table=table) as repository:
+            repository.store("k", *make(1))
+            proxy.cut()
+            with pytest.raises(BackendUnavailableError):
+                repository.fetch("k")
+            proxy.restore()
+            assert repository.fetch("k") == 1
+    finally:
+        proxy.close()
+
+
+def test_unreachable_server_fails_fast(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="tiered_state")
+    url = f"postgresql://postgres:s3cretpw@127.0.0.1:{free_port()}/test?connect_timeout=2"
+    repository = open_repository(url)
+    assert "s3cretpw" not in repr(repository)
+    start = time.monotonic()
+    with pytest.raises(BackendUnavailableError) as info:
+        repository.fetch("k")
+    assert time.monotonic() - start < 2.5
+    with pytest.raises(BackendUnavailableError):
+        repository.store("k", *make(1))
+    assert "s3cretpw" not in str(info.value)
+    assert "s3cretpw" not in caplog.text
+
+
+def test_blackholed_server_hits_connect_timeout() -> None:
+    proxy = TCPProxy("127.0.0.1", free_port())
+    proxy.blackhole()
+    try:
+        repository = PostgresStateRepository(
+            f"postgresql://postgres@{proxy.address}/test", connect_timeout=2
+        )
+        start = time.monotonic()
+        with pytest.raises(BackendUnavailableError):
+            repository.ping()
+        assert time.monotonic() - start < 4
+    finally:
+        proxy.close()
+
+
+def test_statement_timeout(postgres_url: str, table: str, raw: Any) -> None:
+    with PostgresStateRepository(postgres_url, table=table, statement_timeout=0.3) as repository:
+        repository.store("k", *make(1))
+        raw.autocommit = False
+        with raw.cursor() as cur:
+            cur.execute(f"SELECT 1 FROM {table} WHERE key = 'k' FOR UPDATE")  # hold the row lock
+            start = time.monotonic()
+            with pytest.raises(BackendUnavailableError):
+                repository.store("k", *make(2))
+            assert time.monotonic() - start < 2
+        raw.rollback()
+        raw.autocommit = True
+        assert repository.fetch("k") == 1
+        repository.store("k", *make(3))  # the connection was kept usable
+        assert repository.fetch("k") == 3
+
+
+@pytest.mark.parametrize("size", [10, 3000])
+def test_failed_batch_leaves_nothing_half_written(repo: PostgresStateRepository, size: int) -> None:
+    repo.store_many({f"b{i:05d}": make("old", 1) for i in range(size)})
+    items = {f"b{i:05d}": make("new", 2) for i in range(size)}
+    items.update({f"n{i:05d}": make("new", 2) for i in range(size)})
+    # a timestamp PostgreSQL cannot hold fails the upsert part-way through its rows
+    payload, metadata = make("bad", 2)
+    metadata["created_at"] = 1e20
+    items[f"n{size // 2:05d}"] = (payload, metadata)
+    with pytest.raises(BackendError) as info:
+        repo.store_many(items)
+    assert "bad" not in str(info.value)
+    assert repo.keys("n*") == []
+    assert {e.version for e in repo.fetch_many(list(items)).values()} == {1}
+    # an integer column overflow fails the COPY / VALUES stage instead
+    items[f"n{size // 2:05d}"] = make("new", 2)
+    items[f"b{size - 1:05d}"][1]["size_bytes"] = 2**40
+    with pytest.raises(BackendError):
+        repo.store_many(items)
+    assert repo.keys("n*") == []
+    items[f"b{size - 1:05d}"][1]["size_bytes"] = 5
+    assert repo.store_many(items) == set(items)  # the repository is still usable
+    assert len(repo.keys("n*")) == size
+
+
+def test_no_driver_error_escapes(repo: PostgresStateRepository, raw: Any, table: str) -> None:
+    repo.store("k", *make(1))
+    with raw.cursor() as cur:
+        cur.execute(f"DROP TABLE {table}")
+    with pytest.raises(BackendError) as info:
+        repo.fetch("k")
+    assert isinstance(info.value.__cause__, psycopg2.Error)
+    # the table is recreated on the next call after it vanished
+    repo.store("k", *make(2))
+    assert repo.fetch("k") == 2
+
+
+def test_password_never_shown(postgres_url: str, table: str, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG, logger="tiered_state")
+    params = psycopg2.extensions.parse_dsn(postgres_url)
+    url = (
+        f"postgresql://{params.get('user', 'postgres')}:hunter2pw@{params.get('host', '127.0.0.1')}"
+        f":{params.get('port', 5432)}/{params['dbname']}?table={table}"
+    )
+    repository = open_repository(url)
+    repository.store("k", *make(1))  # trust auth: the password is accepted and ignored
+    assert "hunter2pw" not in repr(repository) and "***" in repr(repository)
+    assert "hunter2pw" not in str(repository.stats())
+    with pytest.raises(ConfigurationError) as info:
+        open_repository(url + "&bogus=1")
+    assert "hunter2pw" not in str(info.value)
+    repository.close()
+    assert "hunter2pw" not in caplog.text

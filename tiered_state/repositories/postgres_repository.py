@@ -1,0 +1,829 @@
+"""``postgresql://`` -- PostgreSQL through psycopg2 (the server WARM tier).
+
+URL: any libpq URI, ``postgresql://user:password@host:5432/dbname`` (also
+``postgres://`` and ``postgresql+psycopg2://``), plus these query options:
+
+=====================  ===========================================================
+``table``              table name, default ``tiered_state``; ``schema.table`` is
+                       allowed. Each part must match ``[A-Za-z_][A-Za-z0-9_]*``
+                       (table name at most 48 characters, so index names fit);
+                       it is quoted, so case is kept.
+``statement_timeout``  seconds a statement may run (server side), default 30;
+                       ``0`` or ``none``: no limit.
+``connect_timeout``    libpq's option, in whole seconds; default 3 (libpq's
+                       minimum is 2).
+``pool_size``          most connections open at once, default 10.
+``pool_timeout``       seconds a call waits for a free connection, default 10.
+=====================  ===========================================================
+
+Every other query option (``sslmode``, ``application_name``, ``options``,
+``keepalives_idle``...) goes to libpq unchanged.
+
+Storage: one table, created on first use (``CREATE TABLE IF NOT EXISTS``
+under an advisory lock, so processes starting together do not trip over
+each other)::
+
+    key            TEXT COLLATE "C" PRIMARY KEY
+    data           JSONB          the value, queryable (NULL when payload is set)
+    payload        TEXT           the exact JSON text, only for values JSONB
+                                  cannot hold exactly (see below), else NULL
+    checksum       TEXT           sha256 hex of the canonical JSON text
+    size_bytes     INTEGER
+    version        BIGINT
+    created_at     TIMESTAMPTZ
+    updated_at     TIMESTAMPTZ
+    last_accessed  TIMESTAMPTZ    last read reported by touch_many; NULL = never
+    expires_at     TIMESTAMPTZ    NULL = never
+    encoding       TEXT           "json"
+
+with indexes on ``(expires_at, key)`` and
+``(greatest(updated_at, last_accessed), key)`` for the sweep. ``COLLATE "C"``
+makes key order byte order and lets ``LIKE 'prefix%'`` use the primary key.
+
+JSONB normalises JSON text (key order, spaces, number spelling), so the text
+read back is not the text stored. On read the value is re-encoded with
+:func:`tiered_state.codec.encode` (canonical JSON), which is exactly the text
+the manager checksummed, so the checksum still verifies. Text that would not
+come back byte-identical -- strings holding ``\\u0000`` (JSONB refuses them),
+floats spelled with a positive exponent (``1e+300`` reads back as an
+integer), ``-0.0``, or any payload that is not canonical JSON -- is kept
+verbatim in ``payload`` with ``data`` NULL. Nothing is ever returned altered.
+
+Reads never write. Expired rows stay (tombstones, returned by
+:meth:`fetch_record`) until the manager's sweep deletes them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import math
+import os
+import re
+import select
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn
+from urllib.parse import urlencode
+
+from .. import codec
+from ..config import parse_number, query_options, redact, require
+from ..errors import (
+    BackendError,
+    BackendUnavailableError,
+    ConfigurationError,
+    IntegrityError,
+    SerializationError,
+)
+from ..keys import (
+    has_class,
+    is_literal,
+    literal_prefix,
+    matches,
+    to_like,
+    validate_key,
+    validate_pattern,
+)
+from ..record import Entry, Metadata, checksum
+from .base import Items, StateRepository, chunked
+
+if TYPE_CHECKING:
+    from psycopg2.extensions import connection as Connection
+    from psycopg2.extensions import cursor as Cursor
+
+__all__ = ["PostgresStateRepository"]
+
+log = logging.getLogger(__name__)
+
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_MAX_TABLE = 48  # + "_expires_idx" stays within PostgreSQL's 63-byte names
+_OPTIONS = {"table", "statement_timeout", "connect_timeout", "pool_size", "pool_timeout"}
+#: Rows per statement for ANY(...) lists and COPY chunks.
+_CHUNK = 1000
+#: Batches up to this size go as one INSERT ... VALUES; larger ones through
+#: COPY into a temporary table and one INSERT ... SELECT (measured ~2.5x faster
+#: at 10k rows, but three more round trips, which only pay off past a few rows).
+_COPY_MIN = 32
+#: A cheap test for text JSONB may not give back byte-identical: a NUL escape,
+#: a positive exponent, negative zero. A hit triggers the exact check.
+_SUSPECT = re.compile(r"\\u0000|[0-9][eE]\+|-0\.0(?![0-9eE])").search
+#: COPY text format escapes; canonical JSON holds no raw tab/newline/CR.
+_COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
+#: Connections a forked child inherited: never closed there (closing would end
+#: the parent's session too), just kept referenced so their finaliser never runs.
+_INHERITED: list[Any] = []
+
+_COLUMNS = (
+    "key, data::text, payload, checksum, size_bytes, version, date_part('epoch', created_at), "
+    "date_part('epoch', updated_at), date_part('epoch', expires_at), encoding"
+)
+_LIVE = "(expires_at IS NULL OR expires_at > to_timestamp(%s))"
+_SET_ALL = (
+    "data = excluded.data, payload = excluded.payload, checksum = excluded.checksum, "
+    "size_bytes = excluded.size_bytes, version = excluded.version, "
+    "created_at = excluded.created_at, updated_at = excluded.updated_at, "
+    "expires_at = excluded.expires_at, encoding = excluded.encoding"
+)
+_INSERT = (
+    "INSERT INTO {t} AS cur (key, data, payload, checksum, size_bytes, version, "
+    "created_at, updated_at, expires_at, encoding) "
+)
+_ROW = "(%s, %s::jsonb, %s, %s, %s, %s, to_timestamp(%s), to_timestamp(%s), to_timestamp(%s), %s)"
+_UPSERT = _INSERT + "VALUES " + _ROW + " ON CONFLICT (key) DO UPDATE SET " + _SET_ALL
+
+_SQL = {
+    "schema": """
+        CREATE TABLE IF NOT EXISTS {t} (
+            key TEXT COLLATE "C" PRIMARY KEY,
+            data JSONB,
+            payload TEXT,
+            checksum TEXT NOT NULL,
+            size_bytes INTEGER NOT NULL,
+            version BIGINT NOT NULL,
+            created_at TIMESTAMPTZ NOT NULL,
+            updated_at TIMESTAMPTZ NOT NULL,
+            last_accessed TIMESTAMPTZ,
+            expires_at TIMESTAMPTZ,
+            encoding TEXT NOT NULL DEFAULT 'json',
+            CHECK ((data IS NULL) <> (payload IS NULL))
+        );
+        CREATE INDEX IF NOT EXISTS {expires_idx} ON {t} (expires_at, key)
+            WHERE expires_at IS NOT NULL;
+        CREATE INDEX IF NOT EXISTS {idle_idx} ON {t} ((greatest(updated_at, last_accessed)), key);
+    """,
+    "select": f"SELECT {_COLUMNS} FROM {{t}} WHERE key = %s",
+    "select_many": f"SELECT {_COLUMNS} FROM {{t}} WHERE key = ANY(%s)",
+    "store": _UPSERT,
+    "store_values": _INSERT + "VALUES %s ON CONFLICT (key) DO UPDATE SET " + _SET_ALL,
+    "store_copied": _INSERT
+    + "SELECT key, data, payload, checksum, size_bytes, version, to_timestamp(created_at), "
+    "to_timestamp(updated_at), to_timestamp(expires_at), encoding FROM tiered_state_load "
+    "ORDER BY key ON CONFLICT (key) DO UPDATE SET " + _SET_ALL,
+    "store_if_newer": _UPSERT + " WHERE cur.version < excluded.version",
+    "store_if_absent": _UPSERT
+    + " WHERE cur.expires_at IS NOT NULL AND cur.expires_at <= to_timestamp(%s)",
+    "store_if_version": "UPDATE {t} SET data = %s::jsonb, payload = %s, checksum = %s, "
+    "size_bytes = %s, version = %s, created_at = to_timestamp(%s), "
+    "updated_at = to_timestamp(%s), expires_at = to_timestamp(%s), encoding = %s "
+    f"WHERE key = %s AND version = %s AND {_LIVE}",
+    "delete": "DELETE FROM {t} WHERE key = %s",
+    "delete_many": "DELETE FROM {t} WHERE key = ANY(%s)",
+    "delete_if_version": "DELETE FROM {t} WHERE key = %s AND version = %s",
+    "delete_many_if_version": "DELETE FROM {t} AS cur USING unnest(%s::text[], %s::bigint[]) "
+    "AS d(key, version) WHERE cur.key = d.key AND cur.version = d.version RETURNING cur.key",
+    "keys": f"SELECT key FROM {{t}} WHERE key LIKE %s ESCAPE '\\' AND {_LIVE}",
+    "key": f"SELECT key FROM {{t}} WHERE key = %s AND {_LIVE}",
+    "keys_page": f"SELECT key FROM {{t}} WHERE key > %s AND key LIKE %s ESCAPE '\\' AND {_LIVE} "
+    "ORDER BY key LIMIT %s",
+    "all_keys_page": "SELECT key FROM {t} WHERE key > %s ORDER BY key LIMIT %s",
+    "scan_expired": f"SELECT {_COLUMNS}, expires_at FROM {{t}} "
+    "WHERE expires_at <= to_timestamp(%s) AND (expires_at, key) > (%s, %s) "
+    "ORDER BY expires_at, key LIMIT %s",
+    "scan_idle": f"SELECT {_COLUMNS}, greatest(updated_at, last_accessed) FROM {{t}} "
+    f"WHERE greatest(updated_at, last_accessed) < to_timestamp(%s) AND {_LIVE} "
+    "AND (greatest(updated_at, last_accessed), key) > (%s, %s) "
+    "ORDER BY greatest(updated_at, last_accessed), key LIMIT %s",
+    "touch_many": "UPDATE {t} SET last_accessed = greatest(last_accessed, to_timestamp(%s)) "
+    "WHERE key = ANY(%s)",
+    "clear": "DELETE FROM {t}",
+    "stats": f"SELECT count(*) FILTER (WHERE {_LIVE}), count(*), coalesce(sum(size_bytes), 0), "
+    "pg_total_relation_size(%s::regclass) FROM {t}",
+}
+_TEMP_TABLE = (
+    "CREATE TEMPORARY TABLE IF NOT EXISTS tiered_state_load (key TEXT, data JSONB, "
+    "payload TEXT, checksum TEXT, size_bytes INTEGER, version BIGINT, created_at FLOAT8, "
+    "updated_at FLOAT8, expires_at FLOAT8, encoding TEXT) ON COMMIT DELETE ROWS"
+)
+# The earliest possible keyset position for scan: before every timestamp and key.
+_SCAN_START = ("-infinity", "")
+
+_Row = tuple[Any, ...]
+
+
+def _jsonb_exact(value: Any) -> bool:
+    """True if JSONB gives ``value`` back with the same canonical encoding."""
+    if isinstance(value, str):
+        return "\x00" not in value
+    if isinstance(value, float):
+        # -0.0 becomes 0; a repr with "e+" comes back as a JSONB integer.
+        return not (value == 0.0 and math.copysign(1.0, value) < 0) and "e+" not in repr(value)
+    if isinstance(value, dict):
+        return all(_jsonb_exact(k) and _jsonb_exact(v) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_jsonb_exact(v) for v in value)
+    return True
+
+
+def _split_payload(payload: str) -> tuple[str | None, str | None]:
+    """``(data, payload)`` columns: JSON for JSONB, or the exact text when JSONB
+    would not give it back byte for byte."""
+    try:
+        value = codec.decode(payload)
+        canonical = codec.encode(value) == payload
+    except (SerializationError, RecursionError):
+        return None, payload
+    if not canonical:
+        return None, payload
+    if _SUSPECT(payload):
+        try:
+            if not _jsonb_exact(value):
+                return None, payload
+        except RecursionError:
+            return None, payload
+    return payload, None
+
+
+def _params(key: str, payload: str, metadata: Metadata) -> tuple[Any, ...]:
+    data, text = _split_payload(payload)
+    return (
+        key, data, text, metadata["checksum"], metadata["size_bytes"], metadata["version"],
+        metadata["created_at"], metadata["updated_at"], metadata["expires_at"],
+        metadata["encoding"],
+    )
+
+
+def _copy_field(value: Any) -> str:
+    if value is None:
+        return "\\N"
+    if isinstance(value, float):
+        return repr(value)
+    return str(value).translate(_COPY_ESCAPES) if isinstance(value, str) else str(value)
+
+
+def _entry(row: _Row) -> Entry:
+    key, data, payload, digest, size, version, created, updated, expires, encoding = row[:10]
+    if payload is None:
+        payload = codec.encode(codec.decode(data))
+    metadata: Metadata = {
+        "checksum": digest,
+        "size_bytes": size,
+        "version": version,
+        "created_at": created,
+        "updated_at": updated,
+        "expires_at": expires,
+        "encoding": encoding,
+    }
+    return Entry(key, payload, metadata)
+
+
+def parse_table(table: str) -> tuple[str, ...]:
+    """Split and validate ``table`` or ``schema.table``.
+
+    :raises ConfigurationError: a part is not a plain identifier.
+    """
+    parts = tuple(table.split("."))
+    if len(parts) > 2 or not all(_IDENTIFIER.match(p) for p in parts):
+        raise ConfigurationError(
+            f"table must be an identifier or schema.identifier ([A-Za-z_][A-Za-z0-9_]*), "
+            f"not {table!r}"
+        )
+    if len(parts[-1]) > _MAX_TABLE:
+        raise ConfigurationError(f"table name is longer than {_MAX_TABLE} characters")
+    return parts
+
+
+class _Pool:
+    """A thread-safe, bounded LIFO pool of autocommit connections.
+
+    Unlike psycopg2's ``ThreadedConnectionPool`` it waits for a free connection
+    instead of failing when every connection is busy, checks an idle
+    connection for a dropped socket before handing it out (a connection the
+    server ended -- restart, ``pg_terminate_backend`` -- has a readable socket:
+    the FATAL message or EOF), and notices a fork.
+    """
+
+    def __init__(self, connect: Callable[[], Connection], size: int, timeout: float) -> None:
+        self._connect = connect
+        self.size = size
+        self.timeout = timeout
+        self._idle: list[Connection] = []
+        self._open = 0
+        self._waiters = 0
+        self._cond = threading.Condition(threading.Lock())
+        self._pid = os.getpid()
+
+    def get(self) -> Connection:
+        if self._pid != os.getpid():
+            self._after_fork()
+        idle = self._idle
+        while True:
+            try:
+                conn = idle.pop()  # atomic under the GIL: no lock on the fast path
+            except IndexError:
+                opened = self._open_or_wait()
+                if opened is not None:
+                    return opened
+                continue
+            if self._usable(conn):
+                return conn
+            log.info("postgres: dropping a pooled connection the server closed")
+            self.discard(conn)
+
+    @staticmethod
+    def _usable(conn: Connection) -> bool:
+        if conn.closed:
+            return False
+        poller = select.poll()
+        poller.register(conn.fileno(), select.POLLIN)
+        # Nothing is due on an idle connection; anything readable means the
+        # server said goodbye (or the socket is dead).
+        return not poller.poll(0)
+
+    def _open_or_wait(self) -> Connection | None:
+        with self._cond:
+            if self._open >= self.size:
+                self._waiters += 1
+                try:
+                    if not self._cond.wait_for(
+                        lambda: self._idle or self._open < self.size, self.timeout
+                    ):
+                        raise BackendUnavailableError(
+                            f"no free connection within pool_timeout={self.timeout}s "
+                            f"(pool_size={self.size})",
+                            "postgres",
+                        )
+                finally:
+                    self._waiters -= 1
+                return None
+            self._open += 1
+        try:
+            return self._connect()
+        except BaseException:
+            self._release_slot()
+            raise
+
+    def _release_slot(self) -> None:
+        with self._cond:
+            self._open -= 1
+            self._cond.notify()
+
+    def put(self, conn: Connection) -> None:
+        if self._pid != os.getpid():
+            _INHERITED.append(conn)
+            return
+        self._idle.append(conn)
+        if self._waiters:
+            with self._cond:
+                self._cond.notify()
+
+    def discard(self, conn: Connection) -> None:
+        with contextlib.suppress(Exception):
+            conn.close()
+        self._release_slot()
+
+    def close(self) -> None:
+        with self._cond:
+            idle, self._idle = self._idle, []
+        for conn in idle:
+            self.discard(conn)
+
+    def _after_fork(self) -> None:
+        with self._cond:
+            _INHERITED.extend(self._idle)
+            self._idle = []
+            self._open = 0
+            self._pid = os.getpid()
+
+
+class PostgresStateRepository(StateRepository):
+    """State in one PostgreSQL table (see the module docstring for the schema).
+
+    :param dsn: a libpq URI or ``key=value`` connection string.
+    :param table: ``name`` or ``schema.name``.
+    :param statement_timeout: seconds per statement, None for no limit.
+    :param connect_timeout: seconds to connect (libpq rounds up to 2).
+    :param pool_size: most connections open at once.
+    :param pool_timeout: seconds to wait for a free connection.
+    """
+
+    backend = "postgres"
+
+    def __init__(
+        self,
+        dsn: str = "postgresql://",
+        *,
+        table: str = "tiered_state",
+        statement_timeout: float | None = 30.0,
+        connect_timeout: float = 3.0,
+        pool_size: int = 10,
+        pool_timeout: float = 10.0,
+    ) -> None:
+        self._pg = require("psycopg2", extra="postgres")
+        require("psycopg2.extras", extra="postgres")
+        require("psycopg2.sql", extra="postgres")
+        self._table = parse_table(table)
+        self.table = ".".join(self._table)
+        if not isinstance(pool_size, int) or pool_size < 1:
+            raise ConfigurationError(f"pool_size must be a positive int, not {pool_size!r}")
+        if statement_timeout is not None and statement_timeout < 0:
+            raise ConfigurationError("statement_timeout must be >= 0")
+        self.statement_timeout = statement_timeout or None
+        self.connect_timeout = connect_timeout
+        try:
+            params = self._pg.extensions.parse_dsn(dsn)
+        except self._pg.ProgrammingError:
+            raise ConfigurationError(f"not a valid libpq URL/DSN: {redact(dsn)}") from None
+        self._url = redact(dsn)
+        self._connect_kwargs: dict[str, Any] = {"dsn": dsn}
+        if "connect_timeout" not in params:
+            # libpq takes whole seconds and treats 1 as 2.
+            self._connect_kwargs["connect_timeout"] = max(2, math.ceil(connect_timeout))
+        if "application_name" not in params:
+            self._connect_kwargs["application_name"] = "tiered-state"
+        if self.statement_timeout is not None:
+            ms = max(1, round(self.statement_timeout * 1000))
+            self._connect_kwargs["options"] = (
+                params.get("options", "") + f" -c statement_timeout={ms}"
+            ).strip()
+        self._pool = _Pool(self._connect, pool_size, pool_timeout)
+        self._sql: dict[str, str] | None = None
+        self._schema_lock = threading.Lock()
+        # Connections on which the COPY staging table exists (it is per session).
+        self._staged: weakref.WeakSet[Connection] = weakref.WeakSet()
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> PostgresStateRepository:
+        base, query = query_options(url)
+        query.update({k: v for k, v in options.items() if v is not None})
+        ours = {k: query.pop(k) for k in list(query) if k in _OPTIONS}
+        scheme, _, rest = base.partition("://")
+        if scheme.split("+", 1)[0].lower() not in ("postgresql", "postgres"):
+            raise ConfigurationError(f"not a postgresql:// URL: {redact(url)}")
+        dsn = "postgresql://" + rest
+        connect_timeout = parse_number(ours.get("connect_timeout"), "connect_timeout")
+        if query:
+            dsn += "?" + urlencode({k: str(v) for k, v in query.items()})
+        kwargs: dict[str, Any] = {}
+        if "table" in ours:
+            kwargs["table"] = str(ours["table"])
+        if "statement_timeout" in ours:
+            kwargs["statement_timeout"] = parse_number(
+                ours["statement_timeout"], "statement_timeout"
+            )
+        if connect_timeout is not None:
+            kwargs["connect_timeout"] = connect_timeout
+        for name in ("pool_size", "pool_timeout"):
+            if name in ours:
+                value = parse_number(ours[name], name, minimum=1 if name == "pool_size" else 0)
+                if value is not None:
+                    kwargs[name] = int(value) if name == "pool_size" else value
+        return cls(dsn, **kwargs)
+
+    def __repr__(self) -> str:
+        return f"<PostgresStateRepository {self._url} table={self.table} tier={self.tier}>"
+
+    # ------------------------------------------------------------ connections
+    def _connect(self) -> Connection:
+        conn: Connection = self._pg.connect(**self._connect_kwargs)
+        # One statement = one transaction: no BEGIN/COMMIT round trips for the
+        # single-statement operations; multi-statement ones BEGIN explicitly.
+        conn.autocommit = True
+        conn.set_client_encoding("UTF8")
+        log.debug("postgres: opened a connection to %s", self._url)
+        return conn
+
+    def _prepare(self, conn: Connection) -> dict[str, str]:
+        """Render the SQL for this table and create the table, once per repository."""
+        with self._schema_lock:
+            if self._sql is not None:
+                return self._sql
+            sql = self._pg.sql
+            name = self._table[-1]
+            ids = {
+                "t": sql.Identifier(*self._table),
+                "expires_idx": sql.Identifier(name + "_expires_idx"),
+                "idle_idx": sql.Identifier(name + "_idle_idx"),
+            }
+            rendered = {k: sql.SQL(v).format(t=ids["t"]).as_string(conn) for k, v in _SQL.items()
+                        if k != "schema"}
+            rendered["regclass"] = ids["t"].as_string(conn)
+            with conn.cursor() as cur:
+                cur.execute("BEGIN")
+                try:
+                    # CREATE TABLE IF NOT EXISTS is not safe against a concurrent
+                    # CREATE (duplicate pg_type row); the advisory lock serialises
+                    # processes initialising the same table.
+                    cur.execute("SELECT pg_advisory_xact_lock(hashtext(%s))",
+                                ("tiered_state:" + self.table,))
+                    cur.execute(sql.SQL(_SQL["schema"]).format(**ids))
+                    cur.execute("COMMIT")
+                except BaseException:
+                    if not conn.closed:
+                        cur.execute("ROLLBACK")
+                    raise
+            self._sql = rendered
+            return rendered
+
+    @contextlib.contextmanager
+    def _session(
+        self, operation: str, *, transaction: bool = False
+    ) -> Iterator[tuple[Cursor, dict[str, str]]]:
+        """A pooled connection's cursor and the SQL; the one place driver errors
+        are translated. ``transaction``: BEGIN ... COMMIT around the block,
+        ROLLBACK on any error so nothing is half-written."""
+        pg = self._pg
+        conn: Connection | None = None
+        try:
+            conn = self._pool.get()
+            sql = self._sql if self._sql is not None else self._prepare(conn)
+            with conn.cursor() as cur:
+                if transaction:
+                    cur.execute("BEGIN")
+                yield cur, sql
+                if transaction:
+                    cur.execute("COMMIT")
+        except pg.Error as exc:
+            self._release(conn, failed=True)
+            conn = None
+            self._raise(exc, operation)
+        except BaseException:
+            self._release(conn, failed=True)
+            conn = None
+            raise
+        finally:
+            if conn is not None:
+                self._pool.put(conn)
+
+    def _release(self, conn: Connection | None, *, failed: bool) -> None:
+        if conn is None:
+            return
+        pg = self._pg
+        idle = pg.extensions.TRANSACTION_STATUS_IDLE
+        if not conn.closed and conn.info.transaction_status != idle:
+            try:
+                with conn.cursor() as cur:
+                    cur.execute("ROLLBACK")
+            except pg.Error:
+                pass
+        if not conn.closed and conn.info.transaction_status == idle:
+            self._pool.put(conn)
+        else:  # closed, broken, or stuck in a transaction: never reuse it
+            self._pool.discard(conn)
+
+    def _raise(self, exc: Exception, operation: str) -> NoReturn:
+        pg = self._pg
+        code = getattr(exc, "pgcode", None)
+        if code == "42P01":  # the table was dropped behind our back: recreate next time
+            self._sql = None
+        cls: type[BackendError]
+        if isinstance(exc, pg.extensions.TransactionRollbackError):
+            cls = BackendError  # deadlock / serialization failure: a conflict, not an outage
+        elif isinstance(exc, (pg.OperationalError, pg.InterfaceError)):
+            cls = BackendUnavailableError
+        else:
+            cls = BackendError
+        # Only the primary line: DETAIL / CONTEXT lines may quote stored values.
+        first = (str(exc).strip().splitlines() or [""])[0]
+        detail = f" [{code}]" if code else ""
+        log.debug("postgres: %s failed: %s%s", operation, type(exc).__name__, detail)
+        raise cls(
+            f"{operation} on {self.table} failed: {type(exc).__name__}{detail}: {redact(first)}",
+            self.backend,
+        ) from exc
+
+    # ------------------------------------------------------------ reads
+    def fetch_record(self, key: str) -> Entry | None:
+        validate_key(key)
+        with self._session("fetch") as (cur, sql):
+            cur.execute(sql["select"], (key,))
+            row = cur.fetchone()
+        return None if row is None else _entry(row)
+
+    def fetch(self, key: str) -> Any | None:
+        validate_key(key)
+        with self._session("fetch") as (cur, sql):
+            cur.execute(sql["select"], (key,))
+            row = cur.fetchone()
+        if row is None:
+            return None
+        expires = row[8]
+        if expires is not None and expires <= time.time():
+            return None
+        data, payload = row[1], row[2]
+        # Decode once: the canonical text for the checksum comes from the value.
+        value = codec.decode(data if payload is None else payload)
+        text = codec.encode(value) if payload is None else payload
+        if checksum(text) != row[3]:
+            raise IntegrityError(f"postgres: checksum mismatch for {key!r}", key)
+        return value
+
+    def fetch_many(self, keys: Iterable[str]) -> dict[str, Entry]:
+        keys = [validate_key(k) for k in keys]
+        out: dict[str, Entry] = {}
+        if not keys:
+            return out
+        with self._session("fetch_many") as (cur, sql):
+            for chunk in chunked(keys, _CHUNK):
+                cur.execute(sql["select_many"], (chunk,))
+                for row in cur.fetchall():
+                    out[row[0]] = _entry(row)
+        return out
+
+    def keys(self, pattern: str = "*") -> list[str]:
+        validate_pattern(pattern)
+        now = time.time()
+        with self._session("keys") as (cur, sql):
+            if is_literal(pattern):
+                cur.execute(sql["key"], (literal_prefix(pattern), now))
+            else:
+                cur.execute(sql["keys"], (to_like(pattern), now))
+            found = [row[0] for row in cur.fetchall()]
+        if has_class(pattern):
+            found = [k for k in found if matches(pattern, k)]
+        return found
+
+    def iter_keys(self, pattern: str = "*") -> Iterator[str]:
+        validate_pattern(pattern)
+        if is_literal(pattern):
+            return iter(self.keys(pattern))
+        return self._iter_keys(pattern)
+
+    def _iter_keys(self, pattern: str, page: int = _CHUNK) -> Iterator[str]:
+        like = to_like(pattern)
+        check = has_class(pattern)
+        after = ""
+        while True:
+            # A keyset page per round trip: no connection or cursor is held
+            # between pages, so callers may write while iterating.
+            with self._session("keys") as (cur, sql):
+                cur.execute(sql["keys_page"], (after, like, time.time(), page))
+                found = [row[0] for row in cur.fetchall()]
+            for key in found:
+                if not check or matches(pattern, key):
+                    yield key
+            if len(found) < page:
+                return
+            after = found[-1]
+
+    def _all_keys(self) -> Iterator[str]:
+        after = ""
+        while True:
+            with self._session("keys") as (cur, sql):
+                cur.execute(sql["all_keys_page"], (after, _CHUNK))
+                found = [row[0] for row in cur.fetchall()]
+            yield from found
+            if len(found) < _CHUNK:
+                return
+            after = found[-1]
+
+    def scan(
+        self, batch_size: int = 500, *, now: float | None = None, idle_before: float | None = None
+    ) -> Iterator[list[Entry]]:
+        now = time.time() if now is None else now
+        batch_size = max(1, int(batch_size))
+        # Two keyset walks, each along its own index: expired rows, then live
+        # idle rows (so no row is reported twice).
+        yield from self._scan("scan_expired", (now,), batch_size)
+        if idle_before is not None:
+            yield from self._scan("scan_idle", (idle_before, now), batch_size)
+
+    def _scan(
+        self, query: str, bounds: tuple[float, ...], batch_size: int
+    ) -> Iterator[list[Entry]]:
+        position: tuple[Any, str] = _SCAN_START
+        while True:
+            with self._session("scan") as (cur, sql):
+                cur.execute(sql[query], (*bounds, *position, batch_size))
+                rows = cur.fetchall()
+            if rows:
+                yield [_entry(row) for row in rows]
+            if len(rows) < batch_size:
+                return
+            position = (rows[-1][10], rows[-1][0])
+
+    def stats(self) -> dict[str, Any]:
+        with self._session("stats") as (cur, sql):
+            cur.execute(sql["stats"], (time.time(), sql["regclass"]))
+            live, total, payload_bytes, table_bytes = cur.fetchone()  # type: ignore[misc]
+        return {
+            "backend": self.backend,
+            "tier": str(self.tier) if self.tier else None,
+            "key_count": live,
+            "expired_count": total - live,
+            "payload_bytes": int(payload_bytes),
+            "table_bytes": table_bytes,
+            "table": self.table,
+            "pool_size": self._pool.size,
+        }
+
+    def ping(self) -> float:
+        start = time.perf_counter()
+        with self._session("ping") as (cur, _):
+            cur.execute("SELECT 1")
+            cur.fetchone()
+        return (time.perf_counter() - start) * 1000.0
+
+    # ------------------------------------------------------------ writes
+    def store(self, key: str, value: str, metadata: Metadata) -> bool:
+        validate_key(key)
+        params = _params(key, value, metadata)
+        with self._session("store") as (cur, sql):
+            cur.execute(sql["store"], params)
+        return True
+
+    def store_many(self, items: Items) -> set[str]:
+        keys = [validate_key(k) for k in items]
+        if not keys:
+            return set()
+        keys.sort()  # rows locked in key order: concurrent batches cannot deadlock
+        rows = [_params(k, *items[k]) for k in keys]
+        if len(rows) < _COPY_MIN:
+            self._store_values(rows)
+        else:
+            self._store_copy(rows)
+        log.debug("postgres: stored %d keys in %s", len(rows), self.table)
+        return set(keys)
+
+    def _store_values(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        extras = self._pg.extras
+        with self._session("store_many", transaction=len(rows) > _CHUNK) as (cur, sql):
+            extras.execute_values(cur, sql["store_values"], rows, template=_ROW, page_size=_CHUNK)
+
+    def _store_copy(self, rows: Sequence[tuple[Any, ...]]) -> None:
+        with self._session("store_many", transaction=True) as (cur, sql):
+            conn = cur.connection
+            if conn not in self._staged:
+                cur.execute(_TEMP_TABLE)
+                self._staged.add(conn)
+            for chunk in chunked(rows, 5 * _CHUNK):
+                buf = io.StringIO()
+                write = buf.write
+                for row in chunk:
+                    write("\t".join(map(_copy_field, row)))
+                    write("\n")
+                buf.seek(0)
+                cur.copy_expert("COPY tiered_state_load FROM STDIN", buf)
+            # One upsert from the staging table, committed with the COPYs.
+            cur.execute(sql["store_copied"])
+
+    def store_if_version(self, key: str, value: str, metadata: Metadata, expected: int) -> bool:
+        validate_key(key)
+        params = _params(key, value, metadata)
+        now = time.time()
+        with self._session("store_if_version") as (cur, sql):
+            if expected == 0:
+                # Absent, or only an expired tombstone: insert / replace it.
+                cur.execute(sql["store_if_absent"], (*params, now))
+            else:
+                cur.execute(sql["store_if_version"], (*params[1:], key, expected, now))
+            return bool(cur.rowcount == 1)
+
+    def store_if_newer(self, key: str, value: str, metadata: Metadata) -> bool:
+        validate_key(key)
+        params = _params(key, value, metadata)
+        with self._session("store_if_newer") as (cur, sql):
+            cur.execute(sql["store_if_newer"], params)
+            return bool(cur.rowcount == 1)
+
+    def delete(self, key: str) -> bool:
+        validate_key(key)
+        with self._session("delete") as (cur, sql):
+            cur.execute(sql["delete"], (key,))
+            return bool(cur.rowcount > 0)
+
+    def delete_if_version(self, key: str, version: int) -> bool:
+        validate_key(key)
+        with self._session("delete_if_version") as (cur, sql):
+            cur.execute(sql["delete_if_version"], (key, version))
+            return bool(cur.rowcount > 0)
+
+    def delete_many(self, keys: Iterable[str]) -> int:
+        keys = sorted({validate_key(k) for k in keys})
+        if not keys:
+            return 0
+        total = 0
+        with self._session("delete_many", transaction=len(keys) > _CHUNK) as (cur, sql):
+            for chunk in chunked(keys, _CHUNK):
+                cur.execute(sql["delete_many"], (chunk,))
+                total += cur.rowcount
+        return total
+
+    def delete_many_if_version(self, versions: Mapping[str, int]) -> set[str]:
+        keys = sorted(validate_key(k) for k in versions)
+        deleted: set[str] = set()
+        if not keys:
+            return deleted
+        with self._session("delete_many_if_version", transaction=len(keys) > _CHUNK) as (cur, sql):
+            for chunk in chunked(keys, _CHUNK):
+                cur.execute(sql["delete_many_if_version"], (chunk, [versions[k] for k in chunk]))
+                deleted.update(row[0] for row in cur.fetchall())
+        return deleted
+
+    def touch_many(self, keys: Iterable[str], at: float) -> None:
+        keys = sorted({validate_key(k) for k in keys})
+        if not keys:
+            return
+        with self._session("touch_many", transaction=len(keys) > _CHUNK) as (cur, sql):
+            for chunk in chunked(keys, _CHUNK):
+                cur.execute(sql["touch_many"], (at, chunk))
+
+    def clear(self) -> int:
+        with self._session("clear") as (cur, sql):
+            cur.execute(sql["clear"])
+            return int(cur.rowcount)
+
+    def close(self) -> None:
+        self._pool.close()
