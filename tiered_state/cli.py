@@ -1,0 +1,889 @@
+"""The ``tiered-state`` command: inspect, operate and demo a store.
+
+Global options (before the command) name the store exactly as
+:func:`tiered_state.open` does: ``--hot/--warm/--cold`` URLs (or ``none``)
+and ``--path`` for the embedded tiers, each falling back to its
+``TIERED_STATE_*`` environment variable. Results go to stdout; progress,
+warnings and errors go to stderr, one line each.
+
+Exit status: 0 success, 1 an absent key or an operational failure (a server
+unreachable, a version conflict, a record that failed its checksum), 2 a usage
+or configuration error (bad option, bad JSON, bad URL, missing driver), 130
+interrupted. No traceback unless ``--debug``. Every line printed passes
+through :func:`tiered_state.config.redact`, so a password in a URL never
+reaches the terminal.
+
+``export`` / ``import`` work on the repositories directly (not through
+``get``/``set``) so that records keep their version, timestamps and TTL, and
+so that memory stays flat however many records there are: keys are streamed
+from each tier in chunks of :data:`CHUNK`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterator, Sequence
+from importlib.util import find_spec
+from pathlib import Path
+from typing import IO, Any
+
+from . import __version__, codec
+from . import open as open_store
+from .config import ENV_COLD, ENV_HOT, ENV_PATH, ENV_WARM, environ, redact
+from .errors import (
+    BackendUnavailableError,
+    ConfigurationError,
+    ConflictError,
+    InvalidKeyError,
+    MissingDependencyError,
+    SerializationError,
+    TieredStateError,
+)
+from .keys import validate_key, validate_pattern
+from .manager import RESERVED_PREFIX, StateManager
+from .policy import SweepReport, TieringPolicy
+from .record import Entry, Metadata, Tier, checksum, make_metadata
+from .repositories.base import StateRepository, chunked
+
+__all__ = ["main"]
+
+log = logging.getLogger(__name__)
+
+PROG = "tiered-state"
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+#: Keys handled per round trip by keys/export/import; bounds their memory.
+CHUNK = 500
+#: Fields of an export line, in the order they are written.
+EXPORT_FIELDS = ("key", "value", "version", "checksum", "created_at", "updated_at",
+                 "expires_at", "tier")
+_ORDER = (Tier.HOT, Tier.WARM, Tier.COLD)
+_ENV = {Tier.HOT: ENV_HOT, Tier.WARM: ENV_WARM, Tier.COLD: ENV_COLD}
+_DRIVERS = (("redis", "redis"), ("psycopg2", "postgres"), ("boto3", "s3"), ("statsd", "statsd"))
+
+
+class CommandError(Exception):
+    """A failure the command reports as one line, with its exit status."""
+
+    def __init__(self, message: str, code: int = EXIT_FAILED) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+# ---------------------------------------------------------------- output
+def _line(text: str) -> str:
+    """One redacted line: a message never spans lines nor shows a password."""
+    return redact(" ".join(str(text).split()))
+
+
+def emit(text: str, stream: IO[str] | None = None) -> None:
+    """Print a redacted line to stdout (or ``stream``)."""
+    print(redact(text), file=stream or sys.stdout)
+
+
+class _RedactingFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        return _line(super().format(record))
+
+
+def _setup_logging(debug: bool, quiet: bool) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    if debug:
+        handler.setFormatter(_RedactingFormatter(f"{PROG}: %(levelname)s %(name)s: %(message)s"))
+    else:
+        handler.setFormatter(_RedactingFormatter(f"{PROG}: %(levelname)s: %(message)s"))
+    root = logging.getLogger("tiered_state")
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG if debug else logging.ERROR if quiet else logging.WARNING)
+
+
+class Progress:
+    """A single updating line on stderr: count, rate and (when the size is known) ETA.
+
+    Silent unless stderr is a terminal and ``--quiet`` is off, so logs and
+    pipes never fill with carriage returns.
+    """
+
+    INTERVAL = 0.1
+
+    def __init__(self, label: str, *, enabled: bool, stream: IO[str] | None = None) -> None:
+        self.stream = stream or sys.stderr
+        self.enabled = enabled and self.stream.isatty()
+        self.label = label
+        self.started = time.monotonic()
+        self._shown = 0.0
+        self._drawn = False
+
+    def update(self, count: int, *, fraction: float | None = None, detail: str = "",
+               force: bool = False) -> None:
+        """Redraw with ``count`` done; ``fraction`` (0..1) of the job done gives the ETA."""
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if not force and now - self._shown < self.INTERVAL:
+            return
+        self._shown = now
+        elapsed = max(now - self.started, 1e-9)
+        parts = [f"{self.label}: {count:,}", f"{count / elapsed:,.0f}/s"]
+        if fraction is not None and 0 < fraction < 1:
+            parts.append(f"ETA {_duration(elapsed * (1 - fraction) / fraction)}")
+        if detail:
+            parts.append(detail)
+        self.stream.write("\r" + " | ".join(parts) + "\x1b[K")
+        self.stream.flush()
+        self._drawn = True
+
+    def close(self) -> None:
+        """Erase the line, leaving the terminal as it was."""
+        if self._drawn:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self._drawn = False
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds + 0.5)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False)
+
+
+# ---------------------------------------------------------------- the store
+def _tier_url(args: argparse.Namespace, tier: Tier) -> str | None:
+    """The URL ``tiered_state.open`` will use for ``tier`` (None: switched off)."""
+    given = getattr(args, tier.value)
+    value = given if given is not None else environ(_ENV[tier])
+    if value is None:
+        root = Path(args.path if args.path is not None else environ(ENV_PATH, ".tiered_state")
+                    or ".tiered_state").resolve()
+        return {
+            Tier.HOT: "memory://",
+            Tier.WARM: f"sqlite:///{root / 'warm.db'}",
+            Tier.COLD: (root / "cold").as_uri(),
+        }[tier]
+    if value.strip().lower() in ("none", "off", ""):
+        return None
+    return value
+
+
+def _open(args: argparse.Namespace, policy: TieringPolicy | None = None) -> StateManager:
+    return open_store(args.path, hot=args.hot, warm=args.warm, cold=args.cold, policy=policy)
+
+
+def _sources(state: StateManager) -> list[tuple[Tier, StateRepository]]:
+    """The tiers holding every key's newest copy: the durable ones (or all, if none is).
+
+    A volatile tier only ever holds copies of what a durable tier below it
+    holds (writes go durable first), so listing it would add nothing but
+    round trips -- and a dead Redis would fail an export it cannot affect.
+    """
+    tiers = [(t, r) for t, r in state.repositories.items()]
+    tiers.sort(key=lambda item: _ORDER.index(item[0]))
+    durable = [(t, r) for t, r in tiers if not r.volatile]
+    return durable or tiers
+
+
+def _walk(state: StateManager, pattern: str) -> Iterator[tuple[Tier, list[str]]]:
+    """Every live key matching ``pattern``, each once, as (tier, chunk of keys).
+
+    A key is reported with the highest tier that lists it; in lower tiers it
+    is skipped when an upper tier holds any copy of it, live or an expired
+    tombstone (which hides the older copies below it). Memory: one chunk.
+    """
+    validate_pattern(pattern)
+    sources = _sources(state)
+    for index, (tier, repo) in enumerate(sources):
+        upper = [r for _, r in sources[:index]]
+        listed = (k for k in repo.iter_keys(pattern) if not k.startswith(RESERVED_PREFIX))
+        for chunk in chunked(listed, CHUNK):
+            for other in upper:
+                if not chunk:
+                    break
+                found = other.fetch_many(chunk)
+                # A volatile upper tier is skipped by _sources, so any copy
+                # found here is durable: shown already, or a tombstone.
+                chunk = [k for k in chunk if k not in found]
+            if chunk:
+                yield tier, chunk
+
+
+def _best(state: StateManager, tier: Tier, entry: Entry) -> tuple[Tier, Entry] | None:
+    """A valid copy standing in for a corrupt ``entry``: same or newer version, lower tier."""
+    sources = _sources(state)
+    below = False
+    for t, repo in sources:
+        if t is tier:
+            below = True
+            continue
+        if below:
+            other = repo.fetch_record(entry.key)
+            if other is None or other.version < entry.version:
+                return None
+            if other.valid() and not other.expired():
+                return t, other
+    return None
+
+
+def _estimate(state: StateManager, pattern: str) -> int | None:
+    """How many records an export of ``pattern`` will see, when cheap to know."""
+    if pattern != "*":
+        return None
+    total = 0
+    for _, repo in _sources(state):
+        if repo.backend not in ("memory", "sqlite", "postgres"):
+            return None  # counting would list every object (files, S3): not worth it
+        total += int(repo.stats().get("key_count", 0))
+    return total
+
+
+# ---------------------------------------------------------------- commands
+def cmd_get(args: argparse.Namespace) -> int:
+    with _open(args) as state:
+        value = state.get(args.key, _ABSENT)
+    if value is _ABSENT:
+        raise CommandError(f"key {args.key!r} not found")
+    emit(codec.encode(value))
+    return EXIT_OK
+
+
+_ABSENT: Any = object()
+
+
+def _parse_json(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise CommandError(f"invalid JSON value: {exc} (quote strings: '\"text\"')",
+                           EXIT_USAGE) from None
+
+
+def cmd_set(args: argparse.Namespace) -> int:
+    value = _parse_json(args.value)
+    with _open(args) as state:
+        version = state.set(args.key, value, tier=args.tier, ttl=args.ttl,
+                            if_version=args.if_version)
+    emit(str(version))
+    return EXIT_OK
+
+
+def cmd_delete(args: argparse.Namespace) -> int:
+    with _open(args) as state:
+        deleted = state.delete_many(args.keys)
+    emit(str(deleted))
+    return EXIT_OK
+
+
+def cmd_keys(args: argparse.Namespace) -> int:
+    out = sys.stdout
+    with _open(args) as state:
+        for _, chunk in _walk(state, args.pattern):
+            out.write("".join(k + "\n" for k in chunk))
+    return EXIT_OK
+
+
+def cmd_stats(args: argparse.Namespace) -> int:
+    with _open(args) as state:
+        stats = state.stats()
+    if args.json:
+        emit(json.dumps(stats, indent=2, sort_keys=True, default=str, ensure_ascii=False))
+        return EXIT_OK
+    blocks = []
+    for tier, data in stats["tiers"].items():
+        rows = [(k, v) for k, v in data.items() if k not in ("backend", "tier") and v is not None]
+        width = max((len(k) for k, _ in rows), default=0)
+        lines = [f"{tier} ({data.get('backend', '?')})"]
+        lines += [f"  {k.ljust(width)}  {_cell(v)}" for k, v in rows]
+        blocks.append("\n".join(lines))
+    down = stats["manager"].get("down")
+    if down:
+        blocks.append("unreachable: " + ", ".join(down))
+    emit("\n\n".join(blocks))
+    return EXIT_OK
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return str(value) if not isinstance(value, (dict, list)) else _json(value)
+    if isinstance(value, float):
+        return f"{value:,.3f}"
+    return f"{value:,}"
+
+
+def _policy(args: argparse.Namespace) -> TieringPolicy:
+    return TieringPolicy(cold_after=args.cold_after)
+
+
+def _seconds_or_none(text: str) -> float | None:
+    if text.strip().lower() in ("none", "never"):
+        return None
+    return _positive(text)
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    progress = Progress("sweep", enabled=not args.quiet)
+
+    def show(report: SweepReport) -> None:
+        progress.update(report.scanned, detail=f"moved {report.moved:,} purged {report.purged:,}")
+
+    with _open(args, _policy(args)) as state:
+        try:
+            if args.dry_run:
+                report = _dry_run(state, show)
+            else:
+                report = state.sweep(progress=show)
+        finally:
+            progress.close()
+    verb = "would move" if args.dry_run else "moved"
+    emit(f"{'dry run: ' if args.dry_run else ''}scanned {report.scanned:,}, {verb} "
+         f"{report.moved:,} to cold, {'would purge' if args.dry_run else 'purged'} "
+         f"{report.purged:,} expired, skipped {report.skipped:,}, failed {report.failed:,} "
+         f"in {report.seconds:.2f}s")
+    for key, error in list(report.errors.items())[:10]:
+        log.error("%r: %s", key, error)
+    return EXIT_FAILED if report.failed else EXIT_OK
+
+
+def _dry_run(state: StateManager, progress: Callable[[SweepReport], None]) -> SweepReport:
+    """What :meth:`StateManager.sweep` would do, without changing anything."""
+    started = time.monotonic()
+    report = SweepReport()
+    now = time.time()
+    repos = state.repositories
+    cold_after = state.policy.cold_after
+    cold = repos.get(Tier.COLD)
+    for tier, repo in _sources(state):
+        if repo.volatile:
+            continue
+        idle_before = None
+        if tier is Tier.WARM and cold is not None and cold_after is not None:
+            idle_before = now - cold_after
+        for batch in repo.scan(state.policy.batch_size, now=now, idle_before=idle_before):
+            report.scanned += len(batch)
+            expired = sum(1 for e in batch if e.expired(now))
+            report.purged += expired
+            if cold is not None and idle_before is not None:
+                report.moved += len(batch) - expired
+            progress(report)
+    report.seconds = time.monotonic() - started
+    return report
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    with _open(args) as state:
+        if state.promote(args.key, to=args.to):
+            emit(f"promoted {args.key!r} to {args.to}")
+            return EXIT_OK
+        if state.get_record(args.key) is None:
+            raise CommandError(f"key {args.key!r} not found")
+    raise CommandError(f"{args.key!r} was not copied to {args.to}: it changed meanwhile "
+                       "or the tier is unreachable")
+
+
+def cmd_demote(args: argparse.Namespace) -> int:
+    with _open(args) as state:
+        if not state.demote(args.key, to=args.to):
+            raise CommandError(f"key {args.key!r} not found")
+    emit(f"moved {args.key!r} to {args.to}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- doctor
+def _hint(tier: Tier, exc: BaseException) -> str:
+    """How to fix what ``exc`` says is wrong with ``tier``."""
+    option = f"--{tier.value} / {_ENV[tier]}"
+    text = str(exc).lower()
+    if isinstance(exc, MissingDependencyError):
+        return f"install the driver: pip install 'tiered-state[{exc.extra}]'"
+    if isinstance(exc, ImportError):
+        return "this install lacks the backend module: reinstall tiered-state"
+    if isinstance(exc, ConfigurationError):
+        return f"fix the URL ({option}); `none` switches the tier off"
+    if isinstance(exc, BackendUnavailableError):
+        return f"start the server or fix host/port in the URL ({option})"
+    if "bucket" in text:
+        return "create the bucket (aws s3 mb s3://BUCKET) or add ?create_bucket=true to the URL"
+    if any(w in text for w in ("relation", "table", "schema")):
+        return "the table is missing and could not be created: GRANT CREATE on the schema"
+    if any(w in text for w in ("password", "authentication", "denied", "permission",
+                               "forbidden", "credentials", "noauth")):
+        return f"check the credentials and permissions in the URL ({option})"
+    return "see the message; --debug shows the full error"
+
+
+def _diagnose(args: argparse.Namespace, tier: Tier) -> tuple[str, str, str, str, str]:
+    """(status, connect time, latency, error, hint) for one tier, opened on its own."""
+    urls: dict[str, str | None] = {t.value: "none" for t in _ORDER}
+    urls[tier.value] = getattr(args, tier.value)
+    try:
+        with open_store(args.path, hot=urls["hot"], warm=urls["warm"], cold=urls["cold"]) as state:
+            repo = state.repositories[tier]
+            first = repo.ping()  # includes connecting
+            times = sorted(repo.ping() for _ in range(3))
+            # A read exercises what a ping may not: the table, the bucket, the grants.
+            repo.fetch_record(RESERVED_PREFIX + "doctor")
+        return "ok", f"{first:.2f} ms", f"{times[1]:.2f} ms", "", ""
+    except Exception as exc:
+        log.debug("doctor: %s tier failed", tier.value, exc_info=True)
+        status = "unreachable" if isinstance(exc, BackendUnavailableError) else "error"
+        if isinstance(exc, MissingDependencyError):
+            status = "missing driver"
+        return status, "-", "-", _line(f"{type(exc).__name__}: {exc}"), _hint(tier, exc)
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    emit(f"tiered-state {__version__}, Python {sys.version.split()[0]}")
+    drivers = [f"{extra}={'yes' if find_spec(module) else 'no'}" for module, extra in _DRIVERS]
+    emit("drivers: " + " ".join(drivers))
+    rows = [("tier", "status", "connect", "latency", "url")]
+    problems: list[tuple[int, str, str]] = []
+    for tier in _ORDER:
+        url = _tier_url(args, tier)
+        if url is None:
+            rows.append((tier.value, "off", "-", "-", "-"))
+            continue
+        status, connect, latency, error, hint = _diagnose(args, tier)
+        rows.append((tier.value, status, connect, latency, url))
+        if error:
+            problems.append((len(rows) - 1, error, hint))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for index, row in enumerate(rows):
+        emit("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[4])
+        for at, error, hint in problems:
+            if at == index:
+                emit(f"      {error}")
+                emit(f"      fix: {hint}")
+    if problems:
+        emit(f"{len(problems)} configured tier(s) not usable", sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- export / import
+def _export_line(entry: Entry, tier: Tier) -> str:
+    md = entry.metadata
+    # The payload is already canonical JSON text: embedding it saves a
+    # decode/encode per record and keeps it byte-identical, so its checksum holds.
+    return (
+        f'{{"key":{_json(entry.key)},"value":{entry.payload},"version":{md["version"]},'
+        f'"checksum":"{md["checksum"]}","created_at":{_json(md["created_at"])},'
+        f'"updated_at":{_json(md["updated_at"])},"expires_at":{_json(md["expires_at"])},'
+        f'"tier":"{tier.value}"}}\n'
+    )
+
+
+def export_records(state: StateManager, out: IO[str], pattern: str = "*",
+                   progress: Progress | None = None) -> tuple[int, list[str]]:
+    """Write every live record matching ``pattern`` to ``out`` as JSON Lines.
+
+    :returns: (records written, keys not written because no copy passed its checksum).
+    """
+    written = 0
+    corrupt: list[str] = []
+    total = _estimate(state, pattern) if progress is not None and progress.enabled else None
+    repos = state.repositories
+    for tier, chunk in _walk(state, pattern):
+        now = time.time()
+        lines = []
+        for key, entry in repos[tier].fetch_many(chunk).items():
+            if entry.expired(now):
+                continue
+            source = (tier, entry) if entry.valid() else _best(state, tier, entry)
+            if source is None:
+                corrupt.append(key)
+                log.error("%r: no copy passes its checksum; not exported", key)
+                continue
+            lines.append(_export_line(source[1], source[0]))
+        out.write("".join(lines))
+        written += len(lines)
+        if progress is not None:
+            progress.update(written, fraction=written / total if total else None)
+    return written, corrupt
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    validate_pattern(args.pattern)
+    to_stdout = args.file == "-"
+    progress = Progress("export", enabled=not args.quiet)
+    with _open(args) as state:
+        if to_stdout:
+            try:
+                count, corrupt = export_records(state, sys.stdout, args.pattern, progress)
+                sys.stdout.flush()
+            finally:
+                progress.close()
+        else:
+            target = Path(args.file)
+            # Written aside and renamed at the end: a failed export never
+            # leaves a truncated file that looks like a complete backup.
+            fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".partial",
+                                       dir=target.parent if str(target.parent) else ".")
+            try:
+                with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as out:
+                    count, corrupt = export_records(state, out, args.pattern, progress)
+                    out.flush()
+                    os.fsync(out.fileno())
+                os.replace(tmp, target)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp)
+                raise
+            finally:
+                progress.close()
+    summary = f"exported {count:,} records" + ("" if to_stdout else f" to {args.file}")
+    if corrupt:
+        summary += f"; {len(corrupt):,} failed their checksum and were left out"
+    if not to_stdout:
+        emit(summary)
+    elif not args.quiet or corrupt:
+        print(_line(f"{PROG}: {summary}"), file=sys.stderr)
+    return EXIT_FAILED if corrupt else EXIT_OK
+
+
+class ImportCounts:
+    """What an import did, by outcome."""
+
+    def __init__(self) -> None:
+        self.imported = 0
+        self.newer = 0  # a copy at least as new was already there
+        self.expired = 0
+        self.invalid = 0
+
+    def summary(self) -> str:
+        return (f"imported {self.imported:,} records, kept {self.newer:,} newer copies, "
+                f"skipped {self.expired:,} expired, {self.invalid:,} invalid lines")
+
+
+def _parse_record(line: str) -> tuple[Tier, Entry]:
+    """An export line as (its tier, an Entry whose payload matches its checksum).
+
+    :raises ValueError: the line is not a valid export record.
+    """
+    data = json.loads(line)
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    missing = [f for f in EXPORT_FIELDS[:-1] if f not in data]
+    if missing:
+        raise ValueError(f"missing {', '.join(missing)}")
+    key = validate_key(data["key"])
+    if key.startswith(RESERVED_PREFIX):
+        raise ValueError("reserved key")
+    version = data["version"]
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
+        raise ValueError("version must be a positive integer")
+    created, updated, expires = (_timestamp(data, f) for f in ("created_at", "updated_at",
+                                                               "expires_at"))
+    if created is None or updated is None:
+        raise ValueError("created_at and updated_at are required")
+    payload = codec.encode(data["value"])
+    if checksum(payload) != data["checksum"]:
+        raise ValueError("checksum mismatch: the value was altered")
+    metadata: Metadata = make_metadata(payload, version, now=updated, created_at=created)
+    metadata["expires_at"] = expires
+    return Tier.parse(data.get("tier") or "warm"), Entry(key, payload, metadata)
+
+
+def _timestamp(data: dict[str, Any], name: str) -> float | None:
+    value = data[name]
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{name} must be a number of epoch seconds")
+    return float(value)
+
+
+def _import_target(state: StateManager, tier: Tier) -> tuple[Tier, StateRepository]:
+    """Where a record exported from ``tier`` goes: the first durable tier at or
+    below it, else the nearest above, else the first configured tier."""
+    repos = state.repositories
+    at = _ORDER.index(tier)
+    order = list(_ORDER[at:]) + list(reversed(_ORDER[:at]))
+    configured = [(t, repos[t]) for t in order if t in repos]
+    for t, repo in configured:
+        if not repo.volatile:
+            return t, repo
+    return configured[0]
+
+
+def import_records(state: StateManager, lines: Iterator[tuple[int, str]], counts: ImportCounts,
+                   after_chunk: Callable[[], None] | None = None) -> None:
+    """Store the records of numbered export lines, keeping versions and TTLs.
+
+    Each record goes in with ``store_if_newer`` (a newer copy already in the
+    store wins), then older copies in the tiers above are removed so they
+    cannot shadow it -- the order ``set`` uses.
+    """
+    repos = state.repositories
+    for chunk in chunked(lines, CHUNK):
+        now = time.time()
+        stored: dict[Tier, dict[str, int]] = {}
+        for number, line in chunk:
+            if not line.strip():
+                continue
+            try:
+                tier, entry = _parse_record(line)
+            except (ValueError, TieredStateError) as exc:
+                counts.invalid += 1
+                if counts.invalid <= 10:
+                    log.error("line %d: %s", number, _line(str(exc)))
+                continue
+            if entry.expired(now):
+                counts.expired += 1
+                continue
+            target, repo = _import_target(state, tier)
+            if repo.store_if_newer(entry.key, entry.payload, entry.metadata):
+                counts.imported += 1
+                stored.setdefault(target, {})[entry.key] = entry.version
+            else:
+                counts.newer += 1
+        for target, versions in stored.items():
+            for tier in _ORDER[: _ORDER.index(target)]:
+                upper = repos.get(tier)
+                if upper is None:
+                    continue
+                stale = {k: e.version for k, e in upper.fetch_many(list(versions)).items()
+                         if e.version < versions[k]}
+                if stale:
+                    upper.delete_many_if_version(stale)
+        if after_chunk is not None:
+            after_chunk()
+
+
+def cmd_import(args: argparse.Namespace) -> int:
+    counts = ImportCounts()
+    progress = Progress("import", enabled=not args.quiet)
+    source: IO[str]
+    if args.file == "-":
+        source, size = sys.stdin, None
+    else:
+        try:
+            source = Path(args.file).open(encoding="utf-8")
+        except OSError as exc:
+            raise CommandError(f"cannot read {args.file}: {exc.strerror}", EXIT_USAGE) from None
+        size = os.fstat(source.fileno()).st_size or None
+    read = 0
+
+    def numbered() -> Iterator[tuple[int, str]]:
+        nonlocal read
+        for number, line in enumerate(source, 1):
+            read += len(line)
+            yield number, line
+
+    def show() -> None:
+        done = counts.imported + counts.newer + counts.expired + counts.invalid
+        progress.update(done, fraction=read / size if size else None)
+
+    try:
+        with _open(args) as state:
+            import_records(state, numbered(), counts, show)
+    finally:
+        progress.close()
+        if source is not sys.stdin:
+            source.close()
+    emit(counts.summary())
+    return EXIT_FAILED if counts.invalid else EXIT_OK
+
+
+# ---------------------------------------------------------------- demo
+def cmd_demo(args: argparse.Namespace) -> int:
+    """A tour on a temporary embedded store; the user's configuration is not touched."""
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="tiered-state-demo-") as tmp:
+        root = Path(tmp)
+        # A throwaway store: skipping fsync keeps the tour quick on slow disks.
+        warm = f"sqlite:///{root / 'warm.db'}"
+        cold = (root / "cold").as_uri() + "?fsync=false"
+        # cold_after=1s, so the sweep at the end has idle records to move.
+        policy = TieringPolicy(cold_after=1.0)
+        say = emit
+        say(f"A tour of tiered-state on a temporary store in {tmp}")
+        with open_store(root, hot="memory://", warm=warm, cold=cold, policy=policy) as state:
+            say("  tiers: " + ", ".join(f"{t.value}={r.backend}" for t, r in
+                                        sorted(state.repositories.items(),
+                                               key=lambda i: _ORDER.index(i[0]))))
+            say("")
+            version = state.set("position:BTC", {"qty": 1.5, "avg": 64210.0})
+            say(f'1. set position:BTC {{"qty": 1.5, "avg": 64210.0}} -> version {version}')
+            say("   (durable in warm when set returns, with a copy in hot)")
+            record = state.get_record("position:BTC")
+            assert record is not None
+            say(f"2. get position:BTC -> {codec.encode(record.value)}  (read from {record.tier})")
+            versions = state.set_many({f"order:{n}": {"id": n, "side": "buy"} for n in range(1, 21)},
+                                      tier="warm")
+            say(f"3. set_many: {len(versions)} orders in one batch, straight to warm")
+            state.set("session:42", {"user": "ada"}, ttl=1)
+            say("4. set session:42 with ttl=1s (the record's lifetime, in every tier)")
+            try:
+                state.set("position:BTC", {"qty": 2.0}, if_version=1)
+            except ConflictError as exc:
+                say(f"5. set position:BTC if_version=1 -> refused: {exc}")
+            state.demote("order:1", to="cold")
+            found = state.get_record("order:1")
+            assert found is not None
+            say(f"6. demote order:1 to cold; get order:1 -> read from {found.tier}, "
+                "copied back up to hot")
+            time.sleep(1.1)
+            gone = state.get("session:42", "<absent>")
+            say(f"7. one second later: get session:42 -> {gone}")
+            report = state.sweep()
+            say(f"8. sweep: scanned {report.scanned}, moved {report.moved} idle records to cold, "
+                f"purged {report.purged} expired")
+            record = state.get_record("order:7")
+            assert record is not None
+            say(f"9. get order:7 -> {codec.encode(record.value)}  (read from {record.tier}: "
+                "reads stay transparent)")
+            say("")
+            say("stats:")
+            for tier, data in state.stats()["tiers"].items():
+                say(f"  {tier:<4}  {data['backend']:<10}  {data['key_count']:>3} keys")
+        say("")
+        say(f"Done in {time.monotonic() - started:.1f}s; the temporary store is removed.")
+        say("Next: tiered-state set greeting '\"hello\"' && tiered-state get greeting   "
+            "(a store in ./.tiered_state)")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- argparse
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line and exit status 2, like every other error."""
+
+    def error(self, message: str) -> Any:
+        self.exit(EXIT_USAGE, _line(f"{self.prog}: error: {message} (see {PROG} --help)") + "\n")
+
+
+def _positive(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value > 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a positive number of seconds: {text!r}")
+    return value
+
+
+def _version(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError("must be >= 0 (0: only if absent)")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog=PROG,
+        description="Inspect, operate and demo a tiered-state store (HOT/WARM/COLD).",
+        epilog="Exit status: 0 ok, 1 absent key or operational failure, 2 usage or "
+               "configuration error. Global options go before the command.",
+    )
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    for tier, example in ((Tier.HOT, "memory:// or redis://host:6379/0"),
+                          (Tier.WARM, "sqlite:///path.db or postgresql://user@host/db"),
+                          (Tier.COLD, "file:///dir or s3://bucket/prefix")):
+        parser.add_argument(f"--{tier.value}", metavar="URL",
+                            help=f"{tier.value.upper()} tier URL ({example}; 'none' switches it "
+                                 f"off); default ${_ENV[tier]} or the embedded tier")
+    parser.add_argument("--path", metavar="DIR",
+                        help=f"folder of the embedded tiers; default ${ENV_PATH} or ./.tiered_state")
+    parser.add_argument("-q", "--quiet", action="store_true",
+                        help="no progress line, warnings or summaries on stderr")
+    parser.add_argument("--debug", action="store_true",
+                        help="debug logging, and a traceback on errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, func: Callable[[argparse.Namespace], int], text: str) -> Any:
+        p = sub.add_parser(name, help=text, description=text)
+        p.set_defaults(func=func)
+        return p
+
+    p = command("get", cmd_get, "print the value of KEY as JSON (exit 1 if absent)")
+    p.add_argument("key", metavar="KEY")
+    p = command("set", cmd_set, "store a JSON value under KEY; prints the new version")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("value", metavar="JSON", help="""a JSON value, e.g. '{"qty": 1}' or '"text"'""")
+    p.add_argument("--tier", choices=[t.value for t in _ORDER], default="hot",
+                   help="tier of the copy (a volatile tier is written through; default hot)")
+    p.add_argument("--ttl", type=_positive, metavar="SECONDS", help="the record's lifetime")
+    p.add_argument("--if-version", type=_version, metavar="N",
+                   help="store only if the current version is N (0: only if absent)")
+    p = command("delete", cmd_delete, "delete KEYs from every tier; prints how many existed")
+    p.add_argument("keys", metavar="KEY", nargs="+")
+    p = command("keys", cmd_keys, "list keys matching a glob, one per line, streamed")
+    p.add_argument("pattern", metavar="PATTERN", nargs="?", default="*",
+                   help="glob: * ? [abc], \\ escapes (default *)")
+    p = command("stats", cmd_stats, "per-tier statistics")
+    p.add_argument("--json", action="store_true", help="as JSON (with the manager counters)")
+    p = command("sweep", cmd_sweep, "run the tiering policy once: move idle records to "
+                                    "cold, purge expired ones")
+    p.add_argument("--dry-run", action="store_true", help="count what it would do; change nothing")
+    p.add_argument("--cold-after", type=_seconds_or_none, default=TieringPolicy.cold_after,
+                   metavar="SECONDS", help="idle time before warm -> cold ('none': never; "
+                                           "default 7 days, as TieringPolicy)")
+    p = command("promote", cmd_promote, "copy KEY up into a tier (the lower copy stays)")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("--to", choices=["hot", "warm"], default="hot")
+    p = command("demote", cmd_demote, "move KEY down into a tier (no copy stays above)")
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("--to", choices=["warm", "cold"], default="cold")
+    command("doctor", cmd_doctor, "reach every tier: latency, what is missing, how to fix it")
+    p = command("export", cmd_export, "write records with metadata as JSON Lines (streamed)")
+    p.add_argument("file", metavar="FILE", help="output file, '-' for stdout")
+    p.add_argument("pattern", metavar="PATTERN", nargs="?", default="*")
+    p = command("import", cmd_import, "load an export, keeping versions and TTLs")
+    p.add_argument("file", metavar="FILE", help="input file, '-' for stdin")
+    command("demo", cmd_demo, "a short tour on a temporary embedded store")
+    return parser
+
+
+def _exit_code(exc: BaseException) -> int:
+    if isinstance(exc, (ConfigurationError, InvalidKeyError, SerializationError, ImportError)):
+        return EXIT_USAGE
+    return EXIT_FAILED
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, CommandError):
+        return str(exc)
+    if isinstance(exc, BackendUnavailableError):
+        return f"unreachable: {exc}"
+    if isinstance(exc, (TieredStateError, OSError)):
+        return f"{type(exc).__name__}: {exc}"
+    if isinstance(exc, ImportError):
+        return f"cannot load a backend: {exc}"
+    return f"internal error: {type(exc).__name__}: {exc} (--debug shows the traceback)"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _setup_logging(args.debug, args.quiet)
+    try:
+        code: int = args.func(args)
+        return code
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`keys | head`): not an error to report.
+        with contextlib.suppress(OSError):
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED
+    except Exception as exc:  # noqa: BLE001 - one line, never a traceback
+        if args.debug:
+            traceback.print_exc()
+        code = exc.code if isinstance(exc, CommandError) else _exit_code(exc)
+        print(_line(f"{PROG}: error: {_describe(exc)}"), file=sys.stderr)
+        return code
+
