@@ -46,3 +46,58 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  
         if not hasattr(report, "wasxfail"):
             report.outcome = "failed"
             report.longrepr = f"skipped, but CI requires every test to run: {report.longrepr}"
+
+
+@pytest.fixture(scope="session")
+def _s3_endpoint() -> Iterator[str]:
+    """Base s3:// URL: TIERED_STATE_TEST_S3_URL, else moto's server mode on a free port.
+
+    moto runs as a separate process and is spoken to over HTTP like any S3
+    server; it is never an in-process mock.
+    """
+    url = os.environ.get("TIERED_STATE_TEST_S3_URL", "").strip()
+    if url:
+        yield url
+        return
+    import subprocess
+
+    from .support import free_port, wait_for_port
+
+    for name, value in (("AWS_ACCESS_KEY_ID", "testing"), ("AWS_SECRET_ACCESS_KEY", "testing"),
+                        ("AWS_DEFAULT_REGION", "us-east-1")):
+        os.environ.setdefault(name, value)
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_for_port("127.0.0.1", port, timeout=30)
+        yield f"s3://tiered-state-test?endpoint_url=http://127.0.0.1:{port}&region=us-east-1"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+@pytest.fixture
+def s3_url(_s3_endpoint: str) -> Iterator[str]:
+    """An s3:// URL with a prefix of its own (bucket created if needed); emptied afterwards."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    from .support import unique_name
+
+    parts = urlsplit(_s3_endpoint)
+    prefix = "/".join(p for p in (parts.path.strip("/"), unique_name("t")) if p)
+    query = "&".join(q for q in (parts.query, "create_bucket=true") if q)
+    yield urlunsplit(parts._replace(path="/" + prefix, query=query))
+    from tiered_state.repositories.s3_repository import S3StateRepository
+
+    with S3StateRepository.from_url(_s3_endpoint, create_bucket=True) as repo:
+        repo._ready()  # creates the bucket if the test never touched it
+        client, bucket = repo._client, repo.bucket
+        for page in client.get_paginator("list_objects_v2").paginate(
+            Bucket=bucket, Prefix=prefix + "/"
+        ):
+            objects = [{"Key": o["Key"]} for o in page.get("Contents", ())]
+            if objects:
+                client.delete_objects(Bucket=bucket, Delete={"Objects": objects, "Quiet": True})
