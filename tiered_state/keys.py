@@ -49,13 +49,16 @@ def validate_key(key: object) -> str:
     """
     if not isinstance(key, str):
         raise InvalidKeyError(f"key must be a str, not {type(key).__name__}")
-    if not key:
-        raise InvalidKeyError("key must not be empty")
-    try:
-        size = len(key.encode("utf-8"))
-    except UnicodeEncodeError:
-        raise InvalidKeyError("key is not valid UTF-8 (lone surrogate)") from None
-    if size > MAX_KEY_BYTES:
+    if key.isascii():  # the common case: length in bytes is the length in chars
+        size = len(key)
+    else:
+        try:
+            size = len(key.encode("utf-8"))
+        except UnicodeEncodeError:
+            raise InvalidKeyError("key is not valid UTF-8 (lone surrogate)") from None
+    if size > MAX_KEY_BYTES or not size:
+        if not size:
+            raise InvalidKeyError("key must not be empty")
         raise InvalidKeyError(f"key is {size} UTF-8 bytes; the limit is {MAX_KEY_BYTES}")
     found = _CONTROL.search(key)
     if found:

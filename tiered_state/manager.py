@@ -218,6 +218,7 @@ class StateManager:
             raise ConfigurationError("at least one tier must be configured")
         self._repos = repos
         self._tiers: list[tuple[Tier, StateRepository]] = [(t, repos[t]) for t in _ORDER if t in repos]
+        self._hot = repos.get(Tier.HOT)
         self._clock = VersionClock()
         self._cache = _Cache(cache) if cache is not None else None
         self._counters = dict.fromkeys(
@@ -229,7 +230,7 @@ class StateManager:
         self._access: set[str] = set()
         self._access_lock = threading.Lock()
         self._access_at = 0.0
-        self._access_flushed = time.monotonic()
+        self._access_flushed = time.time()
         self._closed = False
         self._warm_watch = self._watch_repository()
         if Tier.HOT in repos and repos[Tier.HOT].shared:
@@ -372,14 +373,10 @@ class StateManager:
         if self.policy.cold_after is None:
             return
         now = time.time()
-        with self._access_lock:
-            self._access.update(keys)
-            self._access_at = now
-            due = (
-                len(self._access) >= FLUSH_ITEMS
-                or time.monotonic() - self._access_flushed > FLUSH_SECONDS
-            )
-        if due:
+        access = self._access
+        access.update(keys)  # a set update is atomic under the GIL; flush swaps the set
+        self._access_at = now
+        if len(access) >= FLUSH_ITEMS or now - self._access_flushed > FLUSH_SECONDS:
             self.flush_access()
 
     def flush_access(self) -> None:
@@ -392,7 +389,7 @@ class StateManager:
         with self._access_lock:
             keys, self._access = self._access, set()
             at = self._access_at
-            self._access_flushed = time.monotonic()
+            self._access_flushed = time.time()
         warm = self._repos.get(Tier.WARM)
         if not keys or warm is None:
             return
@@ -405,11 +402,14 @@ class StateManager:
     def _check_foreign_writes(self) -> None:
         watch = self._warm_watch
         if watch is not None and watch.changed_by_others():
-            # Another process (or another thread's connection) wrote the store
-            # this private HOT copies; which keys is unknown, so drop them all.
-            self._repos[Tier.HOT].clear()
-            if self._cache is not None:
-                self._cache.clear()
+            self._foreign_write_seen()
+
+    def _foreign_write_seen(self) -> None:
+        # Another process (or another thread's connection) wrote the store
+        # this private HOT copies; which keys is unknown, so drop them all.
+        self._repos[Tier.HOT].clear()
+        if self._cache is not None:
+            self._cache.clear()
 
     # ------------------------------------------------------------ reads
     def _lookup(self, key: str, promote: bool) -> tuple[Entry, Tier] | None:
@@ -418,6 +418,22 @@ class StateManager:
             cached = self._cache.get(key)
             if cached is not None:
                 return cached
+        hot = self._hot
+        if hot is not None and not self._down_until:
+            # Fast path: a healthy HOT tier holding a valid copy.
+            try:
+                watch = self._warm_watch
+                if watch is not None and watch.changed_by_others():
+                    self._foreign_write_seen()
+                entry = hot.fetch_record(key)
+            except BackendUnavailableError as exc:
+                self._mark_down(Tier.HOT, exc)
+            else:
+                if entry is not None and not entry.expired() and entry.valid():
+                    self._count("hit_hot")
+                    if self._cache is not None:
+                        self._cache.put(entry, Tier.HOT)
+                    return entry, Tier.HOT
         corrupt: Entry | None = None
         corrupt_tier: Tier | None = None
         for tier, repo in self._tiers:
