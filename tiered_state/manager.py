@@ -31,9 +31,9 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from functools import partial
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import MappingProxyType, TracebackType
 from typing import Any
