@@ -1,0 +1,298 @@
+from __future__ import annotations
+
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tiered_state.config import open_repository
+from tiered_state.errors import BackendError, ConfigurationError, IntegrityError
+from tiered_state.repositories.base import StateRepository
+from tiered_state.repositories.filesystem_repository import (
+    FileSystemStateRepository,
+    decode_name,
+    encode_name,
+)
+
+from .conformance import AWKWARD_KEYS, RepositoryConformance, make
+
+ROOT = str(Path(__file__).resolve().parent.parent)
+
+
+class TestFileSystemConformance(RepositoryConformance):
+    @pytest.fixture
+    def repository(self, tmp_path: Path) -> Iterator[FileSystemStateRepository]:
+        with FileSystemStateRepository(tmp_path / "cold") as repo:
+            yield repo
+
+    def test_repr_has_no_secret(self, repository: StateRepository) -> None:
+        # Overridden: repr shows the folder, and pytest names tmp_path after
+        # the test ("test_repr_has_no_secret0"); a path is not a secret.
+        text = repr(repository).replace(repository.root, "")  # type: ignore[attr-defined]
+        assert "password" not in text.lower() and "secret" not in text.lower()
+
+
+@pytest.fixture
+def repo(tmp_path: Path) -> Iterator[FileSystemStateRepository]:
+    with FileSystemStateRepository(tmp_path / "cold") as repository:
+        yield repository
+
+
+def files_under(root: Path) -> list[Path]:
+    return [Path(d) / f for d, _, names in os.walk(root) for f in names]
+
+
+# ---------------------------------------------------------------- URLs and options
+def test_url_forms(tmp_path: Path) -> None:
+    absolute = open_repository(f"file://{tmp_path}/abs?fsync=false&compress_above=none")
+    assert isinstance(absolute, FileSystemStateRepository)
+    assert absolute.root == str(tmp_path / "abs")
+    assert absolute.fsync is False and absolute.compress_above is None
+    relative = open_repository("file://rel/cold?compress_above=10&compress_level=9")
+    assert isinstance(relative, FileSystemStateRepository)
+    assert relative.root == str(tmp_path / "rel" / "cold")  # conftest chdir'ed to tmp_path
+    assert (relative.compress_above, relative.compress_level) == (10, 9)
+    assert open_repository("file://./dot").root == str(tmp_path / "dot")  # type: ignore[attr-defined]
+    assert open_repository("file:///a%20b").root == "/a b"  # type: ignore[attr-defined]
+
+
+@pytest.mark.parametrize(
+    "url", ["file://", "file:///x?bogus=1", "file:///x?fsync=maybe", "file:///x?compress_level=12"]
+)
+def test_bad_urls(url: str) -> None:
+    with pytest.raises(ConfigurationError):
+        open_repository(url)
+
+
+# ---------------------------------------------------------------- names
+MALICIOUS = AWKWARD_KEYS + [
+    "../../../../../../tmp/evil", "/etc/passwd", "./.", "...", ".tmp-abc", "~hashed-looking",
+    "%2E%2E", "a" * 300, "ü" * 100, "x/" * 500, "CON", "nul", "a:b",
+]
+
+
+@pytest.mark.parametrize("key", MALICIOUS, ids=lambda k: repr(k)[:40])
+def test_names_are_safe_and_reversible(key: str) -> None:
+    name = encode_name(key)
+    assert len(name.encode("utf-8")) <= 255
+    assert "/" not in name and "\x00" not in name and name not in (".", "..")
+    assert not name.startswith(".")  # the temp-file and lock namespace
+    assert name == name.lower() or "%" in name  # case-insensitive file systems keep keys apart
+    decoded = decode_name(name)
+    assert decoded in (key, None)
+    assert decoded is not None or name.startswith("~")
+
+
+def test_malicious_keys_stay_inside_the_root(tmp_path: Path) -> None:
+    root = tmp_path / "deep" / "cold"
+    repo = FileSystemStateRepository(root)
+    for i, key in enumerate(MALICIOUS):
+        repo.store(key, *make(i))
+    assert sorted(repo.keys()) == sorted(set(MALICIOUS))
+    for i, key in enumerate(MALICIOUS):
+        assert repo.fetch(key) == i
+    outside = [p for p in files_under(tmp_path) if root not in p.parents]
+    assert outside == []
+    for path in files_under(root):
+        assert path.resolve().is_relative_to(root.resolve())
+        assert len(path.name.encode()) <= 255
+    assert not Path("/tmp/evil").exists()
+
+
+def test_long_keys_are_recovered_from_the_file(repo: FileSystemStateRepository) -> None:
+    keys = ["é" * 512, "k" * 1024, "long/" + "z" * 400]
+    repo.store_many({k: make(k) for k in keys})
+    assert sorted(repo.keys()) == sorted(keys)
+    assert sorted(repo.keys("long/*")) == ["long/" + "z" * 400]
+    assert all(p.name.startswith("~") for p in files_under(Path(repo.root)) if p.name != ".lock")
+
+
+# ---------------------------------------------------------------- format, permissions
+def test_file_format_and_compression(tmp_path: Path) -> None:
+    repo = FileSystemStateRepository(tmp_path / "c", compress_above=100)
+    small, big = make({"a": 1}), make({"blob": "y" * 10_000}, version=5, ttl=60)
+    repo.store("small", *small)
+    repo.store("big", *big)
+    files = {p.name: p.read_bytes() for p in files_under(Path(repo.root)) if p.name != ".lock"}
+    header = json.loads(files["small"].split(b"\n", 1)[0])
+    assert header["key"] == "small" and header["body"] == "json"
+    assert files["small"].split(b"\n", 1)[1] == small[0].encode()
+    big_header, body = files["big"].split(b"\n", 1)
+    assert json.loads(big_header)["body"] == "json+zlib" and len(body) < 1000
+    entry = repo.fetch_record("big")
+    assert entry is not None and entry.valid() and entry.metadata["encoding"] == "json"
+    assert entry.metadata["expires_at"] == big[1]["expires_at"]
+    assert repo.fetch("big") == {"blob": "y" * 10_000}
+
+
+def test_files_and_folders_are_private(tmp_path: Path) -> None:
+    os.umask(0o022)
+    root = tmp_path / "new" / "cold"
+    repo = FileSystemStateRepository(root)
+    repo.store_many({f"k{i}": make(i) for i in range(20)})
+    repo.store("one", *make(1))
+    assert stat.S_IMODE(root.stat().st_mode) == 0o700
+    for dirpath, dirnames, filenames in os.walk(root):
+        for d in dirnames:
+            assert stat.S_IMODE((Path(dirpath) / d).stat().st_mode) == 0o700
+        for f in filenames:
+            assert stat.S_IMODE((Path(dirpath) / f).stat().st_mode) == 0o600
+
+
+def test_corrupt_file_raises_integrity_error(repo: FileSystemStateRepository) -> None:
+    repo.store("k", *make({"a": 1}))
+    (path,) = [p for p in files_under(Path(repo.root)) if p.name == "k"]
+    path.write_bytes(b"garbage without a header")
+    with pytest.raises(IntegrityError):
+        repo.fetch("k")
+    assert repo.keys() == []  # listing skips it (with a warning) instead of failing
+
+
+def test_expired_files_are_tombstones_until_deleted(repo: FileSystemStateRepository) -> None:
+    import time
+
+    repo.store("gone", *make("old", version=4, now=time.time() - 10, ttl=1))
+    assert repo.fetch("gone") is None and repo.keys() == []
+    entry = repo.fetch_record("gone")
+    assert entry is not None and entry.expired() and entry.version == 4
+    assert list(repo._all_keys()) == ["gone"]
+    assert repo.stats()["expired_count"] == 1
+    assert repo.delete("gone") is True
+
+
+# ---------------------------------------------------------------- crash safety, symlinks
+def test_leftover_temp_file_is_never_a_key(repo: FileSystemStateRepository) -> None:
+    repo.store("k", *make("old"))
+    (path,) = [p for p in files_under(Path(repo.root)) if p.name == "k"]
+    # What a crash between write and rename leaves: a complete temp file.
+    (path.parent / ".tmp-deadbeef").write_bytes(path.read_bytes())
+    assert repo.keys() == ["k"] and list(repo._all_keys()) == ["k"]
+    assert repo.stats()["key_count"] == 1
+
+
+def test_failed_rename_keeps_old_value_and_no_temp(
+    repo: FileSystemStateRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo.store("k", *make("old"))
+
+    def crash(*args: object, **kwargs: object) -> None:
+        raise OSError(5, "simulated I/O error")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(BackendError) as info:
+        repo.store("k", *make("new"))
+    assert isinstance(info.value.__cause__, OSError)
+    monkeypatch.undo()
+    assert repo.fetch("k") == "old"
+    assert [p.name for p in files_under(Path(repo.root)) if p.name.startswith(".tmp")] == []
+
+
+def test_killed_writer_leaves_every_key_readable(tmp_path: Path) -> None:
+    root = tmp_path / "cold"
+    code = """
+        import sys
+        from tiered_state.repositories.filesystem_repository import FileSystemStateRepository
+        from tests.conformance import make
+        repo = FileSystemStateRepository(sys.argv[1])
+        i = 0
+        while True:
+            i += 1
+            repo.store(f"k{i % 7}", *make({"i": i, "pad": "p" * (i % 5000)}, version=i))
+            if i == 50:
+                print("ready", flush=True)
+    """
+    proc = subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), str(root)],
+                            cwd=ROOT, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
+    proc.kill()
+    proc.wait()
+    repo = FileSystemStateRepository(root)
+    assert sorted(repo.keys()) == [f"k{i}" for i in range(7)]
+    for key in repo.keys():
+        entry = repo.fetch_record(key)
+        assert entry is not None and entry.valid()
+
+
+def test_symlinked_file_is_never_followed(repo: FileSystemStateRepository, tmp_path: Path) -> None:
+    secret = tmp_path / "outside.txt"
+    secret.write_text("do not touch")
+    repo.store("victim", *make(1))
+    (path,) = [p for p in files_under(Path(repo.root)) if p.name == "victim"]
+    path.unlink()
+    path.symlink_to(secret)
+    with pytest.raises(BackendError):
+        repo.fetch("victim")  # O_NOFOLLOW: never reads the target
+    repo.store("victim", *make(2))  # rename replaces the link, not the target
+    assert repo.fetch("victim") == 2
+    assert secret.read_text() == "do not touch"
+    path.unlink()
+    path.symlink_to(secret)
+    assert repo.delete("victim") is True
+    assert secret.read_text() == "do not touch"
+
+
+def test_symlinked_folder_is_never_followed(repo: FileSystemStateRepository, tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    repo.store("victim", *make(1))
+    (path,) = [p for p in files_under(Path(repo.root)) if p.name == "victim"]
+    fan = path.parent
+    for child in fan.iterdir():
+        child.unlink()
+    fan.rmdir()
+    fan.symlink_to(outside, target_is_directory=True)
+    with pytest.raises(BackendError):
+        repo.store("victim", *make(2))
+    assert list(outside.iterdir()) == []
+    assert repo.keys() == []  # listing does not walk into it either
+
+
+# ---------------------------------------------------------------- processes
+def test_conditional_writes_are_atomic_across_processes(tmp_path: Path) -> None:
+    root = tmp_path / "cold"
+    FileSystemStateRepository(root).store("counter", *make(0, version=1))
+    code = """
+        import sys
+        from tiered_state.repositories.filesystem_repository import FileSystemStateRepository
+        from tests.conformance import make
+        repo = FileSystemStateRepository(sys.argv[1], fsync=False)
+        done = 0
+        while done < 25:
+            entry = repo.fetch_record("counter")
+            value = int(entry.payload)
+            if repo.store_if_version("counter", *make(value + 1, version=entry.version + 1),
+                                     expected=entry.version):
+                done += 1
+    """
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), str(root)],
+                              cwd=ROOT, stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+    repo = FileSystemStateRepository(root)
+    assert repo.fetch("counter") == 100  # no increment lost
+    assert repo.fetch_record("counter").version == 101  # type: ignore[union-attr]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+def test_fork_child_can_write(repo: FileSystemStateRepository) -> None:
+    repo.store("parent", *make("p"))
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 1
+        try:
+            repo.store_if_newer("child", *make("c", version=3))
+            code = 0 if repo.fetch("parent") == "p" else 1
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert repo.fetch("child") == "c"
+    repo.store("parent", *make("p2"))
+    assert repo.fetch("parent") == "p2"

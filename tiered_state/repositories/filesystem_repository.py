@@ -1,0 +1,596 @@
+"""``file:///path`` -- one file per key under a folder (the embedded COLD tier).
+
+URL: ``file:///var/lib/app/cold`` (absolute) or ``file://cold`` /
+``file://./cold`` (relative to the working directory): everything after
+``file://`` is the path, percent-decoded. Query options:
+
+``fsync``           ``true`` (default): fsync each file and its folder, so a
+                    stored record survives a power loss; ``false`` skips both
+``compress_above``  payloads larger than this many bytes are zlib-compressed
+                    on disk (default 1024; ``none`` never compresses)
+``compress_level``  zlib level 1..9 (default 6)
+
+Layout: ``<root>/<fan>/<name>``. ``<fan>`` is two hex digits of the key's
+SHA-256, so no folder grows past 1/256 of the keys. ``<name>`` is the key's
+UTF-8 bytes with everything but ``a-z 0-9 _ -`` and a non-leading ``.``
+percent-encoded (upper case too, so case-insensitive file systems cannot
+merge two keys); a name that would exceed 200 bytes becomes ``~`` + the
+key's SHA-256 instead, and the key is read back from the file. No name can be
+``.``, ``..`` or contain ``/``, so no key reaches outside its fan-out folder.
+
+File format: one line of JSON (the key, the metadata and ``body``: ``json`` or
+``json+zlib``), a newline, then the payload bytes. Metadata is returned as it
+was stored; ``body`` only says how the bytes on disk are packed.
+
+Writes go to ``.tmp-*`` in the same folder, are fsynced, renamed over the
+target with ``os.replace`` and the folder is fsynced: a reader sees the old or
+the new file, never half of one, and a crash leaves at most a ``.tmp-*``
+file, which is never listed as a key (names starting with ``.`` are not
+keys). Writers (also in other processes) serialise per key on
+``fcntl`` byte-range locks of ``<root>/.lock``, which makes the conditional
+writes atomic. Files are created 0600 and folders 0700; paths are opened
+relative to the root's descriptor with ``O_NOFOLLOW``, so a symlink planted
+in the tree is never followed. POSIX only.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import secrets
+import threading
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+from urllib.parse import unquote
+
+from .. import codec
+from ..config import parse_bool, parse_number, query_options
+from ..errors import BackendError, BackendUnavailableError, ConfigurationError, IntegrityError
+from ..keys import compile_pattern, is_literal, literal_prefix, validate_key, validate_pattern
+from ..record import Entry, Metadata
+from .base import Items, StateRepository
+
+__all__ = ["FileSystemStateRepository"]
+
+log = logging.getLogger(__name__)
+
+_SAFE = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789_-.")
+_MAX_NAME = 200  # bytes; file systems allow 255, temp names add a suffix
+_STRIPES = 64  # lock stripes: writers of different keys rarely wait for each other
+_HEADER_READ = 4096
+_FANS = tuple(f"{i:02x}" for i in range(256))
+_UNAVAILABLE = {
+    errno.EIO, errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.ESTALE,
+    errno.EACCES, errno.EPERM, errno.ENOTCONN, errno.ETIMEDOUT, errno.ENOENT,
+}
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+
+def encode_name(key: str) -> str:
+    """The file name of ``key`` (see the module docstring); reversible unless it starts with ``~``."""
+    data = key.encode("utf-8")
+    out = []
+    for i, byte in enumerate(data):
+        if byte in _SAFE and not (byte == 0x2E and i == 0):
+            out.append(chr(byte))
+        else:
+            out.append(f"%{byte:02X}")
+    name = "".join(out)
+    if len(name) > _MAX_NAME:
+        return "~" + hashlib.sha256(data).hexdigest()
+    return name
+
+
+def decode_name(name: str) -> str | None:
+    """The key a file name stands for; None for hashed names (read the file)."""
+    if name.startswith("~"):
+        return None
+    return unquote(name, errors="strict")
+
+
+def _locate(key: str) -> tuple[str, str, int]:
+    """(fan-out folder, file name, lock stripe) of ``key``; the same in every process."""
+    digest = hashlib.sha256(key.encode("utf-8")).digest()
+    return f"{digest[0]:02x}", encode_name(key), digest[1] % _STRIPES
+
+
+class FileSystemStateRepository(StateRepository):
+    """One file per key under ``root``.
+
+    :param root: the folder (created 0700 if missing).
+    :param fsync: fsync files and folders on every write (default True).
+    :param compress_above: zlib-compress payloads above this many bytes (None: never).
+    :param compress_level: zlib level.
+    """
+
+    backend = "filesystem"
+
+    def __init__(
+        self,
+        root: str | os.PathLike[str],
+        *,
+        fsync: bool = True,
+        compress_above: int | None = 1024,
+        compress_level: int = 6,
+    ) -> None:
+        root = os.fspath(root)
+        if not root:
+            raise ConfigurationError("file:// needs a folder path")
+        if compress_above is not None and (not isinstance(compress_above, int) or compress_above < 0):
+            raise ConfigurationError("compress_above must be an int >= 0 or None")
+        if not isinstance(compress_level, int) or not 0 <= compress_level <= 9:
+            raise ConfigurationError("compress_level must be an int in 0..9")
+        self.root = os.path.abspath(root)
+        self.fsync = bool(fsync)
+        self.compress_above = compress_above
+        self.compress_level = compress_level
+        self._state_lock = threading.Lock()
+        self._root_fd: int | None = None
+        self._lock_fd: int | None = None
+        self._pid = -1
+        self._stripes = [threading.Lock() for _ in range(_STRIPES)]
+
+    @classmethod
+    def from_url(cls, url: str, **options: Any) -> FileSystemStateRepository:
+        _, query = query_options(url)
+        query.update(options)
+        unknown = set(query) - {"fsync", "compress_above", "compress_level"}
+        if unknown:
+            raise ConfigurationError(f"file:// does not take {sorted(unknown)}")
+        rest = url.split("?", 1)[0].partition("://")[2]
+        path = unquote(rest)
+        if not path:
+            raise ConfigurationError("file URL must be file:///absolute/path or file://relative/path")
+        kwargs: dict[str, Any] = {}
+        if "fsync" in query:
+            kwargs["fsync"] = parse_bool(query["fsync"], "fsync")
+        if "compress_above" in query:
+            above = parse_number(query["compress_above"], "compress_above")
+            kwargs["compress_above"] = None if above is None else int(above)
+        if "compress_level" in query:
+            level = parse_number(query["compress_level"], "compress_level")
+            kwargs["compress_level"] = 6 if level is None else int(level)
+        return cls(path, **kwargs)
+
+    # ------------------------------------------------------------ plumbing
+    @contextlib.contextmanager
+    def _errors(self) -> Iterator[None]:
+        """The one place OS errors become tiered-state errors."""
+        try:
+            yield
+        except OSError as exc:
+            kind = BackendUnavailableError if exc.errno in _UNAVAILABLE else BackendError
+            if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                message = "refusing to follow a symlink or non-folder inside the store"
+            else:
+                message = f"{type(exc).__name__}: {os.strerror(exc.errno or 0)}"
+            raise kind(f"{message} ({self.root})", self.backend) from exc
+
+    def _fds(self) -> tuple[int, int]:
+        """(root folder fd, lock file fd), opened once per process."""
+        root_fd, lock_fd = self._root_fd, self._lock_fd
+        if root_fd is not None and lock_fd is not None and self._pid == os.getpid():
+            return root_fd, lock_fd
+        with self._state_lock:
+            if self._pid != os.getpid():
+                # After fork: the inherited descriptors still work (byte-range
+                # locks belong to the process, so the child's are its own),
+                # but a stripe lock held by a thread that did not survive the
+                # fork would never be released.
+                self._stripes = [threading.Lock() for _ in range(_STRIPES)]
+            if self._root_fd is None:
+                os.makedirs(self.root, mode=0o700, exist_ok=True)
+                self._root_fd = os.open(self.root, _DIR_FLAGS & ~os.O_NOFOLLOW)
+            if self._lock_fd is None:
+                self._lock_fd = os.open(
+                    ".lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                    dir_fd=self._root_fd,
+                )
+            self._pid = os.getpid()
+            return self._root_fd, self._lock_fd
+
+    @contextlib.contextmanager
+    def _key_lock(self, stripe: int) -> Iterator[None]:
+        _, lock_fd = self._fds()
+        with self._stripes[stripe]:
+            fcntl.lockf(lock_fd, fcntl.LOCK_EX, 1, stripe)
+            try:
+                yield
+            finally:
+                fcntl.lockf(lock_fd, fcntl.LOCK_UN, 1, stripe)
+
+    def _open_fan(self, fan: str, create: bool) -> int | None:
+        root_fd, _ = self._fds()
+        try:
+            return os.open(fan, _DIR_FLAGS, dir_fd=root_fd)
+        except FileNotFoundError:
+            if not create:
+                return None
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(fan, 0o700, dir_fd=root_fd)
+        return os.open(fan, _DIR_FLAGS, dir_fd=root_fd)
+
+    def _encode_file(self, key: str, value: str, metadata: Metadata) -> bytes:
+        body = value.encode("utf-8")
+        packing = codec.ENCODING
+        if self.compress_above is not None and len(body) > self.compress_above:
+            body = codec.compress(value, self.compress_level)
+            packing = codec.ZLIB_ENCODING
+        header = {
+            "key": key,
+            "checksum": metadata["checksum"],
+            "size_bytes": metadata["size_bytes"],
+            "version": metadata["version"],
+            "created_at": metadata["created_at"],
+            "updated_at": metadata["updated_at"],
+            "expires_at": metadata["expires_at"],
+            "encoding": metadata["encoding"],
+            "body": packing,
+        }
+        return json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n" + body
+
+    @staticmethod
+    def _parse_header(key: str | None, data: bytes) -> tuple[dict[str, Any], int]:
+        end = data.find(b"\n")
+        try:
+            if end < 0:
+                raise ValueError("no header line")
+            header = json.loads(data[:end])
+            if not isinstance(header, dict) or not isinstance(header.get("key"), str):
+                raise ValueError("bad header")
+        except ValueError as exc:
+            raise IntegrityError(f"filesystem: unreadable file for {key!r}", key) from exc
+        return header, end + 1
+
+    def _read(self, fan_fd: int, name: str, limit: int | None = None) -> bytes | None:
+        try:
+            fd = os.open(name, _READ_FLAGS, dir_fd=fan_fd)
+        except FileNotFoundError:
+            return None
+        try:
+            if limit is not None:
+                return os.read(fd, limit)
+            with open(fd, "rb", closefd=False) as handle:
+                return handle.read()
+        finally:
+            os.close(fd)
+
+    def _load(self, key: str, fan_fd: int, name: str) -> Entry | None:
+        data = self._read(fan_fd, name)
+        if data is None:
+            return None
+        header, start = self._parse_header(key, data)
+        if header["key"] != key:
+            return None  # a hashed name's (astronomically unlikely) collision
+        body = data[start:]
+        if header.get("body") == codec.ZLIB_ENCODING:
+            try:
+                payload = codec.decompress(body)
+            except Exception as exc:
+                raise IntegrityError(f"filesystem: corrupt compressed file for {key!r}", key) from exc
+        else:
+            try:
+                payload = body.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise IntegrityError(f"filesystem: corrupt file for {key!r}", key) from exc
+        metadata: Metadata = {
+            "checksum": header["checksum"],
+            "size_bytes": header["size_bytes"],
+            "version": header["version"],
+            "created_at": header["created_at"],
+            "updated_at": header["updated_at"],
+            "expires_at": header["expires_at"],
+            "encoding": header["encoding"],
+        }
+        return Entry(key, payload, metadata)
+
+    def _write_temp(self, fan_fd: int, data: bytes) -> str:
+        tmp = f".tmp-{secrets.token_hex(8)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
+                     dir_fd=fan_fd)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            if self.fsync:
+                os.fsync(fd)
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=fan_fd)
+            raise
+        os.close(fd)
+        return tmp
+
+    def _install(self, fan_fd: int, tmp: str, name: str) -> None:
+        try:
+            # rename replaces a planted symlink itself, never its target
+            os.replace(tmp, name, src_dir_fd=fan_fd, dst_dir_fd=fan_fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=fan_fd)
+            raise
+
+    def _sync_dir(self, fan_fd: int) -> None:
+        if self.fsync:
+            os.fsync(fan_fd)
+
+    # ------------------------------------------------------------ the contract
+    def fetch_record(self, key: str) -> Entry | None:
+        validate_key(key)
+        fan, name, _ = _locate(key)
+        with self._errors():
+            fan_fd = self._open_fan(fan, create=False)
+            if fan_fd is None:
+                return None
+            try:
+                return self._load(key, fan_fd, name)
+            finally:
+                os.close(fan_fd)
+
+    def fetch_many(self, keys: Iterable[str]) -> dict[str, Entry]:
+        keys = [validate_key(k) for k in keys]
+        out: dict[str, Entry] = {}
+        for key in keys:
+            entry = self.fetch_record(key)
+            if entry is not None:
+                out[key] = entry
+        return out
+
+    def _store_locked(self, key: str, value: str, metadata: Metadata, condition: Any = None) -> bool:
+        fan, name, stripe = _locate(key)
+        data = self._encode_file(key, value, metadata)
+        with self._errors():
+            fan_fd = self._open_fan(fan, create=True)
+            assert fan_fd is not None
+            try:
+                tmp = self._write_temp(fan_fd, data)
+                with self._key_lock(stripe):
+                    if condition is not None and not condition(self._load(key, fan_fd, name)):
+                        os.unlink(tmp, dir_fd=fan_fd)
+                        return False
+                    self._install(fan_fd, tmp, name)
+                self._sync_dir(fan_fd)
+            finally:
+                os.close(fan_fd)
+        return True
+
+    def store(self, key: str, value: str, metadata: Metadata) -> bool:
+        validate_key(key)
+        return self._store_locked(key, value, metadata)
+
+    def store_if_version(self, key: str, value: str, metadata: Metadata, expected: int) -> bool:
+        validate_key(key)
+
+        def current_is_expected(entry: Entry | None) -> bool:
+            return (0 if entry is None or entry.expired() else entry.version) == expected
+
+        return self._store_locked(key, value, metadata, current_is_expected)
+
+    def store_if_newer(self, key: str, value: str, metadata: Metadata) -> bool:
+        validate_key(key)
+        version = metadata["version"]
+        return self._store_locked(
+            key, value, metadata, lambda entry: entry is None or entry.version < version
+        )
+
+    def store_many(self, items: Items) -> set[str]:
+        for key in items:
+            validate_key(key)
+        # Group by fan-out folder: every file is written and fsynced, renamed
+        # into place, then each folder is fsynced once for the whole group.
+        groups: dict[str, list[tuple[str, str, int, bytes]]] = {}
+        for key, (value, metadata) in items.items():
+            fan, name, stripe = _locate(key)
+            data = self._encode_file(key, value, metadata)
+            groups.setdefault(fan, []).append((key, name, stripe, data))
+        stored: list[str] = []
+        failed: dict[str, BaseException] = {}
+        for fan, group in groups.items():
+            done: list[str] = []
+            try:
+                with self._errors():
+                    fan_fd = self._open_fan(fan, create=True)
+                    assert fan_fd is not None
+                    try:
+                        for key, name, stripe, data in group:
+                            try:
+                                with self._errors():
+                                    tmp = self._write_temp(fan_fd, data)
+                                    with self._key_lock(stripe):
+                                        self._install(fan_fd, tmp, name)
+                                done.append(key)
+                            except BackendError as exc:
+                                failed[key] = exc
+                        self._sync_dir(fan_fd)
+                    finally:
+                        os.close(fan_fd)
+            except BackendError as exc:
+                failed.update((key, exc) for key, *_ in group if key not in failed)
+                continue
+            stored.extend(done)
+        if failed:
+            raise self._batch_failed("store_many", failed, stored)
+        return set(stored)
+
+    def _delete_locked(self, key: str, version: int | None = None) -> bool:
+        fan, name, stripe = _locate(key)
+        with self._errors():
+            fan_fd = self._open_fan(fan, create=False)
+            if fan_fd is None:
+                return False
+            try:
+                with self._key_lock(stripe):
+                    if version is not None:
+                        entry = self._load(key, fan_fd, name)
+                        if entry is None or entry.version != version:
+                            return False
+                    try:
+                        os.unlink(name, dir_fd=fan_fd)
+                    except FileNotFoundError:
+                        return False
+                self._sync_dir(fan_fd)
+            finally:
+                os.close(fan_fd)
+        return True
+
+    def delete(self, key: str) -> bool:
+        validate_key(key)
+        return self._delete_locked(key)
+
+    def delete_if_version(self, key: str, version: int) -> bool:
+        validate_key(key)
+        return self._delete_locked(key, version)
+
+    def delete_many(self, keys: Iterable[str]) -> int:
+        keys = list(dict.fromkeys(validate_key(k) for k in keys))
+        # Grouped by folder so each folder is fsynced once, not once per key.
+        groups: dict[str, list[tuple[str, int]]] = {}
+        for key in keys:
+            fan, name, stripe = _locate(key)
+            groups.setdefault(fan, []).append((name, stripe))
+        total = 0
+        with self._errors():
+            for fan, group in groups.items():
+                fan_fd = self._open_fan(fan, create=False)
+                if fan_fd is None:
+                    continue
+                try:
+                    for name, stripe in group:
+                        with self._key_lock(stripe), contextlib.suppress(FileNotFoundError):
+                            os.unlink(name, dir_fd=fan_fd)
+                            total += 1
+                    self._sync_dir(fan_fd)
+                finally:
+                    os.close(fan_fd)
+        return total
+
+    # ------------------------------------------------------------ listing
+    def _walk(self) -> Iterator[tuple[int, str, str | None]]:
+        """(fan fd, file name, key or None if hashed) of every stored file, streamed."""
+        with self._errors():
+            for fan in _FANS:
+                try:
+                    fan_fd = self._open_fan(fan, create=False)
+                except OSError as exc:
+                    if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+                        raise
+                    log.warning("filesystem: skipping %s in %s: not a folder", fan, self.root)
+                    continue
+                if fan_fd is None:
+                    continue
+                try:
+                    with os.scandir(fan_fd) as entries:
+                        for item in entries:
+                            name = item.name
+                            # .tmp-* leftovers of a crash are never keys
+                            if name.startswith(".") or not item.is_file(follow_symlinks=False):
+                                continue
+                            try:
+                                key = decode_name(name)
+                            except UnicodeDecodeError:
+                                continue  # not a name this repository wrote
+                            yield fan_fd, name, key
+                finally:
+                    os.close(fan_fd)
+
+    def _header(self, fan_fd: int, name: str, key: str | None) -> dict[str, Any] | None:
+        data = self._read(fan_fd, name, _HEADER_READ)
+        if data is None:
+            return None
+        if b"\n" not in data:  # a header longer than one read (huge key)
+            data = self._read(fan_fd, name)
+            if data is None:
+                return None
+        try:
+            header, _ = self._parse_header(key, data)
+        except IntegrityError:
+            log.warning("filesystem: skipping unreadable file %s in %s", name, self.root)
+            return None
+        if key is not None and header["key"] != key:
+            return None
+        return header
+
+    def _iter(self, pattern: str, live: bool) -> Iterator[str]:
+        validate_pattern(pattern)
+        if is_literal(pattern):
+            key = literal_prefix(pattern)
+            entry = self.fetch_record(key)
+            if entry is not None and not (live and entry.expired()):
+                yield key
+            return
+        match = compile_pattern(pattern).match
+        now = time.time()
+        for fan_fd, name, key in self._walk():
+            if key is not None and not match(key):
+                continue
+            if key is not None and not live:
+                yield key
+                continue
+            header = self._header(fan_fd, name, key)
+            if header is None:
+                continue
+            found = header["key"]
+            if key is None and not match(found):
+                continue
+            expires_at = header["expires_at"]
+            if live and expires_at is not None and expires_at <= now:
+                continue
+            yield found
+
+    def keys(self, pattern: str = "*") -> list[str]:
+        return list(self._iter(pattern, live=True))
+
+    def iter_keys(self, pattern: str = "*") -> Iterator[str]:
+        return self._iter(pattern, live=True)
+
+    def _all_keys(self) -> Iterator[str]:
+        return self._iter("*", live=False)
+
+    def clear(self) -> int:
+        # Deleting while a folder is being listed is safe: entries already
+        # returned are ours to remove, and each folder is listed once.
+        return sum(self._delete_locked(key) for key in self._iter("*", live=False))
+
+    def stats(self) -> dict[str, Any]:
+        live = expired = files_bytes = 0
+        now = time.time()
+        for fan_fd, name, key in self._walk():
+            header = self._header(fan_fd, name, key)
+            if header is None:
+                continue
+            expires_at = header["expires_at"]
+            if expires_at is not None and expires_at <= now:
+                expired += 1
+            else:
+                live += 1
+            with contextlib.suppress(OSError):
+                files_bytes += os.stat(name, dir_fd=fan_fd, follow_symlinks=False).st_size
+        return {
+            "backend": self.backend,
+            "tier": str(self.tier) if self.tier else None,
+            "key_count": live,
+            "expired_count": expired,
+            "file_bytes": files_bytes,
+            "root": self.root,
+            "fsync": self.fsync,
+            "compress_above": self.compress_above,
+        }
+
+    def close(self) -> None:
+        with self._state_lock:
+            fds = [fd for fd in (self._root_fd, self._lock_fd) if fd is not None]
+            self._root_fd = self._lock_fd = None
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def __repr__(self) -> str:
+        return f"<FileSystemStateRepository {self.root!r} tier={self.tier}>"
