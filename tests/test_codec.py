@@ -11,7 +11,8 @@ from tiered_state.errors import SerializationError
 
 @pytest.mark.parametrize(
     "value",
-    [None, True, 0, -5, 2**64 + 1, 10**30, 1.5, 1e-300, "", "ünï 🔑", [], {}, {"b": 1, "a": [1, {"c": None}]}],
+    [None, True, 0, -5, 2**64 + 1, 10**30, 1.5, 1e-300, "", "ünï 🔑", [], {},
+     {"b": 1, "a": [1, {"c": None}]}],
 )
 def test_round_trip(value: Any) -> None:
     payload = codec.encode(value)

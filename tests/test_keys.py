@@ -109,7 +109,10 @@ _alphabet = st.sampled_from(list("ab%_\\*?[]!^-/ é"))
 
 
 @settings(max_examples=300, deadline=None)
-@given(pattern=st.text(_alphabet, min_size=1, max_size=6), keys=st.lists(st.text(_alphabet, min_size=1, max_size=6), max_size=20))
+@given(
+    pattern=st.text(_alphabet, min_size=1, max_size=6),
+    keys=st.lists(st.text(_alphabet, min_size=1, max_size=6), max_size=20),
+)
 def test_like_translation_agrees_with_reference_on_random_input(pattern: str, keys: list[str]) -> None:
     try:
         validate_pattern(pattern)
