@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import logging
 import math
 import os
@@ -64,7 +65,6 @@ import re
 import select
 import threading
 import time
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, NoReturn
 from urllib.parse import urlencode
@@ -115,6 +115,11 @@ _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\
 #: Connections a forked child inherited: never closed there (closing would end
 #: the parent's session too), just kept referenced so their finaliser never runs.
 _INHERITED: list[Any] = []
+#: The encoder :func:`tiered_state.codec.encode` uses (same settings; a test
+#: holds them equal). Decoded JSON needs none of encode's input checks.
+_canonical = json.JSONEncoder(
+    ensure_ascii=False, allow_nan=False, sort_keys=True, separators=(",", ":")
+).encode
 
 _COLUMNS = (
     "key, data::text, payload, checksum, size_bytes, version, date_part('epoch', created_at), "
@@ -133,6 +138,17 @@ _INSERT = (
 )
 _ROW = "(%s, %s::jsonb, %s, %s, %s, %s, to_timestamp(%s), to_timestamp(%s), to_timestamp(%s), %s)"
 _UPSERT = _INSERT + "VALUES " + _ROW + " ON CONFLICT (key) DO UPDATE SET " + _SET_ALL
+
+# Hot single-key statements are PREPAREd once per connection: parse and plan
+# dominate a point query's server time.
+_PREPARED = {
+    "fetch": ("text, float8", "SELECT data::text, payload, checksum FROM {t} WHERE key = $1 "
+              "AND (expires_at IS NULL OR expires_at > to_timestamp($2))"),
+    "select": ("text", f"SELECT {_COLUMNS} FROM {{t}} WHERE key = $1"),
+    "store": ("text, jsonb, text, text, integer, bigint, float8, float8, float8, text",
+              _INSERT + "VALUES ($1, $2, $3, $4, $5, $6, to_timestamp($7), to_timestamp($8), "
+              "to_timestamp($9), $10) ON CONFLICT (key) DO UPDATE SET " + _SET_ALL),
+}
 
 _SQL = {
     "schema": """
@@ -154,9 +170,7 @@ _SQL = {
             WHERE expires_at IS NOT NULL;
         CREATE INDEX IF NOT EXISTS {idle_idx} ON {t} ((greatest(updated_at, last_accessed)), key);
     """,
-    "select": f"SELECT {_COLUMNS} FROM {{t}} WHERE key = %s",
     "select_many": f"SELECT {_COLUMNS} FROM {{t}} WHERE key = ANY(%s)",
-    "store": _UPSERT,
     "store_values": _INSERT + "VALUES %s ON CONFLICT (key) DO UPDATE SET " + _SET_ALL,
     "store_copied": _INSERT
     + "SELECT key, data, payload, checksum, size_bytes, version, to_timestamp(created_at), "
@@ -256,7 +270,7 @@ def _copy_field(value: Any) -> str:
 def _entry(row: _Row) -> Entry:
     key, data, payload, digest, size, version, created, updated, expires, encoding = row[:10]
     if payload is None:
-        payload = codec.encode(codec.decode(data))
+        payload = _canonical(codec.decode(data))
     metadata: Metadata = {
         "checksum": digest,
         "size_bytes": size,
@@ -285,6 +299,21 @@ def parse_table(table: str) -> tuple[str, ...]:
     return parts
 
 
+class _Link:
+    """A pooled connection with its reusable cursor and what this session has set up."""
+
+    __slots__ = ("conn", "cur", "prepared", "staged")
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+        self.cur: Cursor = conn.cursor()
+        self.prepared = False  # the hot statements are PREPAREd
+        self.staged = False  # the COPY staging table exists
+
+    def close(self) -> None:
+        self.conn.close()
+
+
 class _Pool:
     """A thread-safe, bounded LIFO pool of autocommit connections.
 
@@ -295,17 +324,17 @@ class _Pool:
     the FATAL message or EOF), and notices a fork.
     """
 
-    def __init__(self, connect: Callable[[], Connection], size: int, timeout: float) -> None:
+    def __init__(self, connect: Callable[[], _Link], size: int, timeout: float) -> None:
         self._connect = connect
         self.size = size
         self.timeout = timeout
-        self._idle: list[Connection] = []
+        self._idle: list[_Link] = []
         self._open = 0
         self._waiters = 0
         self._cond = threading.Condition(threading.Lock())
         self._pid = os.getpid()
 
-    def get(self) -> Connection:
+    def get(self) -> _Link:
         if self._pid != os.getpid():
             self._after_fork()
         idle = self._idle
@@ -323,16 +352,16 @@ class _Pool:
             self.discard(conn)
 
     @staticmethod
-    def _usable(conn: Connection) -> bool:
-        if conn.closed:
+    def _usable(link: _Link) -> bool:
+        if link.conn.closed:
             return False
         poller = select.poll()
-        poller.register(conn.fileno(), select.POLLIN)
+        poller.register(link.conn.fileno(), select.POLLIN)
         # Nothing is due on an idle connection; anything readable means the
         # server said goodbye (or the socket is dead).
         return not poller.poll(0)
 
-    def _open_or_wait(self) -> Connection | None:
+    def _open_or_wait(self) -> _Link | None:
         with self._cond:
             if self._open >= self.size:
                 self._waiters += 1
@@ -360,7 +389,7 @@ class _Pool:
             self._open -= 1
             self._cond.notify()
 
-    def put(self, conn: Connection) -> None:
+    def put(self, conn: _Link) -> None:
         if self._pid != os.getpid():
             _INHERITED.append(conn)
             return
@@ -369,7 +398,7 @@ class _Pool:
             with self._cond:
                 self._cond.notify()
 
-    def discard(self, conn: Connection) -> None:
+    def discard(self, conn: _Link) -> None:
         with contextlib.suppress(Exception):
             conn.close()
         self._release_slot()
@@ -441,8 +470,6 @@ class PostgresStateRepository(StateRepository):
         self._pool = _Pool(self._connect, pool_size, pool_timeout)
         self._sql: dict[str, str] | None = None
         self._schema_lock = threading.Lock()
-        # Connections on which the COPY staging table exists (it is per session).
-        self._staged: weakref.WeakSet[Connection] = weakref.WeakSet()
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> PostgresStateRepository:
@@ -476,14 +503,14 @@ class PostgresStateRepository(StateRepository):
         return f"<PostgresStateRepository {self._url} table={self.table} tier={self.tier}>"
 
     # ------------------------------------------------------------ connections
-    def _connect(self) -> Connection:
+    def _connect(self) -> _Link:
         conn: Connection = self._pg.connect(**self._connect_kwargs)
         # One statement = one transaction: no BEGIN/COMMIT round trips for the
         # single-statement operations; multi-statement ones BEGIN explicitly.
         conn.autocommit = True
         conn.set_client_encoding("UTF8")
         log.debug("postgres: opened a connection to %s", self._url)
-        return conn
+        return _Link(conn)
 
     def _prepare(self, conn: Connection) -> dict[str, str]:
         """Render the SQL for this table and create the table, once per repository."""
@@ -500,6 +527,13 @@ class PostgresStateRepository(StateRepository):
             rendered = {k: sql.SQL(v).format(t=ids["t"]).as_string(conn) for k, v in _SQL.items()
                         if k != "schema"}
             rendered["regclass"] = ids["t"].as_string(conn)
+            rendered["prepare"] = ";".join(
+                sql.SQL(f"PREPARE ts_{name} ({types}) AS {text}").format(t=ids["t"]).as_string(conn)
+                for name, (types, text) in _PREPARED.items()
+            )
+            for name, (types, _) in _PREPARED.items():
+                marks = ", ".join(["%s"] * (types.count(",") + 1))
+                rendered[name] = f"EXECUTE ts_{name}({marks})"
             with conn.cursor() as cur:
                 cur.execute("BEGIN")
                 try:
@@ -519,49 +553,56 @@ class PostgresStateRepository(StateRepository):
 
     @contextlib.contextmanager
     def _session(
-        self, operation: str, *, transaction: bool = False
+        self, operation: str, *, transaction: bool = False, staging: bool = False
     ) -> Iterator[tuple[Cursor, dict[str, str]]]:
         """A pooled connection's cursor and the SQL; the one place driver errors
         are translated. ``transaction``: BEGIN ... COMMIT around the block,
         ROLLBACK on any error so nothing is half-written."""
         pg = self._pg
-        conn: Connection | None = None
+        link: _Link | None = None
         try:
-            conn = self._pool.get()
-            sql = self._sql if self._sql is not None else self._prepare(conn)
-            with conn.cursor() as cur:
-                if transaction:
-                    cur.execute("BEGIN")
-                yield cur, sql
-                if transaction:
-                    cur.execute("COMMIT")
+            link = self._pool.get()
+            sql = self._sql if self._sql is not None else self._prepare(link.conn)
+            cur = link.cur
+            if not link.prepared:
+                cur.execute(sql["prepare"])
+                link.prepared = True
+            if staging and not link.staged:
+                cur.execute(_TEMP_TABLE)
+                link.staged = True
+            if transaction:
+                cur.execute("BEGIN")
+            yield cur, sql
+            if transaction:
+                cur.execute("COMMIT")
         except pg.Error as exc:
-            self._release(conn, failed=True)
-            conn = None
+            self._release_failed(link)
+            link = None
             self._raise(exc, operation)
         except BaseException:
-            self._release(conn, failed=True)
-            conn = None
+            self._release_failed(link)
+            link = None
             raise
         finally:
-            if conn is not None:
-                self._pool.put(conn)
+            if link is not None:
+                self._pool.put(link)
 
-    def _release(self, conn: Connection | None, *, failed: bool) -> None:
-        if conn is None:
+    def _release_failed(self, link: _Link | None) -> None:
+        """Return a connection after an error: rolled back and pooled if sound, else closed."""
+        if link is None:
             return
+        conn = link.conn
         pg = self._pg
         idle = pg.extensions.TRANSACTION_STATUS_IDLE
         if not conn.closed and conn.info.transaction_status != idle:
             try:
-                with conn.cursor() as cur:
-                    cur.execute("ROLLBACK")
+                link.cur.execute("ROLLBACK")
             except pg.Error:
                 pass
         if not conn.closed and conn.info.transaction_status == idle:
-            self._pool.put(conn)
+            self._pool.put(link)
         else:  # closed, broken, or stuck in a transaction: never reuse it
-            self._pool.discard(conn)
+            self._pool.discard(link)
 
     def _raise(self, exc: Exception, operation: str) -> NoReturn:
         pg = self._pg
@@ -595,18 +636,15 @@ class PostgresStateRepository(StateRepository):
     def fetch(self, key: str) -> Any | None:
         validate_key(key)
         with self._session("fetch") as (cur, sql):
-            cur.execute(sql["select"], (key,))
+            cur.execute(sql["fetch"], (key, time.time()))
             row = cur.fetchone()
         if row is None:
             return None
-        expires = row[8]
-        if expires is not None and expires <= time.time():
-            return None
-        data, payload = row[1], row[2]
+        data, payload, digest = row
         # Decode once: the canonical text for the checksum comes from the value.
         value = codec.decode(data if payload is None else payload)
-        text = codec.encode(value) if payload is None else payload
-        if checksum(text) != row[3]:
+        text = _canonical(value) if payload is None else payload
+        if checksum(text) != digest:
             raise IntegrityError(f"postgres: checksum mismatch for {key!r}", key)
         return value
 
@@ -743,11 +781,7 @@ class PostgresStateRepository(StateRepository):
             extras.execute_values(cur, sql["store_values"], rows, template=_ROW, page_size=_CHUNK)
 
     def _store_copy(self, rows: Sequence[tuple[Any, ...]]) -> None:
-        with self._session("store_many", transaction=True) as (cur, sql):
-            conn = cur.connection
-            if conn not in self._staged:
-                cur.execute(_TEMP_TABLE)
-                self._staged.add(conn)
+        with self._session("store_many", transaction=True, staging=True) as (cur, sql):
             for chunk in chunked(rows, 5 * _CHUNK):
                 buf = io.StringIO()
                 write = buf.write
