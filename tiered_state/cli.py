@@ -235,15 +235,17 @@ def _best(state: StateManager, tier: Tier, entry: Entry) -> tuple[Tier, Entry] |
 
 
 def _estimate(state: StateManager, pattern: str) -> int | None:
-    """How many records an export of ``pattern`` will see, when cheap to know."""
+    """Roughly how many records an export of ``pattern`` will see, for the ETA.
+
+    Only counted where counting is cheap (a COUNT in SQL, a dict in memory);
+    files and S3 would have to be listed in full, so their records are left
+    out of the estimate and the ETA disappears once it is passed.
+    """
     if pattern != "*":
         return None
-    total = 0
-    for _, repo in _sources(state):
-        if repo.backend not in ("memory", "sqlite", "postgres"):
-            return None  # counting would list every object (files, S3): not worth it
-        total += int(repo.stats().get("key_count", 0))
-    return total
+    counts = [int(repo.stats().get("key_count", 0)) for _, repo in _sources(state)
+              if repo.backend in ("memory", "sqlite", "postgres")]
+    return sum(counts) if counts else None
 
 
 # ---------------------------------------------------------------- commands
