@@ -71,7 +71,8 @@ def test_bad_urls(url: str) -> None:
 
 
 # ---------------------------------------------------------------- names
-MALICIOUS = AWKWARD_KEYS + [
+MALICIOUS = [
+    *AWKWARD_KEYS,
     "../../../../../../tmp/evil", "/etc/passwd", "./.", "...", ".tmp-abc", "~hashed-looking",
     "%2E%2E", "a" * 300, "ü" * 100, "x/" * 500, "CON", "nul", "a:b",
 ]

@@ -157,7 +157,7 @@ def test_touch_many_only_moves_forward(repo: SQLiteStateRepository) -> None:
 
 
 def test_corrupt_row_raises_integrity_error(repo: SQLiteStateRepository) -> None:
-    payload, metadata = make({"a": 1})
+    _, metadata = make({"a": 1})
     repo.store("k", '{"a":2}', metadata)
     with pytest.raises(IntegrityError):
         repo.fetch("k")

@@ -528,17 +528,17 @@ class FileSystemStateRepository(StateRepository):
             return
         match = compile_pattern(pattern).match
         now = time.time()
-        for fan_fd, name, key in self._walk():
-            if key is not None and not match(key):
+        for fan_fd, name, named in self._walk():
+            if named is not None and not match(named):
                 continue
-            if key is not None and not live:
-                yield key
+            if named is not None and not live:
+                yield named
                 continue
-            header = self._header(fan_fd, name, key)
+            header = self._header(fan_fd, name, named)
             if header is None:
                 continue
             found = header["key"]
-            if key is None and not match(found):
+            if named is None and not match(found):
                 continue
             expires_at = header["expires_at"]
             if live and expires_at is not None and expires_at <= now:

@@ -74,14 +74,16 @@ CREATE INDEX IF NOT EXISTS {i}_accessed ON {t} (last_accessed, key);
 """
 
 _COLUMNS = "payload, checksum, size_bytes, version, created_at, updated_at, expires_at, encoding"
-_VALUES = "(:key, :payload, :checksum, :size_bytes, :version, :created_at, :updated_at, :updated_at, :expires_at, :encoding)"
 _INSERT_COLUMNS = (
-    "(key, payload, checksum, size_bytes, version, created_at, updated_at, last_accessed, expires_at, encoding)"
+    "(key, payload, checksum, size_bytes, version, created_at, updated_at,"
+    " last_accessed, expires_at, encoding)"
 )
+# Parameters are positional (?1..?10 in _INSERT_COLUMNS order, see _params):
+# binding a tuple is measurably cheaper than a dict on the store path.
+_VALUES = "(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
 _SET_ALL = (
-    "payload = excluded.payload, checksum = excluded.checksum, size_bytes = excluded.size_bytes,"
-    " version = excluded.version, created_at = excluded.created_at, updated_at = excluded.updated_at,"
-    " last_accessed = excluded.last_accessed, expires_at = excluded.expires_at, encoding = excluded.encoding"
+    "payload = ?2, checksum = ?3, size_bytes = ?4, version = ?5, created_at = ?6,"
+    " updated_at = ?7, last_accessed = ?8, expires_at = ?9, encoding = ?10"
 )
 
 # SQLite's primary result codes that mean "the file cannot be used at all".
@@ -222,7 +224,11 @@ class SQLiteStateRepository(StateRepository):
         t = self._t
         self._sql_fetch = f"SELECT {_COLUMNS} FROM {t} WHERE key = ?"
         self._sql_fetch_live = f"SELECT payload, checksum, expires_at FROM {t} WHERE key = ?"
-        self._sql_store = f"INSERT OR REPLACE INTO {t} {_INSERT_COLUMNS} VALUES {_VALUES}"
+        # An upsert updates the row in place; INSERT OR REPLACE would delete
+        # and re-insert it, rewriting the primary key index on every store.
+        self._sql_store = (
+            f"INSERT INTO {t} {_INSERT_COLUMNS} VALUES {_VALUES} ON CONFLICT(key) DO UPDATE SET {_SET_ALL}"
+        )
         self._sql_delete = f"DELETE FROM {t} WHERE key = ?"
 
     @classmethod
@@ -234,7 +240,7 @@ class SQLiteStateRepository(StateRepository):
         unknown = set(query) - {"busy_timeout", "synchronous", "table"}
         if unknown:
             raise ConfigurationError(f"sqlite:// does not take {sorted(unknown)}")
-        scheme, _, rest = base.partition("://")
+        rest = base.partition("://")[2]
         # SQLAlchemy: sqlite:///relative.db and sqlite:////abs/path.db; the
         # part between // and the next / is an (empty) host.
         if not rest.startswith("/") or len(rest) < 2:
@@ -397,18 +403,20 @@ class SQLiteStateRepository(StateRepository):
         return out
 
     @staticmethod
-    def _params(key: str, value: str, metadata: Metadata) -> dict[str, Any]:
-        return {
-            "key": key,
-            "payload": value,
-            "checksum": metadata["checksum"],
-            "size_bytes": metadata["size_bytes"],
-            "version": metadata["version"],
-            "created_at": metadata["created_at"],
-            "updated_at": metadata["updated_at"],
-            "expires_at": metadata["expires_at"],
-            "encoding": metadata["encoding"],
-        }
+    def _params(key: str, value: str, metadata: Metadata) -> tuple[Any, ...]:
+        updated_at = metadata["updated_at"]
+        return (
+            key,
+            value,
+            metadata["checksum"],
+            metadata["size_bytes"],
+            metadata["version"],
+            metadata["created_at"],
+            updated_at,
+            updated_at,  # last_accessed: a write is an access
+            metadata["expires_at"],
+            metadata["encoding"],
+        )
 
     def store(self, key: str, value: str, metadata: Metadata) -> bool:
         validate_key(key)
@@ -435,23 +443,19 @@ class SQLiteStateRepository(StateRepository):
 
     def store_if_version(self, key: str, value: str, metadata: Metadata, expected: int) -> bool:
         validate_key(key)
-        params = self._params(key, value, metadata)
-        params["now"] = time.time()
+        params = (*self._params(key, value, metadata), time.time(), expected)
         t = self._t
         if expected == 0:
-            # Absent, or present but expired: one statement, atomic.
+            # Absent, or present but expired (?11 = now): one statement, atomic.
             sql = (
                 f"INSERT INTO {t} {_INSERT_COLUMNS} VALUES {_VALUES} ON CONFLICT(key) DO UPDATE"
-                f" SET {_SET_ALL} WHERE {t}.expires_at IS NOT NULL AND {t}.expires_at <= :now"
+                f" SET {_SET_ALL} WHERE {t}.expires_at IS NOT NULL AND {t}.expires_at <= ?11"
+                " AND ?12 = 0"
             )
         else:
-            params["expected"] = expected
             sql = (
-                f"UPDATE {t} SET payload = :payload, checksum = :checksum, size_bytes = :size_bytes,"
-                " version = :version, created_at = :created_at, updated_at = :updated_at,"
-                " last_accessed = :updated_at, expires_at = :expires_at, encoding = :encoding"
-                " WHERE key = :key AND version = :expected"
-                " AND (expires_at IS NULL OR expires_at > :now)"
+                f"UPDATE {t} SET {_SET_ALL}"
+                " WHERE key = ?1 AND version = ?12 AND (expires_at IS NULL OR expires_at > ?11)"
             )
         with self._errors():
             return self._conn().execute(sql, params).rowcount > 0
@@ -461,7 +465,7 @@ class SQLiteStateRepository(StateRepository):
         t = self._t
         sql = (
             f"INSERT INTO {t} {_INSERT_COLUMNS} VALUES {_VALUES} ON CONFLICT(key) DO UPDATE"
-            f" SET {_SET_ALL} WHERE {t}.version < excluded.version"
+            f" SET {_SET_ALL} WHERE {t}.version < ?5"
         )
         with self._errors():
             return self._conn().execute(sql, self._params(key, value, metadata)).rowcount > 0
