@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -370,6 +371,25 @@ def test_pool_waits_instead_of_failing(postgres_url: str, table: str) -> None:
         assert _in_threads(*(partial(work, t) for t in range(8))) == []
         assert len(repository.keys("w*")) == 160
         assert repository._pool._open <= 2
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_forked_child_opens_its_own_connections(repo: PostgresStateRepository) -> None:
+    repo.store("k", *make(1))  # the parent now has a pooled connection
+    parent_sessions = {link.conn.get_backend_pid() for link in repo._pool._idle}
+    pid = os.fork()
+    if pid == 0:  # the child: must not reuse (or close) the parent's session
+        try:
+            ok = repo.fetch("k") == 1 and repo.store("child", *make(2))
+            link = repo._pool.get()
+            ok = ok and link.conn.get_backend_pid() not in parent_sessions
+            repo._pool.put(link)
+            os._exit(0 if ok else 1)
+        except BaseException:
+            os._exit(2)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    assert repo.fetch("child") == 2 and repo.fetch("k") == 1  # the parent's connection lives
 
 
 # ------------------------------------------------------------------ failures

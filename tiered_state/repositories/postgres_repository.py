@@ -410,11 +410,14 @@ class _Pool:
             self.discard(conn)
 
     def _after_fork(self) -> None:
-        with self._cond:
-            _INHERITED.extend(self._idle)
-            self._idle = []
-            self._open = 0
-            self._pid = os.getpid()
+        # Another thread of the parent may have held the lock at fork time:
+        # the child starts over with a fresh one.
+        self._cond = threading.Condition(threading.Lock())
+        _INHERITED.extend(self._idle)
+        self._idle = []
+        self._open = 0
+        self._waiters = 0
+        self._pid = os.getpid()
 
 
 class PostgresStateRepository(StateRepository):
