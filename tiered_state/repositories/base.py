@@ -56,7 +56,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 from .. import codec
-from ..errors import BackendError, BatchError, IntegrityError
+from ..errors import BatchError, IntegrityError
 from ..keys import validate_key
 from ..record import Entry, Metadata
 
@@ -347,15 +347,32 @@ class InstrumentedRepository(StateRepository):
     The single hook point for metrics: the manager wraps each repository in
     one of these only when a collector is configured, so ``metrics=None``
     costs nothing. Names:
-    ``state.repository.{backend}.operations.{op}_total`` (counter),
-    ``...{op}_latency_ms`` (timer), ``...errors_total`` (counter) and
-    ``...batch_size`` (histogram, for the batch operations).
+    ``state.repository.{backend}.operations.{op}_total`` (counter, every
+    attempt), ``...{op}_latency_ms`` (timer), ``...errors_total`` (counter,
+    every exception an operation raises) and ``...batch_size`` (histogram,
+    for the batch operations). ``metrics`` may also be a ``statsd.StatsClient``.
     """
 
     def __init__(self, inner: StateRepository, metrics: MetricsCollector) -> None:
+        from ..metrics import as_collector
+
+        collector = as_collector(metrics)
+        assert collector is not None
         self.inner = inner
-        self.metrics = metrics
-        self._prefix = f"state.repository.{inner.backend}.operations."
+        self.metrics = collector
+        prefix = f"state.repository.{inner.backend}.operations."
+        self._prefix = prefix
+        # Names built once: string concatenation per call would cost as much
+        # as a memory-tier read.
+        self._names = {
+            op: (prefix + op + "_total", prefix + op + "_latency_ms") for op in set(_OPERATION.values())
+        }
+        self._fetch_names = self._names["fetch"]
+        self._errors_name = prefix + "errors_total"
+        self._batch_name = prefix + "batch_size"
+        self._count_op = collector.count_operation
+        self._sampled = collector.sampled_timing
+        self._incr = collector.incr
 
     # Attributes the manager reads from the wrapped repository.
     @property  # type: ignore[override]
@@ -379,24 +396,38 @@ class InstrumentedRepository(StateRepository):
         self.inner.tier = value
 
     def _call(self, method: str, size: int | None, *args: Any) -> Any:
-        op = _OPERATION[method]
-        prefix = self._prefix
-        metrics = self.metrics
+        total, latency = self._names[_OPERATION[method]]
+        if size is not None:
+            self.metrics.histogram(self._batch_name, size)
+        rate = self._count_op(total)
         start = time.perf_counter()
         try:
-            result = getattr(self.inner, method)(*args)
-        except BackendError:
-            metrics.incr(prefix + "errors_total")
+            return getattr(self.inner, method)(*args)
+        except Exception:
+            self._incr(self._errors_name)
             raise
         finally:
-            metrics.timing(prefix + op + "_latency_ms", (time.perf_counter() - start) * 1000.0)
-        metrics.incr(prefix + op + "_total")
-        if size is not None:
-            metrics.histogram(prefix + "batch_size", size)
-        return result
+            if rate:
+                self._sampled(latency, (time.perf_counter() - start) * 1000.0, rate)
 
+    # The hot path of every read, spelled out to skip _call's dispatch.
     def fetch_record(self, key: str) -> Entry | None:
-        return self._call("fetch_record", None, key)  # type: ignore[no-any-return]
+        total, latency = self._fetch_names
+        rate = self._count_op(total)
+        if not rate:
+            try:
+                return self.inner.fetch_record(key)
+            except Exception:
+                self._incr(self._errors_name)
+                raise
+        start = time.perf_counter()
+        try:
+            return self.inner.fetch_record(key)
+        except Exception:
+            self._incr(self._errors_name)
+            raise
+        finally:
+            self._sampled(latency, (time.perf_counter() - start) * 1000.0, rate)
 
     def fetch(self, key: str) -> Any | None:
         return self._call("fetch", None, key)
