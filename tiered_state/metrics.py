@@ -8,15 +8,41 @@ then does not wrap its repositories at all.
 
 A collector must never raise into the caller: a metrics backend that is down
 is not a reason for a state operation to fail.
+
+:class:`StatsdMetrics` does not send a UDP packet per call: counters and
+gauges are aggregated in process and timers kept as a bounded uniform sample
+(with the StatsD ``|@rate`` that tells the server how many there really were),
+and a background thread sends them every ``flush_interval`` seconds packed
+into as few datagrams as fit. That is what keeps instrumentation cheap enough
+for a memory-tier ``get``.
 """
 
 from __future__ import annotations
 
+import atexit
+import logging
+import os
+import random
 import threading
+import weakref
 from collections import defaultdict
-from typing import Any
+from datetime import timedelta
+from typing import Any, Protocol
 
-__all__ = ["InMemoryMetrics", "MetricsCollector", "NullMetrics"]
+from .config import ENV_STATSD, environ, require
+from .errors import ConfigurationError
+
+__all__ = [
+    "InMemoryMetrics",
+    "MetricsCollector",
+    "NullMetrics",
+    "StatsdMetrics",
+    "as_collector",
+    "metrics_from_env",
+    "parse_address",
+]
+
+log = logging.getLogger(__name__)
 
 
 class MetricsCollector:
@@ -34,6 +60,25 @@ class MetricsCollector:
     def histogram(self, stat: str, value: float, rate: float = 1) -> None:
         """Record a distribution sample; StatsD has none, so it is a timer."""
         self.timing(stat, value, rate)
+
+    def count_operation(self, stat: str) -> float:
+        """Count one operation and say whether to time it (the repository hook's fast path).
+
+        :returns: 0 to skip timing this call, else the probability with which
+            this call was picked for timing (1: every call is timed), to be
+            passed to :meth:`sampled_timing`. Collectors that cannot weigh
+            samples time every call.
+        """
+        self.incr(stat)
+        return 1.0
+
+    def sampled_timing(self, stat: str, delta: float, rate: float) -> None:
+        """Record a duration measured for a call picked with probability ``rate``.
+
+        Unlike ``timing(rate=)`` (the ``statsd`` API, which samples again),
+        the sampling has already happened.
+        """
+        self.timing(stat, delta)
 
     def close(self) -> None:
         """Flush and release resources."""
@@ -82,3 +127,455 @@ class InMemoryMetrics(MetricsCollector):
                     "p99": ordered[int(0.99 * (n - 1))],
                 }
             return {"counters": dict(self.counters), "gauges": dict(self.gauges), "timers": timers}
+
+
+class _Client(Protocol):
+    """What ``open(metrics=...)`` accepts besides a collector: a ``statsd.StatsClient``."""
+
+    def incr(self, stat: str, count: int = 1, rate: float = 1) -> None: ...
+
+    def timing(self, stat: str, delta: float, rate: float = 1) -> None: ...
+
+    def gauge(self, stat: str, value: float, rate: float = 1, delta: bool = False) -> None: ...
+
+
+class _GuardedClient(MetricsCollector):
+    """Adapts a foreign client (``statsd.StatsClient``, a Datadog client, ...).
+
+    Adds ``histogram`` (as a timer) where the client has none, and swallows
+    whatever the client raises: a metrics call never fails a state operation.
+    """
+
+    def __init__(self, client: _Client) -> None:
+        self.client = client
+        self._warned = False
+
+    def _failed(self, exc: Exception) -> None:
+        if not self._warned:
+            self._warned = True
+            name = type(self.client).__name__
+            log.warning("metrics client %s failed; dropping metrics: %r", name, exc)
+
+    def incr(self, stat: str, count: int = 1, rate: float = 1) -> None:
+        try:
+            self.client.incr(stat, count, rate)
+        except Exception as exc:  # noqa: BLE001 metrics never raise into the caller
+            self._failed(exc)
+
+    def timing(self, stat: str, delta: float, rate: float = 1) -> None:
+        try:
+            self.client.timing(stat, delta, rate)
+        except Exception as exc:  # noqa: BLE001
+            self._failed(exc)
+
+    def gauge(self, stat: str, value: float, rate: float = 1, delta: bool = False) -> None:
+        try:
+            self.client.gauge(stat, value, rate, delta)
+        except Exception as exc:  # noqa: BLE001
+            self._failed(exc)
+
+    def close(self) -> None:
+        close = getattr(self.client, "close", None)
+        if close is not None:
+            try:
+                close()
+            except Exception as exc:  # noqa: BLE001
+                self._failed(exc)
+
+
+def as_collector(metrics: MetricsCollector | _Client | None) -> MetricsCollector | None:
+    """Normalise what ``open(metrics=...)`` was given.
+
+    A :class:`MetricsCollector` is returned as is; any other object with the
+    ``statsd`` client's ``incr``/``timing``/``gauge`` (a ``statsd.StatsClient``)
+    is wrapped so it also has ``histogram`` and never raises; ``None`` stays None.
+
+    :raises ConfigurationError: the object lacks those methods.
+    """
+    if metrics is None or isinstance(metrics, MetricsCollector):
+        return metrics
+    missing = [m for m in ("incr", "timing", "gauge") if not callable(getattr(metrics, m, None))]
+    if missing:
+        raise ConfigurationError(
+            f"metrics must be a MetricsCollector or a statsd-style client; "
+            f"{type(metrics).__name__} has no {', '.join(missing)}"
+        )
+    return _GuardedClient(metrics)
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """Parse ``host:port`` (``host`` alone means port 8125; IPv6 as ``[::1]:8125``).
+
+    :raises ConfigurationError: malformed address or port.
+    """
+    text = address.strip()
+    host, port = text, "8125"
+    if text.startswith("["):
+        host, sep, rest = text[1:].partition("]")
+        if not sep or (rest and not rest.startswith(":")):
+            raise ConfigurationError(f"bad StatsD address {address!r}; expected host:port")
+        port = rest[1:] or port
+    elif text.count(":") == 1:
+        host, port = text.split(":")
+    try:
+        number = int(port)
+    except ValueError:
+        number = -1
+    if not host or not 0 < number < 65536:
+        raise ConfigurationError(f"bad StatsD address {address!r}; expected host:port")
+    return host, number
+
+
+def metrics_from_env() -> MetricsCollector | None:
+    """A :class:`StatsdMetrics` for ``TIERED_STATE_STATSD=host:port``, or None if unset.
+
+    ``TIERED_STATE_STATSD_PREFIX`` optionally sets the prefix.
+
+    :raises ConfigurationError: the address is malformed.
+    :raises MissingDependencyError: the ``statsd`` package is not installed.
+    """
+    address = environ(ENV_STATSD)
+    if address is None:
+        return None
+    host, port = parse_address(address)
+    return StatsdMetrics(host, port, prefix=environ(ENV_STATSD + "_PREFIX"))
+
+
+# Live StatsdMetrics, so that buffered metrics are sent at exit and a forked
+# child starts with its own buffers and flusher thread.
+_LIVE: weakref.WeakSet[StatsdMetrics] = weakref.WeakSet()
+
+
+def _flush_all_at_exit() -> None:
+    for collector in list(_LIVE):
+        collector.close()
+
+
+def _after_fork_in_child() -> None:
+    for collector in list(_LIVE):
+        collector._reset_after_fork()
+
+
+atexit.register(_flush_all_at_exit)
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_after_fork_in_child)
+
+
+class _Buffer:
+    """One thread's counters and timer reservoirs.
+
+    Only the owning thread writes it, so recording takes no lock (a lock costs
+    as much as the rest of a call). Counters only grow; the flusher sends the
+    difference from what it sent last, reading them with ``dict.copy()``, which
+    is atomic under the GIL for ``str -> number`` dicts, so no count is lost.
+    Timer reservoirs are swapped out whole by the flusher; a sample racing the
+    swap may be lost, which a sample can afford.
+    """
+
+    __slots__ = ("counters", "sent", "thread", "timers")
+
+    def __init__(self) -> None:
+        self.counters: dict[str, float] = {}
+        self.sent: dict[str, float] = {}
+        # name -> [seen (weighted by 1/rate), kept samples]
+        self.timers: dict[str, list[Any]] = {}
+        self.thread = threading.current_thread()
+
+
+class StatsdMetrics(MetricsCollector):
+    """Sends metrics to a StatsD server over UDP with the ``statsd`` package.
+
+    Calls only touch in-process, per-thread buffers; a daemon thread sends the
+    aggregate every ``flush_interval`` seconds, packed into as few datagrams
+    as fit ``max_packet``:
+
+    - counters as one ``name:N|c`` per name and interval (the server sums
+      them anyway);
+    - gauges as their last value per interval (``delta`` gauges as the sum of
+      the adjustments, ``+N``/``-N``);
+    - timers (and histograms) as at most ``max_samples`` samples per name,
+      thread and interval, chosen uniformly at random (reservoir sampling),
+      each sent with ``|@rate`` = kept/seen so the server's counts stay right
+      while the percentiles come from an unbiased sample.
+
+    Nothing here ever raises into the caller: the server address is resolved
+    in the flusher thread (a DNS failure is logged once and retried at the
+    next flush), and socket errors are swallowed by the ``statsd`` client.
+    Buffered metrics are sent by :meth:`close`, :meth:`flush` and at exit.
+
+    :param host: StatsD host.
+    :param port: StatsD UDP port.
+    :param prefix: prepended to every name with a dot (``app`` -> ``app.state...``).
+    :param flush_interval: seconds between sends.
+    :param max_samples: timer samples kept per name, thread and interval.
+    :param max_packet: largest datagram in bytes (512 is safe across the
+        internet; ~1432 fits an Ethernet MTU; 8932 on loopback or jumbo frames).
+    :param ipv6: resolve the host as IPv6.
+    :raises MissingDependencyError: the ``statsd`` package is not installed.
+    """
+
+    def __init__(
+        self,
+        host: str = "127.0.0.1",
+        port: int = 8125,
+        prefix: str | None = None,
+        *,
+        flush_interval: float = 1.0,
+        max_samples: int = 1000,
+        max_packet: int = 1432,
+        ipv6: bool = False,
+    ) -> None:
+        self._statsd = require("statsd", extra="statsd")
+        if flush_interval <= 0 or max_samples < 1 or max_packet < 64:
+            raise ConfigurationError("flush_interval, max_samples and max_packet must be positive")
+        self.host = host
+        self.port = port
+        self.prefix = prefix or None
+        self.flush_interval = flush_interval
+        self.max_samples = max_samples
+        self.max_packet = max_packet
+        self.ipv6 = ipv6
+        #: Flushes whose metrics were dropped (address unresolvable, send failed).
+        self.dropped_flushes = 0
+        self._client: Any = None
+        self._warned = False
+        self._closed = False
+        self._reset()
+        self._start_thread()
+        _LIVE.add(self)
+
+    # ---------------------------------------------------------------- internals
+    def _reset(self) -> None:
+        self._local = threading.local()
+        self._buffers: list[_Buffer] = []
+        # Gauges are rare (sweeps), so a lock is fine for them.
+        self._lock = threading.Lock()
+        self._flush_lock = threading.Lock()
+        self._gauges: dict[str, float] = {}
+        self._deltas: dict[str, float] = {}
+        # counter -> probability that count_operation picks a call for timing
+        self._rates: dict[str, float] = {}
+
+    def _buffer(self) -> _Buffer:
+        buffer = _Buffer()
+        self._local.buffer = buffer
+        with self._lock:
+            self._buffers.append(buffer)
+        return buffer
+
+    def _start_thread(self) -> None:
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="tiered-state-statsd", daemon=True)
+        self._thread.start()
+
+    def _reset_after_fork(self) -> None:
+        # The parent's buffered metrics are the parent's to send; the child's
+        # copies of the locks may be held by threads that no longer exist.
+        self._reset()
+        self._client = None
+        if not self._closed:
+            self._start_thread()
+
+    def _run(self) -> None:
+        while not self._closed:
+            self._wake.wait(self.flush_interval)
+            self._wake.clear()
+            self.flush()
+
+    def _connect(self) -> Any:
+        try:
+            self._client = self._statsd.StatsClient(
+                self.host, self.port, prefix=self.prefix, maxudpsize=self.max_packet, ipv6=self.ipv6
+            )
+        except Exception as exc:  # noqa: BLE001 DNS failure, no network: retry next flush
+            self._warn("cannot reach StatsD at %s:%s (%r); dropping metrics until it resolves", exc)
+            return None
+        self._warned = False
+        return self._client
+
+    def _warn(self, message: str, exc: BaseException) -> None:
+        if not self._warned:
+            self._warned = True
+            log.warning(message, self.host, self.port, exc)
+
+    # ------------------------------------------------------------------ the API
+    def incr(self, stat: str, count: float = 1, rate: float = 1) -> None:
+        try:
+            if rate != 1:
+                # The caller sampled: count what it stands for, as the server would.
+                if rate <= 0:
+                    return
+                count = count / rate
+            try:
+                counters = self._local.buffer.counters
+            except AttributeError:
+                counters = self._buffer().counters
+            counters[stat] = counters.get(stat, 0) + count
+        except Exception:  # never raise into the caller
+            log.debug("dropped counter %s", stat, exc_info=True)
+
+    def decr(self, stat: str, count: float = 1, rate: float = 1) -> None:
+        """Subtract ``count`` from the counter ``stat`` (``statsd`` API)."""
+        self.incr(stat, -count, rate)
+
+    def timing(self, stat: str, delta: float | timedelta, rate: float = 1) -> None:
+        if rate != 1:
+            if rate <= 0 or random.random() > rate:
+                return
+            self._sample(stat, delta, 1.0 / rate)
+        else:
+            self._sample(stat, delta, 1.0)
+
+    def _sample(self, stat: str, delta: float | timedelta, weight: float) -> None:
+        """Add a sample standing for ``weight`` calls to this thread's reservoir."""
+        try:
+            try:
+                timers = self._local.buffer.timers
+            except AttributeError:
+                timers = self._buffer().timers
+            reservoir = timers.get(stat)
+            if reservoir is None:
+                timers[stat] = [weight, [delta]]
+                return
+            seen = reservoir[0] = reservoir[0] + weight
+            samples = reservoir[1]
+            if len(samples) < self.max_samples:
+                samples.append(delta)
+            else:
+                # Algorithm R: every sample seen so far is kept with equal probability.
+                slot = int(random.random() * seen)
+                if slot < self.max_samples:
+                    samples[slot] = delta
+        except Exception:
+            log.debug("dropped timer %s", stat, exc_info=True)
+
+    def histogram(self, stat: str, value: float, rate: float = 1) -> None:
+        self.timing(stat, value, rate)
+
+    def count_operation(self, stat: str) -> float:
+        # Timing costs two clock reads and a reservoir update; at thousands of
+        # calls a second the reservoir keeps few of them anyway, so only about
+        # max_samples calls per interval are timed (rate set by the flusher
+        # from the previous interval's count).
+        try:
+            try:
+                counters = self._local.buffer.counters
+            except AttributeError:
+                counters = self._buffer().counters
+            counters[stat] = counters.get(stat, 0) + 1
+            rate = self._rates.get(stat, 1.0)
+            if rate >= 1.0 or random.random() < rate:
+                return rate
+        except Exception:
+            log.debug("dropped counter %s", stat, exc_info=True)
+        return 0.0
+
+    def sampled_timing(self, stat: str, delta: float, rate: float) -> None:
+        self._sample(stat, delta, 1.0 / rate if 0 < rate < 1 else 1.0)
+
+    def gauge(self, stat: str, value: float, rate: float = 1, delta: bool = False) -> None:
+        try:
+            if rate != 1 and random.random() > rate:
+                return
+            with self._lock:
+                if not delta:
+                    self._gauges[stat] = value
+                    self._deltas.pop(stat, None)
+                elif stat in self._gauges:
+                    self._gauges[stat] += value
+                else:
+                    self._deltas[stat] = self._deltas.get(stat, 0) + value
+        except Exception:
+            log.debug("dropped gauge %s", stat, exc_info=True)
+
+    def _collect(
+        self,
+    ) -> tuple[dict[str, float], dict[str, float], dict[str, float], dict[str, list[Any]]]:
+        counters: dict[str, float] = {}
+        timers: dict[str, list[Any]] = {}
+        with self._lock:
+            gauges, self._gauges = self._gauges, {}
+            deltas, self._deltas = self._deltas, {}
+            buffers = list(self._buffers)
+        for buffer in buffers:
+            alive = buffer.thread.is_alive()
+            now, sent = buffer.counters.copy(), buffer.sent
+            for stat, count in now.items():
+                diff = count - sent.get(stat, 0)
+                if diff:
+                    counters[stat] = counters.get(stat, 0) + diff
+            buffer.sent = now
+            taken, buffer.timers = buffer.timers, {}
+            for stat, (seen, samples) in list(taken.items()):
+                merged = timers.setdefault(stat, [0.0, []])
+                merged[0] += seen
+                merged[1].extend(samples)
+            if not alive:
+                # Its thread is gone and everything it recorded is collected.
+                with self._lock:
+                    self._buffers.remove(buffer)
+        return counters, gauges, deltas, timers
+
+    def flush(self) -> None:
+        """Send what is buffered now (the flusher thread does this periodically)."""
+        try:
+            with self._flush_lock:
+                counters, gauges, deltas, timers = self._collect()
+                limit = self.max_samples
+                self._rates = {s: limit / n for s, n in counters.items() if n > limit}
+                if not (counters or gauges or deltas or timers):
+                    return
+                client = self._client or self._connect()
+                if client is None:
+                    self.dropped_flushes += 1
+                    return
+                self._send(client, counters, gauges, deltas, timers)
+        except Exception as exc:  # noqa: BLE001 metrics never raise into the caller
+            self.dropped_flushes += 1
+            self._warn("sending metrics to StatsD at %s:%s failed (%r)", exc)
+
+    @staticmethod
+    def _send(
+        client: Any,
+        counters: dict[str, float],
+        gauges: dict[str, float],
+        deltas: dict[str, float],
+        timers: dict[str, list[Any]],
+    ) -> None:
+        pipe = client.pipeline()
+        for stat, count in counters.items():
+            pipe.incr(stat, int(count) if count == int(count) else count)
+        for stat, value in gauges.items():
+            pipe.gauge(stat, value)
+        for stat, value in deltas.items():
+            pipe.gauge(stat, value, delta=True)
+        for stat, (seen, samples) in timers.items():
+            rate = len(samples) / seen
+            # The public timing(rate=) would sample a second time; these are
+            # already the sample, so only the |@rate annotation is added.
+            suffix = "|ms" if rate >= 0.999999 else f"|ms|@{rate:.6g}"
+            for value in samples:
+                if isinstance(value, timedelta):
+                    value = value.total_seconds() * 1000.0
+                pipe._send_stat(stat, f"{value:0.6f}{suffix}", 1)
+        pipe.send()
+
+    def close(self) -> None:
+        """Send what is buffered and stop the flusher thread. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self._wake.set()
+        if self._thread is not threading.current_thread():
+            self._thread.join(timeout=2.0)
+        self.flush()
+        client, self._client = self._client, None
+        if client is not None:
+            try:
+                client.close()
+            except Exception:
+                log.debug("closing the StatsD client failed", exc_info=True)
+        _LIVE.discard(self)
+
+    def __repr__(self) -> str:
+        return f"<StatsdMetrics {self.host}:{self.port} prefix={self.prefix!r}>"
