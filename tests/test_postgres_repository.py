@@ -212,7 +212,8 @@ def test_values_jsonb_cannot_hold_exactly(
 
 
 def test_non_canonical_payload_comes_back_unchanged(repo: PostgresStateRepository) -> None:
-    for payload in ['{"b": 1, "a": 2}', "[1,2 ]", "not json at all", '"\\u00e9"', "1.0E2"]:
+    odd = ['{"b": 1, "a": 2}', "[1,2 ]", "not json", '"\\u00e9"', "1.0E2", "[NaN]", "9" * 5000]
+    for payload in odd:
         metadata = make_metadata(payload, 1, now=time.time())
         repo.store("k", payload, metadata)
         entry = repo.fetch_record("k")

@@ -236,8 +236,8 @@ def _split_payload(payload: str) -> tuple[str | None, str | None]:
     would not give it back byte for byte."""
     try:
         value = codec.decode(payload)
-        canonical = codec.encode(value) == payload
-    except (SerializationError, RecursionError):
+        canonical = _canonical(value) == payload
+    except (SerializationError, ValueError, RecursionError):  # not JSON, NaN, too deep
         return None, payload
     if not canonical:
         return None, payload
@@ -283,7 +283,7 @@ def _entry(row: _Row) -> Entry:
     return Entry(key, payload, metadata)
 
 
-def parse_table(table: str) -> tuple[str, ...]:
+def _parse_table(table: str) -> tuple[str, ...]:
     """Split and validate ``table`` or ``schema.table``.
 
     :raises ConfigurationError: a part is not a plain identifier.
@@ -446,7 +446,7 @@ class PostgresStateRepository(StateRepository):
         self._pg = require("psycopg2", extra="postgres")
         require("psycopg2.extras", extra="postgres")
         require("psycopg2.sql", extra="postgres")
-        self._table = parse_table(table)
+        self._table = _parse_table(table)
         self.table = ".".join(self._table)
         if not isinstance(pool_size, int) or pool_size < 1:
             raise ConfigurationError(f"pool_size must be a positive int, not {pool_size!r}")
