@@ -471,14 +471,23 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- export / import
+_json_string = json.JSONEncoder(ensure_ascii=False).encode
+
+
+def _json_time(value: float | None) -> str:
+    # repr of a finite float is valid JSON and round-trips exactly.
+    return "null" if value is None else repr(float(value))
+
+
 def _export_line(entry: Entry, tier: Tier) -> str:
     md = entry.metadata
     # The payload is already canonical JSON text: embedding it saves a
-    # decode/encode per record and keeps it byte-identical, so its checksum holds.
+    # decode/encode per record and keeps it byte-identical, so its checksum
+    # holds. Built by hand because json.dumps per field dominated the export.
     return (
-        f'{{"key":{_json(entry.key)},"value":{entry.payload},"version":{md["version"]},'
-        f'"checksum":"{md["checksum"]}","created_at":{_json(md["created_at"])},'
-        f'"updated_at":{_json(md["updated_at"])},"expires_at":{_json(md["expires_at"])},'
+        f'{{"key":{_json_string(entry.key)},"value":{entry.payload},"version":{md["version"]:d},'
+        f'"checksum":"{md["checksum"]}","created_at":{_json_time(md["created_at"])},'
+        f'"updated_at":{_json_time(md["updated_at"])},"expires_at":{_json_time(md["expires_at"])},'
         f'"tier":"{tier.value}"}}\n'
     )
 

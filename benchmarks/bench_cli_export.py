@@ -1,0 +1,133 @@
+"""``tiered-state export``: flat memory and speed, next to a raw sqlite3 dump.
+
+Run: ``python -m benchmarks.bench_cli_export`` (about a minute). Two embedded
+stores are seeded with 10,000 and 100,000 records in WARM (SQLite); each is
+exported by the real command in a child process, which reports its own peak
+RSS (``VmHWM`` from ``/proc/self/status`` at exit). Not ``getrusage``: on
+Linux a child's ``ru_maxrss`` keeps the RSS its parent had at ``fork``, which
+would hide the export's own footprint behind the benchmark's. Next to it, in the same rounds, a raw child
+streams the same table with the stdlib (``sqlite3`` cursor + ``json``) into
+the same JSON Lines shape -- the floor for time and memory -- and a child
+that only starts the command (``--version``) gives the interpreter's own
+footprint.
+
+Target (issue 8): export of 100k records with flat memory -- the 100k peak
+RSS within a few MB of the 10k one (it streams in chunks of ``cli.CHUNK``).
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import tiered_state
+
+from .harness import measure, print_table, write_json
+
+SIZES = (10_000, 100_000)
+ROUNDS = 3
+
+#: Runs the real command (``python -m tiered_state ARGS``) and reports its peak RSS.
+CLI = r"""
+import atexit, runpy, sys
+atexit.register(lambda: sys.stderr.write(
+    [l for l in open("/proc/self/status") if l.startswith("VmHWM")][0]))
+sys.argv = ["tiered-state", *sys.argv[1:]]
+runpy.run_module("tiered_state", run_name="__main__")
+"""
+
+RAW = r"""
+import json, sqlite3, sys
+conn = sqlite3.connect(sys.argv[1])
+out = open(sys.argv[2], "w", encoding="utf-8")
+cur = conn.execute("SELECT key, payload, version, checksum, created_at, updated_at, expires_at"
+                   " FROM tiered_state")
+while True:
+    rows = cur.fetchmany(500)
+    if not rows:
+        break
+    for key, payload, version, checksum, created, updated, expires in rows:
+        out.write('{"key":%s,"value":%s,"version":%d,"checksum":"%s","created_at":%r,'
+                  '"updated_at":%r,"expires_at":%s,"tier":"warm"}\n'
+                  % (json.dumps(key), payload, version, checksum, created, updated,
+                     json.dumps(expires)))
+out.close()
+sys.stderr.write([l for l in open("/proc/self/status") if l.startswith("VmHWM")][0])
+"""
+
+
+def seed(root: Path, n: int) -> None:
+    with tiered_state.open(root, hot="none", cold="none") as state:
+        for start in range(0, n, 10_000):
+            state.set_many(
+                {f"order:{i:07d}": {"id": i, "side": "buy", "qty": 1.5 * i, "note": "x" * 64}
+                 for i in range(start, min(start + 10_000, n))},
+                tier="warm",
+            )
+
+
+def run_child(command: list[str]) -> tuple[float, int]:
+    """Run ``command``; return (seconds, the peak RSS in KiB it reported)."""
+    start = time.perf_counter()
+    proc = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    elapsed = time.perf_counter() - start
+    if proc.returncode != 0:
+        raise SystemExit(f"{command} failed ({proc.returncode}): {proc.stderr}")
+    return elapsed, int(proc.stderr.rsplit("VmHWM:", 1)[1].split()[0])
+
+
+def recorder(command: list[str], peaks: list[int]) -> Callable[[], None]:
+    """A timed case running ``command`` and keeping each run's peak RSS."""
+    return lambda: peaks.append(run_child(command)[1])
+
+
+def main() -> None:
+    rows: list[dict[str, Any]] = []
+    data: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-cli-export-") as tmp:
+        base = Path(tmp)
+        stores = {}
+        for n in SIZES:
+            stores[n] = base / f"store{n}"
+            seed(stores[n], n)
+        _, startup_kib = run_child([sys.executable, "-c", CLI, "--version"])
+        for n in SIZES:
+            root, out = stores[n], base / f"out{n}.jsonl"
+            peaks: dict[str, list[int]] = {"cli": [], "raw": []}
+            ours = [sys.executable, "-c", CLI, "--quiet", "--path", str(root),
+                    "--hot", "none", "export", str(out)]
+            raw = [sys.executable, "-c", RAW, str(root / "warm.db"), str(base / "raw.jsonl")]
+
+            results = measure({"cli export": recorder(ours, peaks["cli"]),
+                               "raw sqlite3": recorder(raw, peaks["raw"])}, ops=n, rounds=ROUNDS)
+            lines = sum(1 for _ in out.open())
+            assert lines == n, (lines, n)
+            cli_mib, raw_mib = max(peaks["cli"]) / 1024, max(peaks["raw"]) / 1024
+            rows.append({
+                "records": f"{n:,}",
+                "cli s": results["cli export"]["median_s"],
+                "raw s": results["raw sqlite3"]["median_s"],
+                "time ratio": results["cli export"]["median_s"] / results["raw sqlite3"]["median_s"],
+                "cli records/s": results["cli export"]["ops_per_s"],
+                "cli peak RSS MiB": cli_mib,
+                "raw peak RSS MiB": raw_mib,
+                "file MiB": out.stat().st_size / 2**20,
+            })
+            data[str(n)] = {"results": results, "cli_peak_rss_kib": peaks["cli"],
+                            "raw_peak_rss_kib": peaks["raw"], "file_bytes": out.stat().st_size}
+    growth = rows[-1]["cli peak RSS MiB"] - rows[0]["cli peak RSS MiB"]
+    print_table(f"tiered-state export (child peak RSS; `--version` alone: "
+                f"{startup_kib / 1024:.1f} MiB)", rows)
+    print(f"\npeak RSS growth 10k -> 100k records: {growth:+.1f} MiB "
+          f"(target: flat, within a few MB)")
+    write_json("cli_export", {"rows": rows, "startup_rss_kib": startup_kib,
+                              "growth_mib": growth, "raw": data})
+
+
+if __name__ == "__main__":
+    main()
