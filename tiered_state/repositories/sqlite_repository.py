@@ -103,6 +103,8 @@ _orphans: list[sqlite3.Connection] = []
 def _after_fork_in_child() -> None:
     global _fork_generation
     _fork_generation += 1
+    # A thread that did not survive the fork may have held it.
+    _ShmHeader._registry_lock = threading.Lock()
 
 
 if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
