@@ -444,8 +444,10 @@ def _diagnose(args: argparse.Namespace, tier: Tier) -> tuple[str, str, str, str,
 
 def cmd_doctor(args: argparse.Namespace) -> int:
     emit(f"tiered-state {__version__}, Python {sys.version.split()[0]}")
-    drivers = [f"{extra}={'yes' if find_spec(module) else 'no'}" for module, extra in _DRIVERS]
-    emit("drivers: " + " ".join(drivers))
+    missing = [extra for module, extra in _DRIVERS if find_spec(module) is None]
+    drivers = " ".join(f"{extra}={'no' if extra in missing else 'yes'}" for _, extra in _DRIVERS)
+    hint = f"  (server backends: pip install 'tiered-state[{','.join(missing)}]')" if missing else ""
+    emit(f"drivers: {drivers}{hint}")
     rows = [("tier", "status", "connect", "latency", "url")]
     problems: list[tuple[int, str, str]] = []
     for tier in _ORDER:
