@@ -16,7 +16,6 @@ No codec that can execute code on load (pickle) exists here: a payload is data.
 from __future__ import annotations
 
 import json
-import re
 import zlib
 from collections.abc import Callable
 from typing import Any
@@ -32,41 +31,47 @@ _encoder = json.JSONEncoder(
     ensure_ascii=False, allow_nan=False, sort_keys=True, separators=(",", ":")
 )
 
-_loads: Callable[[str], Any]
+# orjson decodes several times faster than json, but turns integers beyond
+# 64 bits into floats without a word. The encoder marks the (rare) payloads
+# holding such integers with one leading space -- still plain JSON, and
+# deterministic -- and only those are decoded by the exact standard decoder.
+_BIG_INT_MARK = " "
+_INT_MIN, _INT_MAX = -(2**63), 2**64 - 1
+
+_fast_loads: Callable[[str], Any]
 try:  # pragma: no cover - depends on what is installed
     import orjson as _orjson
 
-    # orjson turns integers beyond 64 bits into floats without a word; any
-    # run of 19+ digits sends the payload to the exact standard decoder.
-    _long_number = re.compile(r"\d{19}").search
-
-    def _loads(payload: str) -> Any:
-        if _long_number(payload):
-            return json.loads(payload)
-        return _orjson.loads(payload)
-
+    _fast_loads = _orjson.loads
 except ImportError:  # pragma: no cover
-    _loads = json.loads
-
+    _fast_loads = json.loads
 
 _CONTAINERS = (dict, list, tuple)
 
 
-def _check_keys(value: Any) -> None:
-    """Refuse non-str dict keys: json would turn ``{1: "x"}`` into ``{"1": "x"}``,
-    so the value read back would silently differ from the value stored."""
+def _inspect(value: Any) -> bool:
+    """Refuse non-str dict keys; return True if an integer needs more than 64 bits.
+
+    json would turn ``{1: "x"}`` into ``{"1": "x"}``, so the value read back
+    would silently differ from the value stored.
+    """
+    big = False
+    items: Iterable[Any]
     if isinstance(value, dict):
-        for key, item in value.items():
+        for key in value:
             if not isinstance(key, str):
                 raise SerializationError(
                     f"dict keys must be str, not {type(key).__name__} ({key!r})"
                 )
-            if isinstance(item, _CONTAINERS):
-                _check_keys(item)
+        items = value.values()
     else:
-        for item in value:
-            if isinstance(item, _CONTAINERS):
-                _check_keys(item)
+        items = value
+    for item in items:
+        if isinstance(item, _CONTAINERS):
+            big = _inspect(item) or big
+        elif type(item) is int and not _INT_MIN <= item <= _INT_MAX:
+            big = True
+    return big
 
 
 def encode(value: Any) -> str:
@@ -77,10 +82,13 @@ def encode(value: Any) -> str:
     """
     try:
         if isinstance(value, _CONTAINERS):
-            _check_keys(value)
-        return _encoder.encode(value)
+            big = _inspect(value)
+        else:
+            big = isinstance(value, int) and not _INT_MIN <= value <= _INT_MAX
+        payload = _encoder.encode(value)
     except (TypeError, ValueError, RecursionError) as exc:
         raise SerializationError(f"value cannot be encoded as JSON: {exc}") from exc
+    return _BIG_INT_MARK + payload if big else payload
 
 
 def decode(payload: str) -> Any:
@@ -89,8 +97,10 @@ def decode(payload: str) -> Any:
     :raises SerializationError: the payload is not JSON.
     """
     try:
-        return _loads(payload)
-    except ValueError as exc:
+        if payload[:1] == _BIG_INT_MARK:
+            return json.loads(payload)
+        return _fast_loads(payload)
+    except (ValueError, IndexError) as exc:
         raise SerializationError(f"stored payload is not valid JSON: {exc}") from exc
 
 

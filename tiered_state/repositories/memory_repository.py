@@ -20,7 +20,7 @@ from .. import codec
 from ..config import parse_number, query_options
 from ..errors import ConfigurationError, IntegrityError
 from ..keys import compile_pattern, is_literal, literal_prefix, validate_key, validate_pattern
-from ..record import Entry, Metadata
+from ..record import Entry, Metadata, checksum
 from .base import Items, StateRepository
 
 __all__ = ["MemoryStateRepository"]
@@ -111,12 +111,16 @@ class MemoryStateRepository(StateRepository):
         return Entry(key, item[0], dict(item[1]))  # type: ignore[arg-type]
 
     def fetch(self, key: str) -> Any | None:
-        entry = self.fetch_record(key)
-        if entry is None:
+        validate_key(key)
+        with self._lock:
+            item = self._get_live(key, time.time())
+        if item is None:
             return None
-        if not entry.valid():
+        # No Entry and no metadata copy: only the payload leaves the lock.
+        payload = item[0]
+        if checksum(payload) != item[1]["checksum"]:
             raise IntegrityError(f"memory: checksum mismatch for {key!r}", key)
-        return codec.decode(entry.payload)
+        return codec.decode(payload)
 
     def fetch_many(self, keys: Iterable[str]) -> dict[str, Entry]:
         keys = [validate_key(k) for k in keys]
