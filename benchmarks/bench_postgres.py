@@ -32,7 +32,7 @@ URL = os.environ.get(
 )
 N_BATCH = 10_000
 N_KEYS = 100_000
-N_FETCH = 2_000
+N_FETCH = 500
 
 _RAW_UPSERT = (
     "INSERT INTO {t} (key, data, checksum, size_bytes, version, created_at, updated_at, "
@@ -115,7 +115,7 @@ def main() -> None:
                 cur.fetchone()
 
         fetch = measure({"ours fetch": ours_fetch, "raw point SELECT": raw_fetch},
-                        ops=N_FETCH, rounds=7)
+                        ops=N_FETCH, rounds=25)
         fetch_ratio = ratio(fetch, "ours fetch", "raw point SELECT")
 
         # ---- fetch_many of 10k: the cost of re-encoding JSONB to canonical text
