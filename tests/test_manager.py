@@ -648,3 +648,12 @@ def test_metadata_helpers() -> None:
     payload, metadata = make({"a": 1}, version=3, ttl=5)
     assert metadata == make_metadata(payload, 3, now=metadata["updated_at"], ttl=5)
     assert os.environ.get("TIERED_STATE_HOT") is None
+
+
+def test_hot_only_store_reports_an_outage() -> None:
+    hot = _Failing(MemoryStateRepository(), unavailable=True)
+    state = StateManager(hot)
+    with pytest.raises(BackendUnavailableError):
+        state.set("k", 1)
+    with pytest.raises(BackendUnavailableError):
+        state.delete("k")

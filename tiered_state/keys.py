@@ -232,8 +232,10 @@ def to_like(pattern: str, escape: str = "\\") -> str:
 def to_redis(pattern: str) -> str:
     """Translate to a Redis ``MATCH`` glob (same dialect; ``[!x]`` -> ``[^x]``).
 
-    Every literal character Redis treats specially is escaped, so the result
-    never matches more than the reference matcher; callers may still filter.
+    Every literal character Redis treats specially is escaped. Redis globs
+    match *bytes*, so ``?`` and ``[...]`` miss multi-byte characters: callers
+    scan by the literal prefix (or this glob when it is ASCII-only) and always
+    filter with :func:`matches`.
     """
     out: list[str] = []
     for token in _tokens(pattern):

@@ -341,7 +341,13 @@ class StateManager:
         self._dirty_marked = False
 
     def _hot_call(self, fn: Callable[[], Any], *, invalidation: bool) -> Any:
-        """Run a HOT operation; on unavailability degrade instead of failing."""
+        """Run a HOT operation; on unavailability degrade instead of failing.
+
+        With no durable tier configured, HOT holds the only copy: then its
+        failure is the operation's failure and is raised.
+        """
+        if self._durable_below(Tier.HOT) is None:
+            return fn()
         if not self._usable(Tier.HOT):
             if invalidation:
                 self._hot_failed(BackendUnavailableError("skipped while unreachable", "hot"))
