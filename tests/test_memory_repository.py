@@ -55,7 +55,7 @@ def test_callers_cannot_mutate_stored_state() -> None:
 
 def test_corrupt_payload_raises_integrity_error() -> None:
     repo = MemoryStateRepository()
-    payload, metadata = make({"a": 1})
+    _, metadata = make({"a": 1})
     repo.store("k", '{"a":2}', metadata)
     with pytest.raises(IntegrityError):
         repo.fetch("k")
