@@ -49,6 +49,7 @@ where its store has a native, faster or atomic way.
 from __future__ import annotations
 
 import abc
+import random
 import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
@@ -362,15 +363,15 @@ class InstrumentedRepository(StateRepository):
         self.metrics = collector
         prefix = f"state.repository.{inner.backend}.operations."
         self._prefix = prefix
-        # Names built once: string concatenation per call would cost as much
-        # as a memory-tier read.
-        self._names = {
-            op: (prefix + op + "_total", prefix + op + "_latency_ms") for op in set(_OPERATION.values())
+        # Counter handles and names made once: building names per call would
+        # cost as much as a memory-tier read.
+        self._ops = {
+            op: (collector.ticker(prefix + op + "_total"), prefix + op + "_latency_ms")
+            for op in set(_OPERATION.values())
         }
-        self._fetch_names = self._names["fetch"]
+        self._fetch_op = self._ops["fetch"]
         self._errors_name = prefix + "errors_total"
         self._batch_name = prefix + "batch_size"
-        self._count_op = collector.count_operation
         self._sampled = collector.sampled_timing
         self._incr = collector.incr
 
@@ -396,10 +397,11 @@ class InstrumentedRepository(StateRepository):
         self.inner.tier = value
 
     def _call(self, method: str, size: int | None, *args: Any) -> Any:
-        total, latency = self._names[_OPERATION[method]]
+        ticker, latency = self._ops[_OPERATION[method]]
         if size is not None:
             self.metrics.histogram(self._batch_name, size)
-        rate = self._count_op(total)
+        ticker.tick()
+        rate = ticker.rate
         start = time.perf_counter()
         try:
             return getattr(self.inner, method)(*args)
@@ -407,14 +409,16 @@ class InstrumentedRepository(StateRepository):
             self._incr(self._errors_name)
             raise
         finally:
-            if rate:
+            if rate >= 1.0 or random.random() < rate:
                 self._sampled(latency, (time.perf_counter() - start) * 1000.0, rate)
 
-    # The hot path of every read, spelled out to skip _call's dispatch.
+    # The hot path of every read, spelled out to skip _call's dispatch and,
+    # when this call is not picked for timing, the clock reads.
     def fetch_record(self, key: str) -> Entry | None:
-        total, latency = self._fetch_names
-        rate = self._count_op(total)
-        if not rate:
+        ticker, latency = self._fetch_op
+        ticker.tick()
+        rate = ticker.rate
+        if rate < 1.0 and random.random() >= rate:
             try:
                 return self.inner.fetch_record(key)
             except Exception:
