@@ -20,12 +20,15 @@ for a memory-tier ``get``.
 from __future__ import annotations
 
 import atexit
+import functools
+import itertools
 import logging
 import os
 import random
 import threading
 import weakref
 from collections import defaultdict
+from collections.abc import Callable
 from datetime import timedelta
 from typing import Any, Protocol
 
@@ -37,12 +40,24 @@ __all__ = [
     "MetricsCollector",
     "NullMetrics",
     "StatsdMetrics",
+    "Ticker",
     "as_collector",
     "metrics_from_env",
     "parse_address",
 ]
 
 log = logging.getLogger(__name__)
+_random = random.random
+
+
+class Ticker:
+    """What :meth:`MetricsCollector.ticker` returns: ``tick()`` and ``rate``."""
+
+    __slots__ = ("rate", "tick")
+
+    def __init__(self, tick: Callable[[], object], rate: float = 1.0) -> None:
+        self.tick = tick
+        self.rate = rate
 
 
 class MetricsCollector:
@@ -61,16 +76,15 @@ class MetricsCollector:
         """Record a distribution sample; StatsD has none, so it is a timer."""
         self.timing(stat, value, rate)
 
-    def count_operation(self, stat: str) -> float:
-        """Count one operation and say whether to time it (the repository hook's fast path).
+    def ticker(self, stat: str) -> Ticker:
+        """A handle on the counter ``stat`` for a hot path (the repository hook).
 
-        :returns: 0 to skip timing this call, else the probability with which
-            this call was picked for timing (1: every call is timed), to be
-            passed to :meth:`sampled_timing`. Collectors that cannot weigh
-            samples time every call.
+        ``handle.tick()`` adds one; ``handle.rate`` is the probability with
+        which the caller should time the call (1: every call) and pass the
+        duration to :meth:`sampled_timing`. The default ticks through
+        :meth:`incr` and asks for every call to be timed.
         """
-        self.incr(stat)
-        return 1.0
+        return Ticker(functools.partial(self.incr, stat))
 
     def sampled_timing(self, stat: str, delta: float, rate: float) -> None:
         """Record a duration measured for a call picked with probability ``rate``.
@@ -262,24 +276,39 @@ if hasattr(os, "register_at_fork"):
 
 
 class _Buffer:
-    """One thread's counters and timer reservoirs.
+    """One thread's timer reservoirs.
 
     Only the owning thread writes it, so recording takes no lock (a lock costs
-    as much as the rest of a call). Counters only grow; the flusher sends the
-    difference from what it sent last, reading them with ``dict.copy()``, which
-    is atomic under the GIL for ``str -> number`` dicts, so no count is lost.
-    Timer reservoirs are swapped out whole by the flusher; a sample racing the
-    swap may be lost, which a sample can afford.
+    as much as the rest of a call). The flusher swaps the reservoirs out
+    whole; a sample racing the swap may be lost, which a sample can afford.
     """
 
-    __slots__ = ("counters", "sent", "thread", "timers")
+    __slots__ = ("thread", "timers")
 
     def __init__(self) -> None:
-        self.counters: dict[str, float] = {}
-        self.sent: dict[str, float] = {}
         # name -> [seen (weighted by 1/rate), kept samples]
         self.timers: dict[str, list[Any]] = {}
         self.thread = threading.current_thread()
+
+
+class _Tick(Ticker):
+    """A lock-free counter: ``itertools.count.__next__`` is one C call, atomic
+    under the GIL. The flusher reads it by calling ``next`` too, so it keeps
+    track of its own reads to subtract them."""
+
+    __slots__ = ("reads", "sent", "seq")
+
+    def __init__(self) -> None:
+        self.seq = itertools.count()
+        super().__init__(self.seq.__next__)
+        self.reads = 0
+        self.sent = 0
+
+    def total(self) -> int:
+        """Ticks so far (flusher only)."""
+        value = next(self.seq) - self.reads
+        self.reads += 1
+        return value
 
 
 class StatsdMetrics(MetricsCollector):
@@ -348,13 +377,17 @@ class StatsdMetrics(MetricsCollector):
     def _reset(self) -> None:
         self._local = threading.local()
         self._buffers: list[_Buffer] = []
-        # Gauges are rare (sweeps), so a lock is fine for them.
+        # Counts other than +1, gauges: rare (batches, sweeps), a lock is fine.
         self._lock = threading.Lock()
         self._flush_lock = threading.Lock()
+        self._counts: dict[str, float] = {}
         self._gauges: dict[str, float] = {}
         self._deltas: dict[str, float] = {}
-        # counter -> probability that count_operation picks a call for timing
-        self._rates: dict[str, float] = {}
+        # Kept across a fork (the repository hooks hold them), rebased instead.
+        if not hasattr(self, "_tickers"):
+            self._tickers: dict[str, _Tick] = {}
+        for tick in self._tickers.values():
+            tick.sent = tick.total()
 
     def _buffer(self) -> _Buffer:
         buffer = _Buffer()
@@ -401,18 +434,30 @@ class StatsdMetrics(MetricsCollector):
     # ------------------------------------------------------------------ the API
     def incr(self, stat: str, count: float = 1, rate: float = 1) -> None:
         try:
+            if count == 1 and rate == 1:
+                tick = self._tickers.get(stat) or self.ticker(stat)
+                tick.tick()
+                return
             if rate != 1:
                 # The caller sampled: count what it stands for, as the server would.
                 if rate <= 0:
                     return
                 count = count / rate
-            try:
-                counters = self._local.buffer.counters
-            except AttributeError:
-                counters = self._buffer().counters
-            counters[stat] = counters.get(stat, 0) + count
+            with self._lock:
+                self._counts[stat] = self._counts.get(stat, 0) + count
         except Exception:  # never raise into the caller
             log.debug("dropped counter %s", stat, exc_info=True)
+
+    def ticker(self, stat: str) -> Ticker:
+        # Busy operations are timed at a reduced rate: two clock reads and a
+        # reservoir update per call would cost more than a memory-tier read,
+        # and the reservoir keeps only max_samples per interval anyway. The
+        # flusher sets each rate from the previous interval's count.
+        tick = self._tickers.get(stat)
+        if tick is None:
+            with self._lock:
+                tick = self._tickers.setdefault(stat, _Tick())
+        return tick
 
     def decr(self, stat: str, count: float = 1, rate: float = 1) -> None:
         """Subtract ``count`` from the counter ``stat`` (``statsd`` API)."""
@@ -420,7 +465,7 @@ class StatsdMetrics(MetricsCollector):
 
     def timing(self, stat: str, delta: float | timedelta, rate: float = 1) -> None:
         if rate != 1:
-            if rate <= 0 or random.random() > rate:
+            if rate <= 0 or _random() > rate:
                 return
             self._sample(stat, delta, 1.0 / rate)
         else:
@@ -443,7 +488,7 @@ class StatsdMetrics(MetricsCollector):
                 samples.append(delta)
             else:
                 # Algorithm R: every sample seen so far is kept with equal probability.
-                slot = int(random.random() * seen)
+                slot = int(_random() * seen)
                 if slot < self.max_samples:
                     samples[slot] = delta
         except Exception:
@@ -452,30 +497,12 @@ class StatsdMetrics(MetricsCollector):
     def histogram(self, stat: str, value: float, rate: float = 1) -> None:
         self.timing(stat, value, rate)
 
-    def count_operation(self, stat: str) -> float:
-        # Timing costs two clock reads and a reservoir update; at thousands of
-        # calls a second the reservoir keeps few of them anyway, so only about
-        # max_samples calls per interval are timed (rate set by the flusher
-        # from the previous interval's count).
-        try:
-            try:
-                counters = self._local.buffer.counters
-            except AttributeError:
-                counters = self._buffer().counters
-            counters[stat] = counters.get(stat, 0) + 1
-            rate = self._rates.get(stat, 1.0)
-            if rate >= 1.0 or random.random() < rate:
-                return rate
-        except Exception:
-            log.debug("dropped counter %s", stat, exc_info=True)
-        return 0.0
-
     def sampled_timing(self, stat: str, delta: float, rate: float) -> None:
         self._sample(stat, delta, 1.0 / rate if 0 < rate < 1 else 1.0)
 
     def gauge(self, stat: str, value: float, rate: float = 1, delta: bool = False) -> None:
         try:
-            if rate != 1 and random.random() > rate:
+            if rate != 1 and _random() > rate:
                 return
             with self._lock:
                 if not delta:
@@ -491,20 +518,20 @@ class StatsdMetrics(MetricsCollector):
     def _collect(
         self,
     ) -> tuple[dict[str, float], dict[str, float], dict[str, float], dict[str, list[Any]]]:
-        counters: dict[str, float] = {}
         timers: dict[str, list[Any]] = {}
         with self._lock:
+            counters, self._counts = self._counts, {}
             gauges, self._gauges = self._gauges, {}
             deltas, self._deltas = self._deltas, {}
             buffers = list(self._buffers)
+            ticks = list(self._tickers.items())
+        for stat, tick in ticks:
+            total = tick.total()
+            if total != tick.sent:
+                counters[stat] = counters.get(stat, 0) + total - tick.sent
+                tick.sent = total
         for buffer in buffers:
             alive = buffer.thread.is_alive()
-            now, sent = buffer.counters.copy(), buffer.sent
-            for stat, count in now.items():
-                diff = count - sent.get(stat, 0)
-                if diff:
-                    counters[stat] = counters.get(stat, 0) + diff
-            buffer.sent = now
             taken, buffer.timers = buffer.timers, {}
             for stat, (seen, samples) in list(taken.items()):
                 merged = timers.setdefault(stat, [0.0, []])
@@ -516,13 +543,29 @@ class StatsdMetrics(MetricsCollector):
                     self._buffers.remove(buffer)
         return counters, gauges, deltas, timers
 
+    def _adapt_rates(self, counters: dict[str, float]) -> None:
+        """Set each ticker's timing rate for the next interval: about max_samples timed calls.
+
+        An operation idle this interval keeps half its reduction (rate x2)
+        rather than jumping back to timing every call: bursty traffic would
+        otherwise pay the full timing cost at the start of every burst.
+        """
+        limit = self.max_samples
+        for stat, tick in list(self._tickers.items()):
+            count = counters.get(stat, 0)
+            if count > limit:
+                tick.rate = limit / count
+            elif count == 0 and tick.rate < 0.5:
+                tick.rate *= 2
+            else:
+                tick.rate = 1.0
+
     def flush(self) -> None:
         """Send what is buffered now (the flusher thread does this periodically)."""
         try:
             with self._flush_lock:
                 counters, gauges, deltas, timers = self._collect()
-                limit = self.max_samples
-                self._rates = {s: limit / n for s, n in counters.items() if n > limit}
+                self._adapt_rates(counters)
                 if not (counters or gauges or deltas or timers):
                     return
                 client = self._client or self._connect()
