@@ -657,3 +657,25 @@ def test_hot_only_store_reports_an_outage() -> None:
         state.set("k", 1)
     with pytest.raises(BackendUnavailableError):
         state.delete("k")
+
+
+def test_partial_partition_staleness_is_bounded(tmp_path: Path) -> None:
+    """A process that cannot reach a shared HOT leaves a marker; one that can
+    finds it within MARKER_CHECK_INTERVAL and flushes HOT."""
+    from tiered_state.manager import MARKER_CHECK_INTERVAL
+
+    with tiered_state.open(tmp_path) as base:
+        shared = MemoryStateRepository()
+        for_a = _Failing(shared)
+        for_b = _Failing(shared)
+        for_a.shared = for_b.shared = True  # type: ignore[misc]
+        a = StateManager(for_a, base.repositories[WARM])
+        b = StateManager(for_b, base.repositories[WARM])
+        a.set("k", "v1")
+        assert b.get("k") == "v1"
+        for_a.unavailable = True  # only A loses HOT
+        a.set("k", "v2")
+        deadline = time.monotonic() + MARKER_CHECK_INTERVAL + 0.5
+        while b.get("k") != "v2":
+            assert time.monotonic() < deadline, "B kept serving the stale HOT copy"
+            time.sleep(0.05)

@@ -71,6 +71,10 @@ _HOT_DIRTY = RESERVED_PREFIX + "hot-dirty"
 #: the next attempt; a dead Redis then costs one timeout per interval, not one
 #: per call.
 RETRY_INTERVAL = 1.0
+#: How often a process that sees HOT healthy checks for another process's
+#: "HOT is stale" marker: the staleness bound when processes disagree on
+#: whether HOT is reachable (a partial partition).
+MARKER_CHECK_INTERVAL = 1.0
 #: Reads tracked for the sweep's idle test are flushed in one batched write
 #: when this many are pending or FLUSH_SECONDS have passed.
 FLUSH_ITEMS = 1000
@@ -226,7 +230,7 @@ class StateManager:
              "integrity_errors", "tier_errors", "hot_flushes"), 0
         )
         self._down_until: dict[Tier, float] = {}
-        self._dirty_marked = False
+        self._next_marker_check = 0.0
         self._access: set[str] = set()
         self._access_lock = threading.Lock()
         self._access_at = 0.0
@@ -316,15 +320,16 @@ class StateManager:
         """HOT could not be invalidated: persist the marker so no one trusts it later."""
         self._mark_down(Tier.HOT, exc)
         hot = self._repos[Tier.HOT]
-        if not hot.shared or self._dirty_marked:
+        if not hot.shared:
             return
         durable = self._durable_below(Tier.WARM)
         if durable is None:
             return
+        # Written for every write that skips HOT, not once per outage: another
+        # process may have flushed HOT and removed an earlier marker meanwhile.
         payload = codec.encode({"since": time.time(), "pid": os.getpid()})
         # Raises if the durable tier is down too: then the write fails as it must.
         durable[1].store(_HOT_DIRTY, payload, make_metadata(payload, self._clock.next(), now=time.time()))
-        self._dirty_marked = True
 
     def _recover_hot(self) -> None:
         """Flush HOT if some process marked it stale while it was unreachable."""
@@ -338,7 +343,6 @@ class StateManager:
         self._count("hot_flushes")
         log.warning("HOT tier was written around during an outage: flushed %d copies", flushed)
         durable[1].delete_if_version(_HOT_DIRTY, marker.version)
-        self._dirty_marked = False
 
     def _hot_call(self, fn: Callable[[], Any], *, invalidation: bool) -> Any:
         """Run a HOT operation; on unavailability degrade instead of failing.
@@ -431,6 +435,11 @@ class StateManager:
                 watch = self._warm_watch
                 if watch is not None and watch.changed_by_others():
                     self._foreign_write_seen()
+                elif hot.shared and time.monotonic() >= self._next_marker_check:
+                    # A process that could not reach HOT (while this one can)
+                    # leaves a marker; look for it once a second.
+                    self._next_marker_check = time.monotonic() + MARKER_CHECK_INTERVAL
+                    self._recover_hot()
                 entry = hot.fetch_record(key)
             except BackendUnavailableError as exc:
                 self._mark_down(Tier.HOT, exc)
@@ -962,6 +971,7 @@ class StateManager:
             if tier is Tier.WARM and cold is not None and warm is repo and cold_after is not None:
                 idle_before = now - cold_after
             for batch in repo.scan(size, now=now, idle_before=idle_before):
+                batch = [e for e in batch if not e.key.startswith(RESERVED_PREFIX)]
                 report.scanned += len(batch)
                 expired = [e for e in batch if e.expired(now)]
                 idle = [e for e in batch if not e.expired(now)]
@@ -1081,9 +1091,9 @@ class StateManager:
     def iter_records(self, pattern: str = "*") -> Iterator[Record]:
         """Every live record matching ``pattern`` (as :meth:`get_record` sees it), streamed."""
         for key in self.keys(pattern):
-            record = self.get_record(key)
-            if record is not None:
-                yield record
+            found = self._lookup(key, promote=False)  # a listing must not fill HOT
+            if found is not None:
+                yield _to_record(*found)
 
     # ------------------------------------------------------------ lifecycle
     def close(self) -> None:
