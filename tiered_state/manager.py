@@ -50,7 +50,7 @@ from .errors import (
     InvalidKeyError,
 )
 from .keys import validate_key, validate_keys, validate_pattern
-from .metrics import MetricsCollector
+from .metrics import MetricsCollector, as_collector, metrics_from_env
 from .policy import SweepReport, TieringPolicy
 from .record import Entry, Metadata, Record, Tier, VersionClock, make_metadata
 from .repositories.base import InstrumentedRepository, StateRepository, chunked
@@ -209,7 +209,11 @@ class StateManager:
         cache: LocalCache | None = None,
     ) -> None:
         self.policy = policy or TieringPolicy()
+        # A raw statsd.StatsClient is wrapped so it has histogram() and never raises.
+        metrics = as_collector(metrics)
         self.metrics = metrics
+        #: Close the collector with the manager (open() sets it for one it built).
+        self.owns_metrics = False
         repos: dict[Tier, StateRepository] = {}
         for tier, repo in ((Tier.HOT, hot), (Tier.WARM, warm), (Tier.COLD, cold)):
             if repo is None:
@@ -228,6 +232,11 @@ class StateManager:
         self._counters = dict.fromkeys(
             ("hit_hot", "hit_warm", "hit_cold", "miss", "promotions", "demotions",
              "integrity_errors", "tier_errors", "hot_flushes"), 0
+        )
+        # Counter handles: one C call per count on the read path.
+        self._ticks = (
+            {n: metrics.ticker("state.manager." + n).tick for n in self._counters}
+            if metrics is not None else {}
         )
         self._down_until: dict[Tier, float] = {}
         self._next_marker_check = 0.0
@@ -260,7 +269,10 @@ class StateManager:
         self._counters[name] += n
         if self.metrics is not None:
             try:
-                self.metrics.incr("state.manager." + name, n)
+                if n == 1:
+                    self._ticks[name]()
+                elif n:
+                    self.metrics.incr("state.manager." + name, n)
             except Exception:
                 log.debug("metrics collector failed", exc_info=True)
 
@@ -1109,6 +1121,8 @@ class StateManager:
                     repo.close()
                 except BackendError:
                     log.warning("error closing %s", repo.backend, exc_info=True)
+            if self.owns_metrics and self.metrics is not None:
+                self.metrics.close()  # sends what is still buffered
 
     def __enter__(self) -> StateManager:
         return self
@@ -1186,15 +1200,15 @@ def open(
                 continue
             log.debug("opening %s tier at %s", tier.value, redact(url))
             opened[tier] = open_repository(url)
+        owns_metrics = metrics is None
         if metrics is None:
-            from . import metrics as metrics_module
-
-            from_env = getattr(metrics_module, "metrics_from_env", None)
-            metrics = from_env() if from_env is not None else None
-        return StateManager(
+            metrics = metrics_from_env()
+        manager = StateManager(
             opened.get(Tier.HOT), opened.get(Tier.WARM), opened.get(Tier.COLD),
             policy=policy, metrics=metrics, cache=cache,
         )
+        manager.owns_metrics = owns_metrics and metrics is not None
+        return manager
     except BaseException:
         for repo in opened.values():
             repo.close()
