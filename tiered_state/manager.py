@@ -66,6 +66,7 @@ _ORDER = (Tier.HOT, Tier.WARM, Tier.COLD)
 #: refused as user keys).
 RESERVED_PREFIX = "__tiered_state__:"
 _HOT_DIRTY = RESERVED_PREFIX + "hot-dirty"
+_CHANGED = RESERVED_PREFIX + "changed"
 
 #: How long a tier that failed with BackendUnavailableError is skipped before
 #: the next attempt; a dead Redis then costs one timeout per interval, not one
@@ -75,9 +76,11 @@ RETRY_INTERVAL = 1.0
 #: "HOT is stale" marker: the staleness bound when processes disagree on
 #: whether HOT is reachable (a partial partition).
 MARKER_CHECK_INTERVAL = 1.0
-#: Reads tracked for the sweep's idle test are flushed in one batched write
-#: when this many are pending or FLUSH_SECONDS have passed.
-FLUSH_ITEMS = 1000
+#: Reads tracked for the sweep's idle test are flushed in batched writes when
+#: this many distinct keys are pending or FLUSH_SECONDS have passed (the set
+#: deduplicates, so a working set read over and over costs one write per key
+#: per FLUSH_SECONDS).
+FLUSH_ITEMS = 50_000
 FLUSH_SECONDS = 30.0
 
 
@@ -537,7 +540,9 @@ class StateManager:
 
         def copy() -> bool:
             if not repo.store_if_newer(key, entry.payload, metadata):
-                return False
+                # Refused: the target already holds this version (done) or a newer one.
+                held = repo.fetch_record(key)
+                return held is not None and held.version == version
             # A write or delete may have replaced the source while we copied;
             # if so, withdraw the copy so it cannot shadow the newer state.
             current = self._repos[source].fetch_record(key)
@@ -721,17 +726,22 @@ class StateManager:
         if durable is not None:
             d_tier, d_repo = durable
             if if_version is not None:
-                metadata = self._store_conditional(d_tier, d_repo, key, payload, metadata, if_version)
+                metadata = self._store_conditional(d_repo, key, payload, metadata, if_version)
             else:
                 metadata = self._store_newest(d_repo, key, payload, metadata)
-            # 3. Durable copies above it are older now: remove them.
+            # 3. Durable copies above it are older now: remove them (only if
+            #    older -- a concurrent write above may be newer and stays).
             for t, repo in self._tiers:
                 if t is d_tier:
                     break
                 if not repo.volatile:
-                    repo.delete(key)
+                    above = repo.fetch_record(key)
+                    if above is not None and above.version < metadata["version"]:
+                        repo.delete_if_version(key, above.version)
                 elif t is not target:
                     self._delete_volatile(t, repo, key)
+            if d_repo is not self._warm_watch:
+                self._signal_change()
 
         # 4. The volatile copy, if the write was aimed at one.
         t_repo = self._repos[target]
@@ -764,37 +774,53 @@ class StateManager:
         return metadata
 
     def _store_conditional(
-        self, tier: Tier, repo: StateRepository, key: str, payload: str, metadata: Metadata,
-        expected: int,
+        self, repo: StateRepository, key: str, payload: str, metadata: Metadata, expected: int,
     ) -> Metadata:
-        entry = repo.fetch_record(key)
-        if entry is None:
-            # The current version may live below the durable write tier.
-            below = self._lookup_below(tier, key)
-            current = below.version if below is not None else 0
-            stored_expected = 0
-        else:
-            current = 0 if entry.expired() else entry.version
-            stored_expected = current
-        if current != expected:
-            raise ConflictError(key, expected, current)
-        if not repo.store_if_version(key, payload, metadata, stored_expected):
-            latest = repo.fetch_record(key)
-            actual = 0 if latest is None or latest.expired() else latest.version
-            raise ConflictError(key, expected, actual)
+        """Compare-and-set: atomic in ``repo``, the durable tier the write goes to.
+
+        The current version is the one a read would see, which may live in
+        another durable tier (a record swept to COLD, or a write aimed below
+        the tier holding it); the store itself is conditional on what ``repo``
+        holds, so two racing writers cannot both win.
+        """
+        current: int | None = None
+        stored: int | None = None
+        for tier_repo in [r for _, r in self._tiers if not r.volatile]:
+            entry = tier_repo.fetch_record(key)
+            version = 0 if entry is None or entry.expired() else entry.version
+            if tier_repo is repo:
+                stored = version
+            if current is None and entry is not None:
+                current = version
+            if current is not None and stored is not None:
+                break
+        current, stored = current or 0, stored or 0
+        # One read of `repo` gives both numbers, so racing writers compare
+        # against the same state; a copy in `repo` newer than `expected`
+        # means another write got there first.
+        if current != expected or stored > expected:
+            raise ConflictError(key, expected, max(current, stored))
+        if not repo.store_if_version(key, payload, metadata, stored):
+            raise ConflictError(key, expected, self._current_version(key))
         return metadata
 
-    def _lookup_below(self, tier: Tier, key: str) -> Entry | None:
-        below = False
-        for t, repo in self._tiers:
-            if t is tier:
-                below = True
-                continue
-            if below:
-                entry = repo.fetch_record(key)
-                if entry is not None:
-                    return None if entry.expired() else entry
-        return None
+    def _current_version(self, key: str) -> int:
+        """The version a read would find (0: absent), from the durable tiers."""
+        durable = [r for _, r in self._tiers if not r.volatile] or [r for _, r in self._tiers]
+        for repo in durable:
+            entry = repo.fetch_record(key)
+            if entry is not None:
+                return 0 if entry.expired() else entry.version
+        return 0
+
+    def _signal_change(self) -> None:
+        """Make the watched WARM store commit, so other processes' private HOT
+        tiers notice a write or delete that changed only other tiers."""
+        watch = self._warm_watch
+        if watch is None:
+            return
+        payload = codec.encode(self._clock.next())
+        watch.store(_CHANGED, payload, make_metadata(payload, self._clock.next(), now=time.time()))
 
     def set_many(
         self, items: Mapping[str, Any], tier: Tier | str = Tier.HOT, ttl: float | None = None
@@ -845,9 +871,14 @@ class StateManager:
                 if t is d_tier:
                     break
                 if not repo.volatile:
-                    repo.delete_many(done)
+                    older = {k: e.version for k, e in repo.fetch_many(done).items()
+                             if e.version < prepared[k][1]["version"]}
+                    if older:
+                        repo.delete_many_if_version(older)
                 elif t is not target:
                     self._delete_volatile_many(t, repo, done)
+            if d_repo is not self._warm_watch:
+                self._signal_change()
         t_repo = self._repos[target]
         if t_repo.volatile:
             copies = {k: (prepared[k][0], self._copy_metadata(target, prepared[k][1], now)) for k in stored}
@@ -871,13 +902,18 @@ class StateManager:
         if self._cache is not None:
             self._cache.discard((key,))
         existed = False
+        committed = False
         # Lowest tier first: if this is interrupted, what is left is the
         # newest copy, never an older one uncovered.
         for tier, repo in reversed(self._tiers):
             if tier is Tier.HOT:
                 existed = bool(self._hot_call(partial(repo.delete, key), invalidation=True)) or existed
             else:
-                existed = repo.delete(key) or existed
+                deleted = repo.delete(key)
+                existed = deleted or existed
+                committed = committed or (deleted and repo is self._warm_watch)
+        if existed and not committed:
+            self._signal_change()
         return existed
 
     def delete_many(self, keys: Iterable[str]) -> int:
@@ -887,20 +923,30 @@ class StateManager:
             return 0
         if self._cache is not None:
             self._cache.discard(wanted)
-        present: set[str] = set()
-        durable_seen = False
+        # Count what a read would have found: per key, the first durable
+        # tier holding it decides (an expired copy there hides older ones).
+        decided: dict[str, bool] = {}
+        durable = [r for _, r in self._tiers if not r.volatile]
+        for repo in durable:
+            undecided = [k for k in wanted if k not in decided]
+            if not undecided:
+                break
+            for key, entry in repo.fetch_many(undecided).items():
+                decided[key] = not entry.expired()
+        # Lowest tier first, as in delete().
+        hot_count = 0
+        committed = False
         for tier, repo in reversed(self._tiers):
             if tier is Tier.HOT:
-                if not durable_seen:
-                    n = self._hot_call(partial(repo.delete_many, wanted), invalidation=True)
-                    return int(n or 0)
-                self._hot_call(partial(repo.delete_many, wanted), invalidation=True)
-                continue
-            # Durable tiers hold every key's newest copy; count live ones once.
-            present.update(k for k, e in repo.fetch_many(wanted).items() if not e.expired())
-            repo.delete_many(wanted)
-            durable_seen = durable_seen or not repo.volatile
-        return len(present)
+                hot_count = int(self._hot_call(partial(repo.delete_many, wanted), invalidation=True) or 0)
+            else:
+                n = repo.delete_many(wanted)
+                committed = committed or (n > 0 and repo is self._warm_watch)
+        if not durable:
+            return hot_count
+        if decided and not committed:
+            self._signal_change()
+        return sum(decided.values())
 
     # ------------------------------------------------------------ migration
     def promote(self, key: str, to: Tier | str = Tier.HOT) -> bool:
