@@ -51,6 +51,8 @@ def validate_key(key: object) -> str:
         raise InvalidKeyError(f"key must be a str, not {type(key).__name__}")
     if key.isascii():  # the common case: length in bytes is the length in chars
         size = len(key)
+        if key.isprintable() and 0 < size <= MAX_KEY_BYTES:
+            return key  # printable ASCII has no control character
     else:
         try:
             size = len(key.encode("utf-8"))

@@ -169,7 +169,7 @@ def _check_ttl(ttl: float | None) -> float | None:
 
 def _user_key(key: object) -> str:
     key = validate_key(key)
-    if key.startswith(RESERVED_PREFIX):
+    if key[:1] == "_" and key.startswith(RESERVED_PREFIX):
         raise InvalidKeyError(f"keys starting with {RESERVED_PREFIX!r} are reserved")
     return key
 
@@ -397,10 +397,9 @@ class StateManager:
         """Remember reads for the sweep's idle test; flushed in batches, never per read."""
         if self.policy.cold_after is None:
             return
-        now = time.time()
+        self._access_at = now = time.time()
         access = self._access
         access.update(keys)  # a set update is atomic under the GIL; flush swaps the set
-        self._access_at = now
         if len(access) >= FLUSH_ITEMS or now - self._access_flushed > FLUSH_SECONDS:
             self.flush_access()
 
@@ -437,47 +436,54 @@ class StateManager:
             self._cache.clear()
 
     # ------------------------------------------------------------ reads
-    def _lookup(self, key: str, promote: bool) -> tuple[Entry, Tier] | None:
-        """Read-through HOT -> WARM -> COLD; the first live, valid copy wins."""
+    def _guard_hot(self) -> None:
+        """Before trusting HOT: drop a private HOT's copies if another process
+        wrote; look for another process's "HOT is stale" marker once a second."""
+        watch = self._warm_watch
+        if watch is not None:
+            if watch.changed_by_others():
+                self._foreign_write_seen()
+        elif self._hot is not None and self._hot.shared and time.monotonic() >= self._next_marker_check:
+            # A process that could not reach HOT (while this one can) leaves
+            # a marker in the durable tier.
+            self._next_marker_check = time.monotonic() + MARKER_CHECK_INTERVAL
+            self._recover_hot()
+
+    def _lookup(
+        self, key: str, promote: bool, hot_checked: bool = False
+    ) -> tuple[Entry, Tier] | None:
+        """Read-through HOT -> WARM -> COLD; the first live, valid copy wins.
+
+        :param hot_checked: the caller already asked HOT and found nothing.
+        """
         if self._cache is not None:
             cached = self._cache.get(key)
             if cached is not None:
                 return cached
         hot = self._hot
-        if hot is not None and not self._down_until:
-            # Fast path: a healthy HOT tier holding a valid copy.
+        if hot is not None and not hot_checked and (not self._down_until or self._usable(Tier.HOT)):
+            hot_checked = True
             try:
-                watch = self._warm_watch
-                if watch is not None and watch.changed_by_others():
-                    self._foreign_write_seen()
-                elif hot.shared and time.monotonic() >= self._next_marker_check:
-                    # A process that could not reach HOT (while this one can)
-                    # leaves a marker; look for it once a second.
-                    self._next_marker_check = time.monotonic() + MARKER_CHECK_INTERVAL
-                    self._recover_hot()
+                self._guard_hot()
                 entry = hot.fetch_record(key)
             except BackendUnavailableError as exc:
                 self._mark_down(Tier.HOT, exc)
-            else:
-                if entry is not None and not entry.expired() and entry.valid():
+                entry = None
+            if entry is not None and not entry.expired():
+                if entry.valid():
                     self._count("hit_hot")
                     if self._cache is not None:
                         self._cache.put(entry, Tier.HOT)
                     return entry, Tier.HOT
+                self._count("integrity_errors")
+                log.error("checksum mismatch for a copy in tier hot (key %r)", key)
+                self._discard_copy(Tier.HOT, hot, key, entry.version)
         corrupt: Entry | None = None
         corrupt_tier: Tier | None = None
         for tier, repo in self._tiers:
-            if tier is Tier.HOT:
-                if not self._usable(tier):
-                    continue
-                try:
-                    self._check_foreign_writes()
-                    entry = repo.fetch_record(key)
-                except BackendUnavailableError as exc:
-                    self._mark_down(tier, exc)
-                    continue
-            else:
-                entry = repo.fetch_record(key)
+            if repo is hot and (hot_checked or not self._usable(tier)):
+                continue
+            entry = repo.fetch_record(key)
             if entry is None:
                 continue
             if entry.expired():
@@ -574,7 +580,34 @@ class StateManager:
         :raises BackendUnavailableError: a durable tier needed for the answer is down.
         """
         key = _user_key(key)
-        found = self._lookup(key, promote=True)
+        hot = self._hot
+        hot_checked = False
+        if hot is not None and self._cache is None and (not self._down_until or self._usable(Tier.HOT)):
+            # Fast path: the verified payload straight from a healthy HOT tier.
+            try:
+                self._guard_hot()
+                payload = hot.fetch_payload(key)
+            except BackendUnavailableError as exc:
+                self._mark_down(Tier.HOT, exc)
+            except IntegrityError:
+                pass  # the general path below discards the corrupt copy
+            else:
+                if payload is not None:
+                    # _count and _note_access, inlined: this is the hottest path.
+                    self._counters["hit_hot"] += 1
+                    if self._ticks:
+                        try:
+                            self._ticks["hit_hot"]()
+                        except Exception:  # metrics never break state operations
+                            log.debug("metrics collector failed", exc_info=True)
+                    if self.policy.cold_after is not None:
+                        self._access_at = now = time.time()
+                        self._access.add(key)
+                        if now - self._access_flushed > FLUSH_SECONDS or len(self._access) >= FLUSH_ITEMS:
+                            self.flush_access()
+                    return codec.decode(payload)
+                hot_checked = True
+        found = self._lookup(key, promote=True, hot_checked=hot_checked)
         if found is None:
             return default
         self._note_access((key,))

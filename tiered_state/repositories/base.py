@@ -124,6 +124,21 @@ class StateRepository(abc.ABC):
             raise IntegrityError(f"{self.backend}: checksum mismatch for {key!r}", key)
         return codec.decode(entry.payload)
 
+    def fetch_payload(self, key: str) -> str | None:
+        """The verified payload of the live record ``key``; None if absent or expired.
+
+        What :meth:`fetch` returns before decoding: the manager's read path,
+        which needs no metadata for a plain ``get``.
+
+        :raises IntegrityError: the stored payload fails its checksum.
+        """
+        entry = self.fetch_record(key)
+        if entry is None or entry.expired():
+            return None
+        if not entry.valid():
+            raise IntegrityError(f"{self.backend}: checksum mismatch for {key!r}", key)
+        return entry.payload
+
     @abc.abstractmethod
     def store(self, key: str, value: str, metadata: Metadata) -> bool:
         """Store payload ``value`` with ``metadata`` under ``key``, replacing any copy.
@@ -328,6 +343,7 @@ class StateRepository(abc.ABC):
 _OPERATION = {
     "fetch": "fetch",
     "fetch_record": "fetch",
+    "fetch_payload": "fetch",
     "fetch_many": "fetch_many",
     "store": "store",
     "store_if_version": "store",
@@ -435,6 +451,9 @@ class InstrumentedRepository(StateRepository):
 
     def fetch(self, key: str) -> Any | None:
         return self._call("fetch", None, key)
+
+    def fetch_payload(self, key: str) -> str | None:
+        return self._call("fetch_payload", None, key)  # type: ignore[no-any-return]
 
     def store(self, key: str, value: str, metadata: Metadata) -> bool:
         return self._call("store", None, key, value, metadata)  # type: ignore[no-any-return]

@@ -110,7 +110,7 @@ class MemoryStateRepository(StateRepository):
             return None
         return Entry(key, item[0], dict(item[1]))  # type: ignore[arg-type]
 
-    def fetch(self, key: str) -> Any | None:
+    def fetch_payload(self, key: str) -> str | None:
         validate_key(key)
         with self._lock:
             item = self._get_live(key, time.time())
@@ -120,7 +120,11 @@ class MemoryStateRepository(StateRepository):
         payload = item[0]
         if checksum(payload) != item[1]["checksum"]:
             raise IntegrityError(f"memory: checksum mismatch for {key!r}", key)
-        return codec.decode(payload)
+        return payload
+
+    def fetch(self, key: str) -> Any | None:
+        payload = self.fetch_payload(key)
+        return None if payload is None else codec.decode(payload)
 
     def fetch_many(self, keys: Iterable[str]) -> dict[str, Entry]:
         keys = [validate_key(k) for k in keys]

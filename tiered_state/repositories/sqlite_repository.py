@@ -134,7 +134,8 @@ class _ShmHeader:
     def __init__(self, fd: int, ino: int) -> None:
         self.fd = fd
         self.ino = ino
-        self.pid = os.getpid()
+        # The fork generation, not os.getpid(): a syscall on every read.
+        self.generation = _fork_generation
         self.map: mmap.mmap | None = mmap.mmap(fd, 96, access=mmap.ACCESS_READ)
 
     @classmethod
@@ -162,7 +163,7 @@ class _ShmHeader:
             return header
 
     def read(self) -> bytes | None:
-        if self.map is not None and self.pid == os.getpid():
+        if self.map is not None and self.generation == _fork_generation:
             return self.map[:96]
         try:
             data = os.pread(self.fd, 96, 0)
@@ -636,9 +637,11 @@ class SQLiteStateRepository(StateRepository):
 
     # ------------------------------------------------------------ change signal
     def changed_by_others(self) -> bool:
+        # Called before every read a private HOT tier serves: keep it lean.
         local = self._local
         conn = local.conn
-        if conn is None or local.generation != (_fork_generation, self._epoch):
+        generation = local.generation
+        if conn is None or generation[0] != _fork_generation or generation[1] != self._epoch:
             conn = self._open(local)
         shm = local.shm
         if shm is not None:
