@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 
 from tiered_state import codec
-from tiered_state.errors import BatchError, InvalidKeyError
+from tiered_state.errors import BatchError, IntegrityError, InvalidKeyError
 from tiered_state.keys import matches
 from tiered_state.record import Entry, Metadata, make_metadata
 from tiered_state.repositories.base import StateRepository
@@ -135,7 +135,7 @@ class RepositoryConformance:
     def test_interface_is_complete(self, repository: StateRepository) -> None:
         assert isinstance(repository, StateRepository)
         assert repository.backend != "base"
-        for name in ("fetch", "fetch_record", "store", "delete", "keys", "stats",
+        for name in ("fetch", "fetch_record", "fetch_payload", "store", "delete", "keys", "stats",
                      "store_many", "delete_many", "fetch_many", "store_if_version",
                      "store_if_newer", "delete_if_version", "scan", "clear", "close"):
             assert callable(getattr(repository, name))
@@ -169,6 +169,24 @@ class RepositoryConformance:
         entry = repository.fetch_record("k")
         assert entry is not None and entry.version == 2
         assert repository.keys("*") == ["k"]
+
+    def test_fetch_payload(self, repository: StateRepository) -> None:
+        payload, metadata = make({"a": [1, 2]})
+        repository.store("k", payload, metadata)
+        assert repository.fetch_payload("k") == payload
+        assert repository.fetch_payload("absent") is None
+        repository.store("gone", *make(1, now=time.time() - 10, ttl=1))
+        assert repository.fetch_payload("gone") is None
+
+    def test_corrupt_payload_is_never_returned(self, repository: StateRepository) -> None:
+        _, metadata = make({"a": 1})
+        repository.store("k", codec.encode({"a": 2}), metadata)  # checksum of another payload
+        with pytest.raises(IntegrityError):
+            repository.fetch("k")
+        with pytest.raises(IntegrityError):
+            repository.fetch_payload("k")
+        entry = repository.fetch_record("k")
+        assert entry is not None and not entry.valid()
 
     def test_absent_key(self, repository: StateRepository) -> None:
         assert repository.fetch("missing") is None
