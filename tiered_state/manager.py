@@ -230,6 +230,8 @@ class StateManager:
         self._repos = repos
         self._tiers: list[tuple[Tier, StateRepository]] = [(t, repos[t]) for t in _ORDER if t in repos]
         self._hot = repos.get(Tier.HOT)
+        #: HOT has a durable tier below it, so a HOT failure can be degraded around.
+        self._hot_backed = self._durable_below(Tier.HOT) is not None
         self._clock = VersionClock()
         self._cache = _Cache(cache) if cache is not None else None
         self._counters = dict.fromkeys(
@@ -365,9 +367,9 @@ class StateManager:
         With no durable tier configured, HOT holds the only copy: then its
         failure is the operation's failure and is raised.
         """
-        if self._durable_below(Tier.HOT) is None:
+        if not self._hot_backed:
             return fn()
-        if not self._usable(Tier.HOT):
+        if self._down_until and not self._usable(Tier.HOT):
             if invalidation:
                 self._hot_failed(BackendUnavailableError("skipped while unreachable", "hot"))
             return None
@@ -747,12 +749,14 @@ class StateManager:
         if self._cache is not None:
             self._cache.discard((key,))
 
-        # 1. Invalidate volatile copies above the durable tier before writing
-        #    it, so no reader can find an old copy above the new one.
+        # 1. Invalidate shared volatile copies (redis) above the durable tier
+        #    before writing it: if this process dies between the durable write
+        #    and step 4, no old copy may be left above the new one. A private
+        #    memory tier dies with the process, so it needs no such step.
         for t, repo in self._tiers:
             if durable is not None and t is durable[0]:
                 break
-            if repo.volatile:
+            if repo.volatile and (repo.shared or durable is None or t is not target):
                 self._delete_volatile(t, repo, key)
 
         # 2. The durable copy.
