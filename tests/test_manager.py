@@ -679,3 +679,16 @@ def test_partial_partition_staleness_is_bounded(tmp_path: Path) -> None:
         while b.get("k") != "v2":
             assert time.monotonic() < deadline, "B kept serving the stale HOT copy"
             time.sleep(0.05)
+
+
+def test_sweep_dry_run_changes_nothing(tmp_path: Path) -> None:
+    with tiered_state.open(tmp_path, policy=TieringPolicy(cold_after=0.2)) as state:
+        state.set_many({f"k{i}": i for i in range(5)}, tier="warm")
+        state.set("exp", 1, tier="warm", ttl=0.1)
+        time.sleep(0.3)
+        report = state.sweep(dry_run=True)
+        assert (report.moved, report.purged) == (5, 1)
+        assert sorted(state.repositories[WARM].keys()) == [f"k{i}" for i in range(5)]
+        assert state.repositories[COLD].keys() == []
+        real = state.sweep()
+        assert (real.moved, real.purged) == (5, 1)

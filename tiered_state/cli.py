@@ -340,7 +340,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     with _open(args, _policy(args)) as state:
         try:
             if args.dry_run:
-                report = _dry_run(state, show)
+                report = state.sweep(progress=show, dry_run=True)
             else:
                 report = state.sweep(progress=show)
         finally:
@@ -353,31 +353,6 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     for key, error in list(report.errors.items())[:10]:
         log.error("%r: %s", key, error)
     return EXIT_FAILED if report.failed else EXIT_OK
-
-
-def _dry_run(state: StateManager, progress: Callable[[SweepReport], None]) -> SweepReport:
-    """What :meth:`StateManager.sweep` would do, without changing anything."""
-    started = time.monotonic()
-    report = SweepReport()
-    now = time.time()
-    repos = state.repositories
-    cold_after = state.policy.cold_after
-    cold = repos.get(Tier.COLD)
-    for tier, repo in _sources(state):
-        if repo.volatile:
-            continue
-        idle_before = None
-        if tier is Tier.WARM and cold is not None and cold_after is not None:
-            idle_before = now - cold_after
-        for batch in repo.scan(state.policy.batch_size, now=now, idle_before=idle_before):
-            report.scanned += len(batch)
-            expired = sum(1 for e in batch if e.expired(now))
-            report.purged += expired
-            if cold is not None and idle_before is not None:
-                report.moved += len(batch) - expired
-            progress(report)
-    report.seconds = time.monotonic() - started
-    return report
 
 
 def cmd_promote(args: argparse.Namespace) -> int:

@@ -1041,7 +1041,9 @@ class StateManager:
                 upper.delete_if_version(key, entry.version)
         return True
 
-    def sweep(self, progress: Callable[[SweepReport], None] | None = None) -> SweepReport:
+    def sweep(
+        self, progress: Callable[[SweepReport], None] | None = None, *, dry_run: bool = False
+    ) -> SweepReport:
         """Run the tiering policy once.
 
         Moves WARM records idle longer than ``cold_after`` to COLD (copy,
@@ -1050,6 +1052,8 @@ class StateManager:
         ``policy.batch_size`` so memory stays flat.
 
         :param progress: called with the running report after every batch.
+        :param dry_run: only count what would be moved and purged; nothing
+            is written except the pending read times the idle test needs.
         """
         started = time.monotonic()
         report = SweepReport()
@@ -1070,6 +1074,12 @@ class StateManager:
                 report.scanned += len(batch)
                 expired = [e for e in batch if e.expired(now)]
                 idle = [e for e in batch if not e.expired(now)]
+                if dry_run:
+                    report.purged += len(expired)
+                    report.moved += len(idle) if cold is not None and idle_before is not None else 0
+                    if progress is not None:
+                        progress(report)
+                    continue
                 if expired:
                     self._purge(repo, below, expired, report)
                 if idle and cold is not None:
