@@ -140,15 +140,23 @@ _INSERT = (
 _ROW = "(%s, %s::jsonb, %s, %s, %s, %s, to_timestamp(%s), to_timestamp(%s), to_timestamp(%s), %s)"
 _UPSERT = _INSERT + "VALUES " + _ROW + " ON CONFLICT (key) DO UPDATE SET " + _SET_ALL
 
+_STORE_TYPES = "text, jsonb, text, text, integer, bigint, float8, float8, float8, text"
+_STORE_TEXT = (
+    _INSERT + "VALUES ($1, $2, $3, $4, $5, $6, to_timestamp($7), to_timestamp($8), "
+    "to_timestamp($9), $10) ON CONFLICT (key) DO UPDATE SET " + _SET_ALL
+)
+
 # Hot single-key statements are PREPAREd once per connection: parse and plan
 # dominate a point query's server time.
 _PREPARED = {
     "fetch": ("text, float8", "SELECT data::text, payload, checksum FROM {t} WHERE key = $1 "
               "AND (expires_at IS NULL OR expires_at > to_timestamp($2))"),
     "select": ("text", f"SELECT {_COLUMNS} FROM {{t}} WHERE key = $1"),
-    "store": ("text, jsonb, text, text, integer, bigint, float8, float8, float8, text",
-              _INSERT + "VALUES ($1, $2, $3, $4, $5, $6, to_timestamp($7), to_timestamp($8), "
-              "to_timestamp($9), $10) ON CONFLICT (key) DO UPDATE SET " + _SET_ALL),
+    "store": (_STORE_TYPES, _STORE_TEXT),
+    # The manager's write path: every set is a store_if_newer.
+    "store_if_newer": (_STORE_TYPES, _STORE_TEXT + " WHERE cur.version < excluded.version"),
+    "delete": ("text", "DELETE FROM {t} WHERE key = $1"),
+    "delete_if_version": ("text, bigint", "DELETE FROM {t} WHERE key = $1 AND version = $2"),
 }
 
 _SQL = {
@@ -177,16 +185,13 @@ _SQL = {
     + "SELECT key, data, payload, checksum, size_bytes, version, to_timestamp(created_at), "
     "to_timestamp(updated_at), to_timestamp(expires_at), encoding FROM tiered_state_load "
     "ORDER BY key ON CONFLICT (key) DO UPDATE SET " + _SET_ALL,
-    "store_if_newer": _UPSERT + " WHERE cur.version < excluded.version",
     "store_if_absent": _UPSERT
     + " WHERE cur.expires_at IS NOT NULL AND cur.expires_at <= to_timestamp(%s)",
     "store_if_version": "UPDATE {t} SET data = %s::jsonb, payload = %s, checksum = %s, "
     "size_bytes = %s, version = %s, created_at = to_timestamp(%s), "
     "updated_at = to_timestamp(%s), expires_at = to_timestamp(%s), encoding = %s "
     f"WHERE key = %s AND version = %s AND {_LIVE}",
-    "delete": "DELETE FROM {t} WHERE key = %s",
     "delete_many": "DELETE FROM {t} WHERE key = ANY(%s)",
-    "delete_if_version": "DELETE FROM {t} WHERE key = %s AND version = %s",
     "delete_many_if_version": "DELETE FROM {t} AS cur USING unnest(%s::text[], %s::bigint[]) "
     "AS d(key, version) WHERE cur.key = d.key AND cur.version = d.version RETURNING cur.key",
     "keys": f"SELECT key FROM {{t}} WHERE key LIKE %s ESCAPE '\\' AND {_LIVE}",
