@@ -114,9 +114,13 @@ def make_metadata(
     }
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Entry:
-    """A stored record as a repository returns it: the payload and its metadata."""
+    """A stored record as a repository returns it: the payload and its metadata.
+
+    Treat it as read-only. It is not a frozen dataclass because batch reads
+    build one per record and a frozen ``__init__`` costs three times as much.
+    """
 
     key: str
     payload: str

@@ -52,7 +52,7 @@ import abc
 import random
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -430,30 +430,33 @@ class InstrumentedRepository(StateRepository):
 
     # The hot path of every read, spelled out to skip _call's dispatch and,
     # when this call is not picked for timing, the clock reads.
-    def fetch_record(self, key: str) -> Entry | None:
+    def _read(self, read: Callable[[str], _T], key: str) -> _T:
         ticker, latency = self._fetch_op
         ticker.tick()
         rate = ticker.rate
         if rate < 1.0 and random.random() >= rate:
             try:
-                return self.inner.fetch_record(key)
+                return read(key)
             except Exception:
                 self._incr(self._errors_name)
                 raise
         start = time.perf_counter()
         try:
-            return self.inner.fetch_record(key)
+            return read(key)
         except Exception:
             self._incr(self._errors_name)
             raise
         finally:
             self._sampled(latency, (time.perf_counter() - start) * 1000.0, rate)
 
-    def fetch(self, key: str) -> Any | None:
-        return self._call("fetch", None, key)
+    def fetch_record(self, key: str) -> Entry | None:
+        return self._read(self.inner.fetch_record, key)
 
     def fetch_payload(self, key: str) -> str | None:
-        return self._call("fetch_payload", None, key)  # type: ignore[no-any-return]
+        return self._read(self.inner.fetch_payload, key)
+
+    def fetch(self, key: str) -> Any | None:
+        return self._call("fetch", None, key)
 
     def store(self, key: str, value: str, metadata: Metadata) -> bool:
         return self._call("store", None, key, value, metadata)  # type: ignore[no-any-return]
