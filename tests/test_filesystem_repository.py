@@ -297,3 +297,27 @@ def test_fork_child_can_write(repo: FileSystemStateRepository) -> None:
     assert repo.fetch("child") == "c"
     repo.store("parent", *make("p2"))
     assert repo.fetch("parent") == "p2"
+
+
+def test_false_deadlock_from_the_kernel_is_retried(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """POSIX record locks are per process: threads of two processes waiting on
+    each other's stripes make the kernel answer EDEADLK though no thread holds
+    two stripes. That can't be staged reliably, so lockf is made to say it once."""
+    import errno
+    import fcntl
+
+    from tiered_state.repositories import filesystem_repository as module
+
+    real = fcntl.lockf
+    calls = {"n": 0}
+
+    def flaky(fd: int, cmd: int, *args: int) -> None:
+        calls["n"] += 1
+        if cmd == fcntl.LOCK_EX and calls["n"] == 1:
+            raise OSError(errno.EDEADLK, "Resource deadlock avoided")
+        real(fd, cmd, *args)
+
+    monkeypatch.setattr(module.fcntl, "lockf", flaky)
+    repo = FileSystemStateRepository(tmp_path / "cold")
+    assert repo.store_if_version("k", *make("v", 5), expected=0) is True
+    assert repo.fetch("k") == "v" and calls["n"] >= 3

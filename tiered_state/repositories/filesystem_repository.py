@@ -200,7 +200,18 @@ class FileSystemStateRepository(StateRepository):
     def _key_lock(self, stripe: int) -> Iterator[None]:
         _, lock_fd = self._fds()
         with self._stripes[stripe]:
-            fcntl.lockf(lock_fd, fcntl.LOCK_EX, 1, stripe)
+            while True:
+                try:
+                    fcntl.lockf(lock_fd, fcntl.LOCK_EX, 1, stripe)
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EDEADLK:
+                        raise
+                    # POSIX record locks belong to processes, not threads: a
+                    # thread of A waiting for B while a thread of B waits for
+                    # A looks like a deadlock to the kernel though none exists
+                    # (a thread holds one stripe at most). Back off, retry.
+                    time.sleep(0.0005 + secrets.randbelow(5000) / 1e6)
             try:
                 yield
             finally:
