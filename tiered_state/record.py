@@ -58,6 +58,9 @@ class Tier(str, Enum):
         """Accept a :class:`Tier` or its name in any case."""
         if isinstance(tier, Tier):
             return tier
+        found = _TIER_NAMES.get(tier) if isinstance(tier, str) else None
+        if found is not None:
+            return found
         try:
             return cls(str(tier).lower())
         except ValueError:
@@ -66,6 +69,10 @@ class Tier(str, Enum):
             raise ConfigurationError(
                 f"unknown tier {tier!r}: use 'hot', 'warm' or 'cold'"
             ) from None
+
+
+# Enum lookup by value costs a microsecond; writes name their tier every call.
+_TIER_NAMES = {t.value: t for t in Tier}
 
 
 class Metadata(TypedDict):
