@@ -317,7 +317,14 @@ class StateManager:
         self._count("tier_errors")
 
     def _durable_below(self, tier: Tier) -> tuple[Tier, StateRepository] | None:
-        """The first durable tier at or below ``tier``."""
+        """The first durable tier at or below ``tier`` (fixed once the tiers are)."""
+        cache = self.__dict__.setdefault("_durable_cache", {})
+        if tier in cache:
+            return cache[tier]  # type: ignore[no-any-return]
+        found = cache[tier] = self._find_durable_below(tier)
+        return found
+
+    def _find_durable_below(self, tier: Tier) -> tuple[Tier, StateRepository] | None:
         seen = False
         for t, repo in self._tiers:
             seen = seen or t is tier
@@ -328,6 +335,8 @@ class StateManager:
     def _target(self, tier: Tier | str) -> Tier:
         """The configured tier a write aimed at ``tier`` goes to (the next one down if off)."""
         wanted = Tier.parse(tier)
+        if wanted in self._repos:
+            return wanted
         for t in _ORDER[_ORDER.index(wanted):]:
             if t in self._repos:
                 return t
