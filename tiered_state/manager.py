@@ -229,6 +229,7 @@ class StateManager:
             raise ConfigurationError("at least one tier must be configured")
         self._repos = repos
         self._tiers: list[tuple[Tier, StateRepository]] = [(t, repos[t]) for t in _ORDER if t in repos]
+        self._durable_for = {t: self._find_durable_below(t) for t in _ORDER}
         self._hot = repos.get(Tier.HOT)
         #: HOT has a durable tier below it, so a HOT failure can be degraded around.
         self._hot_backed = self._durable_below(Tier.HOT) is not None
@@ -318,11 +319,7 @@ class StateManager:
 
     def _durable_below(self, tier: Tier) -> tuple[Tier, StateRepository] | None:
         """The first durable tier at or below ``tier`` (fixed once the tiers are)."""
-        cache = self.__dict__.setdefault("_durable_cache", {})
-        if tier in cache:
-            return cache[tier]  # type: ignore[no-any-return]
-        found = cache[tier] = self._find_durable_below(tier)
-        return found
+        return self._durable_for[tier]
 
     def _find_durable_below(self, tier: Tier) -> tuple[Tier, StateRepository] | None:
         seen = False

@@ -117,12 +117,8 @@ class StateRepository(abc.ABC):
 
         :raises IntegrityError: the stored payload fails its checksum.
         """
-        entry = self.fetch_record(key)
-        if entry is None or entry.expired():
-            return None
-        if not entry.valid():
-            raise IntegrityError(f"{self.backend}: checksum mismatch for {key!r}", key)
-        return codec.decode(entry.payload)
+        payload = self.fetch_payload(key)
+        return None if payload is None else codec.decode(payload)
 
     def fetch_payload(self, key: str) -> str | None:
         """The verified payload of the live record ``key``; None if absent or expired.
