@@ -34,7 +34,7 @@ from tiered_state import codec
 from tiered_state.manager import StateManager
 from tiered_state.metrics import StatsdMetrics
 from tiered_state.record import make_metadata
-from tiered_state.repositories.base import InstrumentedRepository
+from tiered_state.metrics import InstrumentedRepository
 from tiered_state.repositories.memory_repository import MemoryStateRepository
 
 from .harness import measure, print_table, ratio, write_json

@@ -29,7 +29,8 @@ from tiered_state.metrics import (
     metrics_from_env,
     parse_address,
 )
-from tiered_state.repositories.base import InstrumentedRepository, StateRepository
+from tiered_state.metrics import InstrumentedRepository
+from tiered_state.repositories.base import StateRepository
 from tiered_state.repositories.memory_repository import MemoryStateRepository
 
 from .conformance import make

@@ -53,7 +53,8 @@ from .keys import validate_key, validate_keys, validate_pattern
 from .metrics import MetricsCollector, as_collector, metrics_from_env
 from .policy import SweepReport, TieringPolicy
 from .record import Entry, Metadata, Record, Tier, VersionClock, make_metadata
-from .repositories.base import InstrumentedRepository, StateRepository, chunked
+from .metrics import InstrumentedRepository
+from .repositories.base import StateRepository, chunked
 
 __all__ = ["LocalCache", "StateManager", "open"]
 

@@ -26,17 +26,24 @@ import logging
 import os
 import random
 import threading
+import time
 import weakref
 from collections import defaultdict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import timedelta
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from .config import ENV_STATSD, environ, require
 from .errors import ConfigurationError
+from .record import Entry, Metadata
+from .repositories.base import Items, StateRepository
+
+if TYPE_CHECKING:
+    from .record import Tier
 
 __all__ = [
     "InMemoryMetrics",
+    "InstrumentedRepository",
     "MetricsCollector",
     "NullMetrics",
     "StatsdMetrics",
@@ -48,6 +55,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 _random = random.random
+_T = TypeVar("_T")
 
 
 class Ticker:
@@ -627,3 +635,191 @@ class StatsdMetrics(MetricsCollector):
 
     def __repr__(self) -> str:
         return f"<StatsdMetrics {self.host}:{self.port} prefix={self.prefix!r}>"
+
+
+# ---------------------------------------------------------------- repositories
+# Which counter each method bumps; extras count with the seed operation they refine.
+_OPERATION = {
+    "fetch": "fetch",
+    "fetch_record": "fetch",
+    "fetch_many": "fetch_many",
+    "store": "store",
+    "store_if_version": "store",
+    "store_if_newer": "store",
+    "store_many_if_newer": "store_many",
+    "store_many_if_version": "store_many",
+    "store_many": "store_many",
+    "delete": "delete",
+    "delete_if_version": "delete",
+    "delete_many": "delete_many",
+    "delete_many_if_version": "delete_many",
+    "keys": "keys",
+    "touch_many": "touch_many",
+}
+
+
+class InstrumentedRepository(StateRepository):
+    """Wraps a repository and records metrics for every operation.
+
+    The single hook point for metrics: the manager wraps each repository in
+    one of these only when a collector is configured, so ``metrics=None``
+    costs nothing. Names:
+    ``state.repository.{backend}.operations.{op}_total`` (counter, every
+    attempt), ``...{op}_latency_ms`` (timer), ``...errors_total`` (counter,
+    every exception an operation raises) and ``...batch_size`` (histogram,
+    for the batch operations). ``metrics`` may also be a ``statsd.StatsClient``.
+    """
+
+    def __init__(self, inner: StateRepository, metrics: MetricsCollector) -> None:
+        collector = as_collector(metrics)
+        assert collector is not None
+        self.inner = inner
+        self.metrics = collector
+        prefix = f"state.repository.{inner.backend}.operations."
+        self._prefix = prefix
+        # Counter handles and names made once: building names per call would
+        # cost as much as a memory-tier read.
+        self._ops = {
+            op: (collector.ticker(prefix + op + "_total"), prefix + op + "_latency_ms")
+            for op in set(_OPERATION.values())
+        }
+        self._fetch_op = self._ops["fetch"]
+        self._errors_name = prefix + "errors_total"
+        self._batch_name = prefix + "batch_size"
+        self._sampled = collector.sampled_timing
+        self._incr = collector.incr
+
+    # Attributes the manager reads from the wrapped repository.
+    @property  # type: ignore[override]
+    def backend(self) -> str:  # type: ignore[override]
+        return self.inner.backend
+
+    @property  # type: ignore[override]
+    def volatile(self) -> bool:  # type: ignore[override]
+        return self.inner.volatile
+
+    @property  # type: ignore[override]
+    def shared(self) -> bool:  # type: ignore[override]
+        return self.inner.shared
+
+    @property  # type: ignore[override]
+    def tier(self) -> Tier | None:  # type: ignore[override]
+        return self.inner.tier
+
+    @tier.setter
+    def tier(self, value: Tier | None) -> None:
+        self.inner.tier = value
+
+    def _call(self, method: str, size: int | None, *args: Any) -> Any:
+        ticker, latency = self._ops[_OPERATION[method]]
+        if size is not None:
+            self.metrics.histogram(self._batch_name, size)
+        ticker.tick()
+        rate = ticker.rate
+        start = time.perf_counter()
+        try:
+            return getattr(self.inner, method)(*args)
+        except Exception:
+            self._incr(self._errors_name)
+            raise
+        finally:
+            if rate >= 1.0 or random.random() < rate:
+                self._sampled(latency, (time.perf_counter() - start) * 1000.0, rate)
+
+    # The hot path of every read, spelled out to skip _call's dispatch and,
+    # when this call is not picked for timing, the clock reads.
+    def _read(self, read: Callable[[str], _T], key: str) -> _T:
+        ticker, latency = self._fetch_op
+        ticker.tick()
+        rate = ticker.rate
+        if rate < 1.0 and random.random() >= rate:
+            try:
+                return read(key)
+            except Exception:
+                self._incr(self._errors_name)
+                raise
+        start = time.perf_counter()
+        try:
+            return read(key)
+        except Exception:
+            self._incr(self._errors_name)
+            raise
+        finally:
+            self._sampled(latency, (time.perf_counter() - start) * 1000.0, rate)
+
+    def fetch_record(self, key: str) -> Entry | None:
+        return self._read(self.inner.fetch_record, key)
+
+    def fetch(self, key: str) -> Any | None:
+        return self._call("fetch", None, key)
+
+    def store(self, key: str, value: str, metadata: Metadata) -> bool:
+        return self._call("store", None, key, value, metadata)  # type: ignore[no-any-return]
+
+    def delete(self, key: str) -> bool:
+        return self._call("delete", None, key)  # type: ignore[no-any-return]
+
+    def keys(self, pattern: str = "*") -> list[str]:
+        return self._call("keys", None, pattern)  # type: ignore[no-any-return]
+
+    def stats(self) -> dict[str, Any]:
+        return self.inner.stats()
+
+    def store_many(self, items: Items) -> set[str]:
+        return self._call("store_many", len(items), items)  # type: ignore[no-any-return]
+
+    def delete_many(self, keys: Iterable[str]) -> int:
+        keys = list(keys)
+        return self._call("delete_many", len(keys), keys)  # type: ignore[no-any-return]
+
+    def fetch_many(self, keys: Iterable[str]) -> dict[str, Entry]:
+        keys = list(keys)
+        return self._call("fetch_many", len(keys), keys)  # type: ignore[no-any-return]
+
+    def store_if_version(self, key: str, value: str, metadata: Metadata, expected: int) -> bool:
+        return self._call("store_if_version", None, key, value, metadata, expected)  # type: ignore[no-any-return]
+
+    def store_if_newer(self, key: str, value: str, metadata: Metadata) -> bool:
+        return self._call("store_if_newer", None, key, value, metadata)  # type: ignore[no-any-return]
+
+    def store_many_if_newer(self, items: Items) -> set[str]:
+        return self._call("store_many_if_newer", len(items), items)  # type: ignore[no-any-return]
+
+    def store_many_if_version(self, items: Items, expected: Mapping[str, int]) -> set[str]:
+        return self._call("store_many_if_version", len(items), items, expected)  # type: ignore[no-any-return]
+
+    def delete_if_version(self, key: str, version: int) -> bool:
+        return self._call("delete_if_version", None, key, version)  # type: ignore[no-any-return]
+
+    def delete_many_if_version(self, versions: Mapping[str, int]) -> set[str]:
+        return self._call("delete_many_if_version", len(versions), versions)  # type: ignore[no-any-return]
+
+    def touch_many(self, keys: Iterable[str], at: float) -> None:
+        keys = list(keys)
+        self._call("touch_many", len(keys), keys, at)
+
+    def iter_keys(self, pattern: str = "*") -> Iterator[str]:
+        return self.inner.iter_keys(pattern)
+
+    def iter_all_keys(self) -> Iterator[str]:
+        return self.inner.iter_all_keys()
+
+    def scan(
+        self, batch_size: int = 500, *, now: float | None = None, idle_before: float | None = None
+    ) -> Iterator[list[Entry]]:
+        return self.inner.scan(batch_size, now=now, idle_before=idle_before)
+
+    def clear(self) -> int:
+        return self.inner.clear()
+
+    def changed_by_others(self) -> bool:
+        return self.inner.changed_by_others()
+
+    def ping(self) -> float:
+        return self.inner.ping()
+
+    def close(self) -> None:
+        self.inner.close()
+
+    def __repr__(self) -> str:
+        return repr(self.inner)

@@ -18,6 +18,23 @@ more key, ``hot_until`` (epoch seconds): the policy's ``hot_ttl`` for that
 copy. A volatile backend drops the copy at ``min(expires_at, hot_until)`` but
 reports ``expires_at`` unchanged, because that is the record's lifetime.
 Durable backends never receive it.
+
+Entries
+    What a repository stores under a key is an :class:`Entry` of one of three
+    kinds, told apart by ``encoding``:
+
+    * a **value**: the payload is the encoded value (``json``);
+    * a **stub** (``stub``): the metadata of a value whose payload lives
+      elsewhere. In the catalog the payload is a *locator* (where the bytes
+      are); in HOT the payload is empty and means "ask the catalog" (a
+      placeholder a writer leaves while it commits);
+    * a **tombstone** (``tombstone``): a deleted key's last version. Its
+      payload is empty and its ``expires_at`` is 0.0, so every backend already
+      treats it as expired -- absent to reads, listings and counts -- while
+      its version still orders later writes after the delete.
+
+    ``checksum`` and ``size_bytes`` of a stub describe the value it stands
+    for, not the locator.
 """
 
 from __future__ import annotations
@@ -30,17 +47,30 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, TypedDict
 
-from .errors import SerializationError
+from . import codec
+from .errors import IntegrityError, SerializationError
 
 __all__ = [
+    "STUB",
+    "TOMBSTONE",
     "Entry",
     "Metadata",
     "Record",
     "Tier",
     "VersionClock",
     "checksum",
+    "is_value",
+    "live_value",
     "make_metadata",
+    "make_stub",
+    "make_tombstone",
 ]
+
+#: ``metadata["encoding"]`` of the two kinds of entry that are not values.
+STUB = "stub"
+TOMBSTONE = "tombstone"
+#: The payload checksum of an empty payload (placeholders and tombstones).
+_EMPTY_CHECKSUM = hashlib.sha256(b"").hexdigest()
 
 
 class Tier(str, Enum):
@@ -121,6 +151,51 @@ def make_metadata(
     }
 
 
+def make_stub(metadata: Metadata, locator: str = "") -> tuple[str, Metadata]:
+    """A stub standing for the value ``metadata`` describes: ``(locator, metadata)``.
+
+    Same version, checksum, size and timestamps as the value; only
+    ``encoding`` says that the payload is a locator (empty: a HOT placeholder).
+    """
+    stub = metadata.copy()
+    stub["encoding"] = STUB
+    return locator, stub
+
+
+def make_tombstone(version: int, *, now: float, created_at: float | None = None) -> Metadata:
+    """The metadata of a tombstone: a delete at ``version``, made at ``now``."""
+    return {
+        "checksum": _EMPTY_CHECKSUM,
+        "size_bytes": 0,
+        "version": version,
+        "created_at": now if created_at is None else created_at,
+        "updated_at": now,
+        # Expired at any clock's "now": no host, however skewed, sees it live.
+        "expires_at": 0.0,
+        "encoding": TOMBSTONE,
+    }
+
+
+def is_value(metadata: Metadata) -> bool:
+    """True if the entry with ``metadata`` holds its value (not a stub or tombstone)."""
+    encoding = metadata["encoding"]
+    return encoding != STUB and encoding != TOMBSTONE
+
+
+def live_value(entry: Entry | None, now: float | None = None) -> Any | None:
+    """The decoded value of ``entry`` if it is a live value, else None.
+
+    What every repository's ``fetch`` returns.
+
+    :raises IntegrityError: the payload fails its checksum.
+    """
+    if entry is None or not is_value(entry.metadata) or entry.expired(now):
+        return None
+    if not entry.valid():
+        raise IntegrityError(f"checksum mismatch for {entry.key!r}", entry.key)
+    return codec.decode(entry.payload)
+
+
 @dataclass(slots=True)
 class Entry:
     """A stored record as a repository returns it: the payload and its metadata.
@@ -141,13 +216,26 @@ class Entry:
     def expires_at(self) -> float | None:
         return self.metadata["expires_at"]
 
+    @property
+    def kind(self) -> str:
+        """``"value"``, ``"stub"`` or ``"tombstone"`` (see "Entries" above)."""
+        encoding = self.metadata["encoding"]
+        return encoding if encoding == STUB or encoding == TOMBSTONE else "value"
+
     def expired(self, now: float | None = None) -> bool:
-        """True if the record's lifetime has run out."""
+        """True if the record's lifetime has run out (always, for a tombstone)."""
         expires_at = self.metadata["expires_at"]
         return expires_at is not None and expires_at <= (time.time() if now is None else now)
 
+    def live(self, now: float | None = None) -> bool:
+        """True for an unexpired value or stub: the key exists."""
+        return self.metadata["encoding"] != TOMBSTONE and not self.expired(now)
+
     def valid(self) -> bool:
-        """True if the payload matches its checksum."""
+        """True if a value's payload matches its checksum (stubs and tombstones
+        carry no payload of their own to check)."""
+        if not is_value(self.metadata):
+            return True
         return checksum(self.payload) == self.metadata["checksum"]
 
 

@@ -24,7 +24,7 @@ import pytest
 from tiered_state import codec
 from tiered_state.errors import BatchError, IntegrityError, InvalidKeyError
 from tiered_state.keys import matches
-from tiered_state.record import Entry, Metadata, make_metadata
+from tiered_state.record import Entry, Metadata, make_metadata, make_stub, make_tombstone
 from tiered_state.repositories.base import StateRepository
 
 #: Keys that break naive backends: SQL LIKE and glob metacharacters, path
@@ -135,9 +135,12 @@ class RepositoryConformance:
     def test_interface_is_complete(self, repository: StateRepository) -> None:
         assert isinstance(repository, StateRepository)
         assert repository.backend != "base"
-        for name in ("fetch", "fetch_record", "fetch_payload", "store", "delete", "keys", "stats",
+        for name in ("fetch", "fetch_record", "store", "delete", "keys", "stats",
                      "store_many", "delete_many", "fetch_many", "store_if_version",
-                     "store_if_newer", "delete_if_version", "scan", "clear", "close"):
+                     "store_if_newer", "delete_if_version", "store_many_if_newer",
+                     "store_many_if_version", "delete_many_if_version", "iter_keys",
+                     "iter_all_keys", "scan", "touch_many", "clear", "changed_by_others",
+                     "ping", "close"):
             assert callable(getattr(repository, name))
 
     def test_round_trip(self, repository: StateRepository) -> None:
@@ -170,21 +173,11 @@ class RepositoryConformance:
         assert entry is not None and entry.version == 2
         assert repository.keys("*") == ["k"]
 
-    def test_fetch_payload(self, repository: StateRepository) -> None:
-        payload, metadata = make({"a": [1, 2]})
-        repository.store("k", payload, metadata)
-        assert repository.fetch_payload("k") == payload
-        assert repository.fetch_payload("absent") is None
-        repository.store("gone", *make(1, now=time.time() - 10, ttl=1))
-        assert repository.fetch_payload("gone") is None
-
     def test_corrupt_payload_is_never_returned(self, repository: StateRepository) -> None:
         _, metadata = make({"a": 1})
         repository.store("k", codec.encode({"a": 2}), metadata)  # checksum of another payload
         with pytest.raises(IntegrityError):
             repository.fetch("k")
-        with pytest.raises(IntegrityError):
-            repository.fetch_payload("k")
         entry = repository.fetch_record("k")
         assert entry is not None and not entry.valid()
 
@@ -347,6 +340,147 @@ class RepositoryConformance:
         assert repository.delete_if_version("k", 4) is True
         assert repository.fetch("k") is None
         assert repository.delete_if_version("k", 4) is False
+
+    def test_version_above_2_53_compares_exactly(self, repository: StateRepository) -> None:
+        base = 1 << 60  # versions are microseconds << 10: far above a double's 53 bits
+        assert repository.store_if_newer("k", *make("a", base + 2)) is True
+        assert repository.store_if_newer("k", *make("b", base + 1)) is False
+        assert repository.store_if_newer("k", *make("c", base + 3)) is True
+        assert repository.store_if_version("k", *make("d", base + 5), expected=base + 2) is False
+        assert repository.store_if_version("k", *make("d", base + 5), expected=base + 3) is True
+        assert repository.delete_if_version("k", base + 4) is False
+        assert repository.delete_if_version("k", base + 6) is False
+        assert repository.fetch_record("k").version == base + 5  # type: ignore[union-attr]
+        assert repository.delete_if_version("k", base + 5) is True
+
+    # ------------------------------------------------------------ entry kinds
+    def test_stub_is_live_but_holds_no_value(self, repository: StateRepository) -> None:
+        _, metadata = make({"a": 1}, 7)
+        locator, stub = make_stub(metadata, '{"name":"elsewhere"}')
+        repository.store("k", locator, stub)
+        entry = repository.fetch_record("k")
+        assert entry is not None and entry.kind == "stub" and entry.live() and entry.valid()
+        assert entry.payload == locator and entry.version == 7
+        assert entry.metadata["checksum"] == metadata["checksum"]
+        assert repository.fetch("k") is None
+        assert repository.keys() == ["k"] and list(repository.iter_keys("k*")) == ["k"]
+        assert repository.stats()["key_count"] == 1
+        placeholder = make_stub(metadata)  # empty payload: a HOT placeholder
+        repository.store("p", *placeholder)
+        assert repository.fetch_record("p").payload == ""  # type: ignore[union-attr]
+        assert repository.fetch("p") is None
+
+    def test_tombstone_is_never_live(self, repository: StateRepository) -> None:
+        repository.store("k", *make("v", 5))
+        assert repository.store_if_version("k", "", make_tombstone(6, now=time.time()),
+                                           expected=5) is True
+        assert repository.fetch("k") is None
+        assert repository.keys() == [] and repository.stats()["key_count"] == 0
+        entry = repository.fetch_record("k")
+        if entry is not None:  # durable stores keep it; volatile ones drop it at once
+            assert entry.kind == "tombstone" and not entry.live() and entry.version == 6
+            assert "k" in list(repository.iter_all_keys())
+            # A tombstone is "absent" to a create, but orders it after the delete.
+            assert repository.store_if_version("k", *make("old", 4), expected=0) is False
+            assert repository.store_if_newer("k", *make("old", 6)) is False
+        assert repository.store_if_version("k", *make("new", 8), expected=0) is True
+        assert repository.fetch("k") == "new"
+
+    def test_tombstones_only_in_the_expired_scan(self, repository: StateRepository) -> None:
+        now = time.time()
+        repository.store("dead", "", make_tombstone(3, now=now - 100))
+        repository.store("old", *make("o", now=now - 100))
+        repository.store("moved", *make_stub(make("m", now=now - 100)[1], "loc"))
+        seen = sorted(e.key for b in repository.scan(now=now, idle_before=now - 50) for e in b)
+        if repository.volatile:
+            assert seen == ["old"]
+        else:
+            assert seen == ["dead", "old"]
+            assert sorted(repository.iter_all_keys()) == ["dead", "moved", "old"]
+
+    def test_same_version_replace_is_a_migration(self, repository: StateRepository) -> None:
+        payload, metadata = make({"x": 1}, 9)
+        repository.store("k", payload, metadata)
+        locator, stub = make_stub(metadata, "there")
+        assert repository.store_if_version("k", locator, stub, expected=8) is False
+        assert repository.store_if_version("k", locator, stub, expected=9) is True
+        assert repository.fetch_record("k").kind == "stub"  # type: ignore[union-attr]
+        # ... and back: a stub replaced by the value of the same version.
+        assert repository.store_if_version("k", payload, metadata, expected=9) is True
+        assert repository.fetch("k") == {"x": 1}
+        # A newer entry is never replaced by an older one, even if "expected" matches.
+        assert repository.store_if_version("k", *make("older", 3), expected=9) is False
+
+    # ------------------------------------------------------------ batch conditionals
+    def test_store_many_if_newer(self, repository: StateRepository) -> None:
+        repository.store_many({"a": make("a5", 5), "b": make("b5", 5), "t": make("t", 2)})
+        repository.store_if_version("t", "", make_tombstone(9, now=time.time()), expected=2)
+        stored = repository.store_many_if_newer({
+            "a": make("a6", 6), "b": make("b4", 4), "c": make("c1", 1), "t": make("t8", 8),
+        })
+        tomb_kept = repository.fetch_record("t") is not None
+        assert stored == ({"a", "c"} if tomb_kept else {"a", "c", "t"})
+        assert repository.fetch("a") == "a6" and repository.fetch("b") == "b5"
+        assert repository.fetch("c") == "c1"
+        assert repository.store_many_if_newer({}) == set()
+
+    def test_store_many_if_version(self, repository: StateRepository) -> None:
+        repository.store_many({"a": make("a5", 5), "b": make("b5", 5)})
+        stored = repository.store_many_if_version(
+            {"a": make("a7", 7), "b": make("b7", 7), "c": make("c7", 7), "d": make("d7", 7)},
+            {"a": 5, "b": 4, "c": 0, "d": 3},
+        )
+        assert stored == {"a", "c"}
+        assert repository.fetch("a") == "a7" and repository.fetch("b") == "b5"
+        assert repository.fetch("c") == "c7" and repository.fetch("d") is None
+        assert repository.store_many_if_version({}, {}) == set()
+
+    def test_batch_conditionals_over_many_keys(self, repository: StateRepository) -> None:
+        n = 1200
+        repository.store_many({f"k{i:04d}": make(i, 10) for i in range(n)})
+        newer = repository.store_many_if_newer(
+            {f"k{i:04d}": make(-i, 11 if i % 2 else 9) for i in range(n)})
+        assert newer == {f"k{i:04d}" for i in range(1, n, 2)}
+        swapped = repository.store_many_if_version(
+            {f"k{i:04d}": make(i * 10, 12) for i in range(n)},
+            {f"k{i:04d}": (10 if i % 3 == 0 else 11) for i in range(n)},
+        )
+        assert swapped == {f"k{i:04d}" for i in range(n) if (i % 3 == 0) == (i % 2 == 0)}
+        deleted = repository.delete_many_if_version({f"k{i:04d}": 12 for i in range(n)})
+        assert deleted == swapped
+
+    def test_conditional_writes_race(self, repository: StateRepository) -> None:
+        """Threads race store_if_newer / store_if_version on one key: the
+        greatest version wins and every successful CAS saw the version it replaced."""
+        repository.store("race", *make(0, 1))
+        wins: list[tuple[int, int]] = []
+        errors: list[BaseException] = []
+        lock = threading.Lock()
+
+        def work(t: int) -> None:
+            try:
+                for i in range(25):
+                    current = repository.fetch_record("race")
+                    assert current is not None
+                    new = current.version + 1 + t  # distinct threads may pick the same
+                    if repository.store_if_version("race", *make([t, i], new), expected=current.version):
+                        with lock:
+                            wins.append((current.version, new))
+                    repository.store_many_if_newer({"newest": make([t, i], 1000 * t + i + 1)})
+            except BaseException as exc:
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == []
+        # The successful swaps form one chain: each replaced the previous winner.
+        chain = sorted(wins)
+        assert [old for old, _ in chain][1:] == [new for _, new in chain][:-1]
+        assert repository.fetch_record("race").version == chain[-1][1]  # type: ignore[union-attr]
+        assert repository.fetch_record("newest").version == 1000 * 3 + 25  # type: ignore[union-attr]
 
     # ------------------------------------------------------------ sweep support
     def test_scan_finds_expired_and_idle(self, repository: StateRepository) -> None:

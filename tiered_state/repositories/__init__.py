@@ -9,7 +9,7 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from .base import InstrumentedRepository, StateRepository
+from .base import StateRepository
 
 if TYPE_CHECKING:
     from .filesystem_repository import FileSystemStateRepository
@@ -21,7 +21,6 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FileSystemStateRepository",
-    "InstrumentedRepository",
     "MemoryStateRepository",
     "PostgresStateRepository",
     "RedisStateRepository",
