@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+from .cache import LocalCache
 from .errors import (
     BackendError,
     BackendUnavailableError,
@@ -16,9 +17,12 @@ from .errors import (
     SerializationError,
     TieredStateError,
 )
-from .manager import LocalCache, StateManager, open
-from .policy import SweepReport, TieringPolicy
+from .factory import open, probe
+from .manager import RestoreReport, StateManager
+from .policy import TieringPolicy
 from .record import Record, Tier
+from .sweep import SweepReport
+from .upgrade import UpgradeReport, upgrade
 
 logging.getLogger("tiered_state").addHandler(logging.NullHandler())
 
@@ -35,11 +39,15 @@ __all__ = [
     "LocalCache",
     "MissingDependencyError",
     "Record",
+    "RestoreReport",
     "SerializationError",
     "StateManager",
     "SweepReport",
     "Tier",
     "TieredStateError",
     "TieringPolicy",
+    "UpgradeReport",
     "open",
+    "probe",
+    "upgrade",
 ]

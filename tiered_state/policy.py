@@ -1,20 +1,19 @@
-"""The tiering policy and the report a sweep returns.
+"""The tiering policy.
 
 :class:`TieringPolicy` says how long a copy stays in HOT, where reads below HOT
 are promoted to, when WARM records go COLD, how big the memory tier may grow
-and how many records a sweep handles per batch. The sweep itself lives on
-:meth:`tiered_state.StateManager.sweep`.
+and how many records a sweep handles per batch. The sweep itself, and the
+:class:`~tiered_state.sweep.SweepReport` it returns, live in :mod:`tiered_state.sweep`.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 from .errors import ConfigurationError
 from .record import Tier
 
-__all__ = ["SweepReport", "TieringPolicy"]
+__all__ = ["TieringPolicy"]
 
 
 def _check_seconds(name: str, value: float | None) -> None:
@@ -60,35 +59,3 @@ class TieringPolicy:
                 raise ConfigurationError(f"{name} must be a positive int or None, not {value!r}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigurationError(f"batch_size must be a positive int, not {self.batch_size!r}")
-
-
-@dataclass
-class SweepReport:
-    """What one sweep did.
-
-    :ivar scanned: records examined (candidates the tiers returned).
-    :ivar moved: records moved WARM -> COLD (copied, verified, source deleted).
-    :ivar purged: expired records deleted (tombstones and older copies below).
-    :ivar skipped: records left alone because a newer write raced the sweep.
-    :ivar failed: records that could not be moved or purged (``errors`` says why).
-    :ivar seconds: wall time of the sweep.
-    """
-
-    scanned: int = 0
-    moved: int = 0
-    purged: int = 0
-    skipped: int = 0
-    failed: int = 0
-    seconds: float = 0.0
-    errors: dict[str, str] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return {
-            "scanned": self.scanned,
-            "moved": self.moved,
-            "purged": self.purged,
-            "skipped": self.skipped,
-            "failed": self.failed,
-            "seconds": round(self.seconds, 6),
-            "errors": dict(self.errors),
-        }

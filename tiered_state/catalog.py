@@ -1,0 +1,292 @@
+"""The catalog: the one authority on every key.
+
+The first durable tier of a manager (WARM; COLD when WARM is off; the only
+tier when there is one) holds an *entry* for every key that exists or was
+deleted recently:
+
+* a **value**: the record itself, payload included;
+* a **stub**: the record's metadata and a *locator* naming where its payload
+  is -- an object of the payload tier (COLD, when the catalog is WARM);
+* a **tombstone**: a versioned delete.
+
+Everything the manager knows about a key it learns here, and every change to a
+key is one conditional write of its entry (:mod:`tiered_state.repositories.base`,
+"Conditional writes"), so two writers can never both win and no copy elsewhere
+can outvote the catalog.
+
+Payloads below the catalog are written *before* the entry that points at them
+and are never overwritten with other content: each is named after its key and
+version (:func:`payload_name`). A payload no entry references is garbage --
+never read, and removed by the sweep (:meth:`Catalog.is_garbage`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from . import codec
+from .errors import BackendError, SerializationError
+from .keys import MAX_KEY_BYTES
+from .record import STUB, Entry, Metadata, Tier, is_value, make_stub
+from .repositories.base import Items, StateRepository
+
+__all__ = [
+    "RESERVED_PREFIX",
+    "Catalog",
+    "Resolved",
+    "is_payload_name",
+    "parse_payload_name",
+    "payload_name",
+]
+
+log = logging.getLogger(__name__)
+
+#: Keys under this prefix are the library's own bookkeeping: never listed,
+#: refused as user keys.
+RESERVED_PREFIX = "__tiered_state__:"
+
+_HEX = frozenset("0123456789abcdef")
+
+
+def payload_name(key: str, version: int) -> str:
+    """The name under which version ``version`` of ``key``'s payload is stored below the catalog.
+
+    ``<key>@<version, 16 hex digits>``; a key too long for that becomes
+    ``~<sha256 of the key>~<version>``. Versions are unique, so a name is
+    written once: two copies of one name are the same bytes.
+    """
+    suffix = f"@{version:016x}"
+    if len(key.encode("utf-8")) + len(suffix) <= MAX_KEY_BYTES:
+        return key + suffix
+    return "~" + hashlib.sha256(key.encode("utf-8")).hexdigest() + f"~{version:016x}"
+
+
+def parse_payload_name(name: str) -> tuple[str, int] | None:
+    """``(key, version)`` of a payload name; None for a hashed name (its key is
+    not recoverable) or a name that is not a payload's."""
+    if len(name) < 18 or name[-17] != "@" or not _HEX.issuperset(name[-16:]):
+        return None
+    return name[:-17], int(name[-16:], 16)
+
+
+def is_payload_name(name: str, version: int) -> bool:
+    """True if ``name`` is the payload name of some key at ``version``."""
+    parsed = parse_payload_name(name)
+    if parsed is not None:
+        return parsed[1] == version
+    return (len(name) == 82 and name[0] == "~" and name[65] == "~"
+            and _HEX.issuperset(name[1:65]) and name[66:] == f"{version:016x}")
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """A key's current value as a read sees it: the entry (payload = the value's
+    payload, metadata = the catalog's) and the tier its payload came from."""
+
+    entry: Entry
+    tier: Tier
+
+
+class Catalog:
+    """The catalog repository and the payload tier below it.
+
+    :param tier: the catalog's tier.
+    :param repo: the catalog's repository.
+    :param payloads: the tier and repository that hold payloads of stubs (COLD
+        under a WARM catalog), or None.
+    """
+
+    def __init__(
+        self,
+        tier: Tier,
+        repo: StateRepository,
+        payloads: tuple[Tier, StateRepository] | None = None,
+    ) -> None:
+        self.tier = tier
+        self.repo = repo
+        self.payload_tier = payloads[0] if payloads else None
+        self.payload_repo = payloads[1] if payloads else None
+
+    # ------------------------------------------------------------ locators
+    def locator(self, name: str) -> str:
+        """A stub's payload: where its value's bytes are."""
+        assert self.payload_tier is not None
+        return codec.encode({"name": name, "tier": self.payload_tier.value})
+
+    @staticmethod
+    def located_name(stub: Entry) -> str | None:
+        """The payload name a stub points at (None: not a locator this version wrote)."""
+        try:
+            data = codec.decode(stub.payload)
+        except SerializationError:
+            return None
+        name = data.get("name") if isinstance(data, dict) else None
+        return name if isinstance(name, str) else None
+
+    def holds(self, tier: Tier) -> bool:
+        """True if a write aimed at ``tier`` keeps its payload in the catalog row."""
+        return tier is self.tier or self.payload_tier is None or tier is not self.payload_tier
+
+    # ------------------------------------------------------------ reads
+    def resolve(self, entries: Mapping[str, Entry], now: float) -> tuple[dict[str, Resolved], list[str]]:
+        """The values of live catalog entries: values as they are, stubs with
+        their payloads read and checked against the stub.
+
+        A value whose payload fails its checksum is replaced by a valid copy
+        of the same version below the catalog if there is one (and the
+        catalog row repaired); otherwise the key is reported corrupt.
+
+        :returns: ``(key -> Resolved, corrupt keys)``; dead entries (absent,
+            expired, tombstones) are in neither.
+        """
+        found: dict[str, Resolved] = {}
+        stubs: dict[str, Entry] = {}
+        damaged: dict[str, Entry] = {}
+        for key, entry in entries.items():
+            if not entry.live(now):
+                continue
+            if entry.metadata["encoding"] == STUB:
+                stubs[key] = entry
+            elif entry.valid():
+                found[key] = Resolved(entry, self.tier)
+            else:
+                log.error("checksum mismatch for key %r in the catalog (%s)", key, self.tier.value)
+                damaged[key] = entry
+        corrupt: list[str] = []
+        if stubs or damaged:
+            names = {key: self.located_name(e) or "" for key, e in stubs.items()}
+            names.update((key, payload_name(key, e.version)) for key, e in damaged.items())
+            payloads = self._fetch_payloads(names)
+            for key, stub in stubs.items():
+                value = self._matching(stub, payloads.get(key))
+                if value is None:
+                    log.error("the payload of key %r (%s) is missing or fails its checksum",
+                              key, names[key])
+                    corrupt.append(key)
+                else:
+                    found[key] = Resolved(value, self.payload_tier or self.tier)
+            for key, bad in damaged.items():
+                copy = self._matching(bad, payloads.get(key))
+                if copy is None:
+                    corrupt.append(key)
+                    continue
+                self._repair(bad, copy)
+                found[key] = Resolved(copy, self.payload_tier or self.tier)
+        return found, corrupt
+
+    def _fetch_payloads(self, names: Mapping[str, str]) -> dict[str, Entry]:
+        """key -> the payload entry stored under ``names[key]`` (absent ones left out)."""
+        repo = self.payload_repo
+        if repo is None:
+            return {}
+        wanted = {name: key for key, name in names.items() if name}
+        if not wanted:
+            return {}
+        if len(wanted) == 1:
+            (name, key), = wanted.items()
+            entry = repo.fetch_record(name)
+            return {} if entry is None else {key: entry}
+        return {wanted[n]: e for n, e in repo.fetch_many(list(wanted)).items()}
+
+    @staticmethod
+    def _matching(stub: Entry, payload: Entry | None) -> Entry | None:
+        """The value ``stub`` stands for, if ``payload`` is exactly it; else None.
+
+        The payload must be a value of the stub's version whose bytes match the
+        stub's checksum: a stray or stale object can never pass for it.
+        """
+        if payload is None or not is_value(payload.metadata):
+            return None
+        if payload.version != stub.version:
+            return None
+        metadata = stub.metadata.copy()
+        metadata["encoding"] = payload.metadata["encoding"]
+        value = Entry(stub.key, payload.payload, metadata)
+        return value if value.valid() else None
+
+    def _repair(self, bad: Entry, good: Entry) -> None:
+        try:
+            if self.repo.store_if_version(bad.key, good.payload, good.metadata, bad.version):
+                log.warning("replaced a corrupt catalog row of key %r by its copy below", bad.key)
+        except BackendError as exc:  # a repair is a bonus; the read succeeds without it
+            log.warning("could not repair the catalog row of key %r: %s", bad.key, exc)
+
+    # ------------------------------------------------------------ writes
+    def stub_for(self, key: str, payload_md: Metadata) -> tuple[str, Metadata]:
+        """The catalog entry of a value whose payload lives below the catalog."""
+        return make_stub(payload_md, self.locator(payload_name(key, payload_md["version"])))
+
+    def store_payloads(self, items: Items) -> None:
+        """Write payloads below the catalog, each under its :func:`payload_name`.
+
+        Payloads never expire on their own: the catalog decides their life.
+        """
+        repo = self.payload_repo
+        assert repo is not None
+        named: dict[str, tuple[str, Metadata]] = {}
+        for key, (payload, metadata) in items.items():
+            md = metadata.copy()
+            md["expires_at"] = None
+            named[payload_name(key, md["version"])] = (payload, md)
+        if len(named) == 1:
+            (name, (payload, md)), = named.items()
+            repo.store(name, payload, md)
+        else:
+            repo.store_many(named)
+
+    def verify_payloads(self, items: Items) -> set[str]:
+        """The keys whose payload is stored below the catalog exactly as given."""
+        repo = self.payload_repo
+        assert repo is not None
+        names = {payload_name(k, md["version"]): k for k, (_, md) in items.items()}
+        copies = repo.fetch_many(list(names))
+        good: set[str] = set()
+        for name, key in names.items():
+            copy = copies.get(name)
+            payload, md = items[key]
+            if (copy is not None and copy.payload == payload and copy.version == md["version"]
+                    and copy.valid()):
+                good.add(key)
+        return good
+
+    def drop_payloads(self, versions: Mapping[str, int]) -> None:
+        """Delete payloads no entry can reference any more (best effort: the
+        sweep's garbage collection gets whatever this misses)."""
+        repo = self.payload_repo
+        if repo is None or not versions:
+            return
+        names = {payload_name(k, v): v for k, v in versions.items()}
+        try:
+            repo.delete_many_if_version(names)
+        except BackendError as exc:  # garbage left behind is collected later
+            log.debug("could not drop %d unreferenced payloads now: %s", len(names), exc)
+
+    # ------------------------------------------------------------ garbage
+    @staticmethod
+    def is_garbage(name: str, version: int, entry: Entry | None, now: float, grace: float) -> bool:
+        """True if the payload ``name`` (of ``version``) can never be referenced again.
+
+        * The key's entry has moved past that version, or holds it but is dead
+          (deleted or expired): entries only move forward, and a stub for a
+          version is only ever committed over the live value of that version.
+        * The entry is absent or older: the payload may belong to a write still
+          in flight (stored, not yet committed), so it is garbage only once it
+          is older than ``grace`` -- its age read from the version, which is
+          the writer's clock in microseconds.
+        """
+        if entry is not None and (entry.version > version
+                                  or (entry.version == version and not entry.live(now))):
+            return True
+        if entry is not None and entry.version == version:
+            return False  # the current record: referenced, or a copy a demote may commit
+        written = (version >> 10) / 1e6
+        return now - written > grace
+
+    def scan_payloads(self) -> Iterable[str]:
+        """Every name stored in the payload tier."""
+        repo = self.payload_repo
+        return () if repo is None else repo.iter_all_keys()
+

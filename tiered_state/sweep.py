@@ -1,0 +1,221 @@
+"""The sweep: the tiering policy applied once, in bounded batches.
+
+Three jobs, each safe against every concurrent writer because each ends in a
+conditional write that loses any race:
+
+* **purge** -- catalog entries that are dead (expired records, tombstones of
+  deletes) are deleted if they still hold the version the sweep saw, and the
+  payloads their stubs pointed at go with them;
+* **move** -- WARM values idle for ``cold_after`` go COLD: copy the payload
+  below the catalog, read it back and check it, then turn the entry into a
+  stub *of the same version* (the migration commit); a write that came in
+  meanwhile makes that commit fail and the copy is garbage;
+* **collect** -- payloads below the catalog that no entry can reference any
+  more (:meth:`tiered_state.catalog.Catalog.is_garbage`) are deleted.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from .catalog import RESERVED_PREFIX, Catalog, parse_payload_name
+from .errors import BackendError, BatchError
+from .metrics import MetricsCollector
+from .policy import TieringPolicy
+from .record import STUB, Entry
+from .repositories.base import chunked
+
+__all__ = ["GARBAGE_GRACE", "SweepReport", "Sweeper"]
+
+log = logging.getLogger(__name__)
+
+#: A payload below the catalog that no entry references yet may belong to a
+#: write still in flight (payload stored, entry not yet committed); it is
+#: garbage only once it is older than this. Writers that take longer start over.
+GARBAGE_GRACE = 3600.0
+
+
+@dataclass
+class SweepReport:
+    """What one sweep did.
+
+    :ivar scanned: catalog entries examined (candidates the catalog returned).
+    :ivar moved: records moved WARM -> COLD (copied, verified, entry turned into a stub).
+    :ivar purged: dead entries deleted (expired records and tombstones of deletes).
+    :ivar collected: unreferenced payloads deleted below the catalog.
+    :ivar skipped: records left alone because a newer write raced the sweep.
+    :ivar failed: records that could not be moved or purged (``errors`` says why).
+    :ivar seconds: wall time of the sweep.
+    """
+
+    scanned: int = 0
+    moved: int = 0
+    purged: int = 0
+    collected: int = 0
+    skipped: int = 0
+    failed: int = 0
+    seconds: float = 0.0
+    errors: dict[str, str] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "scanned": self.scanned,
+            "moved": self.moved,
+            "purged": self.purged,
+            "collected": self.collected,
+            "skipped": self.skipped,
+            "failed": self.failed,
+            "seconds": round(self.seconds, 6),
+            "errors": dict(self.errors),
+        }
+
+    def _fail(self, keys: Any, why: str) -> None:
+        for key in keys:
+            self.failed += 1
+            self.errors[key] = why
+
+
+class Sweeper:
+    """Runs sweeps over one catalog.
+
+    :param catalog: the catalog (and the payload tier below it).
+    :param policy: ``cold_after`` and ``batch_size`` come from it.
+    :param count: the manager's counter (``demotions``).
+    """
+
+    def __init__(self, catalog: Catalog, policy: TieringPolicy,
+                 count: Callable[[str, int], None],
+                 metrics: MetricsCollector | None = None) -> None:
+        self.catalog = catalog
+        self.policy = policy
+        self._count = count
+        self.metrics = metrics
+
+    def run(self, progress: Callable[[SweepReport], None] | None = None, *,
+            dry_run: bool = False, collect: bool = True) -> SweepReport:
+        started = time.monotonic()
+        report = SweepReport()
+        now = time.time()
+        catalog = self.catalog
+        idle_before = None
+        if catalog.payload_repo is not None and self.policy.cold_after is not None:
+            idle_before = now - self.policy.cold_after
+        for batch in catalog.repo.scan(self.policy.batch_size, now=now, idle_before=idle_before):
+            batch = [e for e in batch if not e.key.startswith(RESERVED_PREFIX)]
+            report.scanned += len(batch)
+            dead = [e for e in batch if e.expired(now)]
+            idle = [e for e in batch if not e.expired(now) and e.kind == "value"]
+            if dry_run:
+                report.purged += len(dead)
+                report.moved += len(idle) if idle_before is not None else 0
+            else:
+                if dead:
+                    self.purge(dead, report)
+                if idle and idle_before is not None:
+                    self.move(idle, report)
+            if progress is not None:
+                progress(report)
+        if collect and not dry_run and catalog.payload_repo is not None:
+            self.collect(report, now)
+            if progress is not None:
+                progress(report)
+        report.seconds = time.monotonic() - started
+        self._gauges(report)
+        return report
+
+    # ------------------------------------------------------------ purge
+    def purge(self, dead: list[Entry], report: SweepReport) -> None:
+        """Delete dead entries that still hold the version seen, then their payloads."""
+        versions = {e.key: e.version for e in dead}
+        try:
+            deleted = self.catalog.repo.delete_many_if_version(versions)
+        except BackendError as exc:
+            report._fail(versions, str(exc))
+            return
+        report.purged += len(deleted)
+        report.skipped += len(versions) - len(deleted)
+        # A purged stub's payload can never be referenced again: a stub of a
+        # version is only ever committed over the live value of that version.
+        self.catalog.drop_payloads({e.key: e.version for e in dead
+                                    if e.key in deleted and e.metadata["encoding"] == STUB})
+
+    # ------------------------------------------------------------ move
+    def move(self, idle: list[Entry], report: SweepReport) -> int:
+        """Copy idle values below the catalog, verify the copies, commit the stubs.
+
+        :returns: how many were moved.
+        """
+        catalog = self.catalog
+        items = {}
+        for entry in idle:
+            if entry.valid():
+                items[entry.key] = (entry.payload, entry.metadata)
+            else:
+                report._fail((entry.key,), "checksum mismatch in the catalog; not moved")
+        if not items:
+            return 0
+        try:
+            catalog.store_payloads(items)
+        except BatchError as exc:
+            report._fail(exc.failed, str(next(iter(exc.failed.values()))))
+            for key in exc.failed:
+                items.pop(key, None)
+        except BackendError as exc:
+            report._fail(items, str(exc))
+            return 0
+        try:
+            verified = catalog.verify_payloads(items)
+        except BackendError as exc:
+            report._fail(items, f"copy not verified: {exc}")
+            return 0
+        report._fail([k for k in items if k not in verified], "copy did not verify; not moved")
+        stubs = {k: catalog.stub_for(k, items[k][1]) for k in verified}
+        expected = {k: items[k][1]["version"] for k in verified}
+        try:
+            committed = catalog.repo.store_many_if_version(stubs, expected)
+        except BatchError as exc:
+            report._fail(exc.failed, "entry not updated: " + str(next(iter(exc.failed.values()))))
+            committed = set(exc.succeeded)
+        except BackendError as exc:
+            report._fail(stubs, f"entry not updated: {exc}")
+            return 0
+        lost = {k: expected[k] for k in stubs if k not in committed}
+        # Lost races: the entry moved on (or died), so the copy is garbage now.
+        catalog.drop_payloads(lost)
+        report.moved += len(committed)
+        report.skipped += len(lost)
+        self._count("demotions", len(committed))
+        return len(committed)
+
+    # ------------------------------------------------------------ collect
+    def collect(self, report: SweepReport, now: float) -> None:
+        """Delete the payloads below the catalog that no entry can reference again."""
+        catalog = self.catalog
+        repo = catalog.payload_repo
+        assert repo is not None
+        try:
+            for chunk in chunked(catalog.scan_payloads(), 1000):
+                parsed = {name: found for name in chunk
+                          if (found := parse_payload_name(name)) is not None}
+                if not parsed:
+                    continue
+                entries = catalog.repo.fetch_many({k for k, _ in parsed.values()})
+                garbage = {name: v for name, (k, v) in parsed.items()
+                           if catalog.is_garbage(name, v, entries.get(k), now, GARBAGE_GRACE)}
+                if garbage:
+                    report.collected += len(repo.delete_many_if_version(garbage))
+        except BackendError as exc:
+            log.warning("garbage collection stopped early: %s", exc)
+
+    def _gauges(self, report: SweepReport) -> None:
+        if self.metrics is None:
+            return
+        for name in ("scanned", "moved", "purged", "collected", "skipped", "failed"):
+            try:
+                self.metrics.gauge("state.manager.sweep." + name, getattr(report, name))
+            except Exception:  # metrics never break state operations
+                log.debug("metrics collector failed", exc_info=True)
