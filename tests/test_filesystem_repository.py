@@ -12,10 +12,12 @@ from pathlib import Path
 import pytest
 
 from tiered_state.config import open_repository
-from tiered_state.errors import BackendError, ConfigurationError, IntegrityError
+from tiered_state.errors import BackendError, BatchError, ConfigurationError, IntegrityError
+from tiered_state.record import make_stub, make_tombstone
 from tiered_state.repositories.base import StateRepository
 from tiered_state.repositories.filesystem_repository import (
     FileSystemStateRepository,
+    _locate,
     decode_name,
     encode_name,
 )
@@ -114,6 +116,112 @@ def test_long_keys_are_recovered_from_the_file(repo: FileSystemStateRepository) 
     assert all(p.name.startswith("~") for p in files_under(Path(repo.root)) if p.name != ".lock")
 
 
+#: Payload names as the manager builds them: ``<key>@<16 hex digits of the version>``.
+PAYLOAD_KEYS = [
+    "p" * 1000 + "@0123456789abcdef",  # hashed: the name would pass 200 bytes
+    "é" * 100 + "@0123456789abcdef",  # hashed: percent-encoding triples it
+    "user:42@0123456789abcdef",  # encoded as is
+    "a/b@ffffffffffffffff",
+    "~" + "0" * 64 + "~0123456789abcdef",  # the catalog's name for a key too long for "@"
+]
+
+
+def test_payload_keys_round_trip(repo: FileSystemStateRepository) -> None:
+    assert encode_name(PAYLOAD_KEYS[0]).startswith("~")
+    assert encode_name(PAYLOAD_KEYS[1]).startswith("~")
+    assert decode_name(encode_name(PAYLOAD_KEYS[2])) == PAYLOAD_KEYS[2]
+    items = {k: make({"key": k}, 7) for k in PAYLOAD_KEYS}
+    assert repo.store_many_if_newer(items) == set(PAYLOAD_KEYS)
+    # Written once: the same version again is refused, and no temp file is left.
+    assert repo.store_many_if_newer(items) == set()
+    assert repo.store_if_newer(PAYLOAD_KEYS[0], *items[PAYLOAD_KEYS[0]]) is False
+    assert not [p for p in files_under(Path(repo.root)) if p.name.startswith(".tmp")]
+    for key in PAYLOAD_KEYS:
+        assert repo.fetch(key) == {"key": key}
+    got = repo.fetch_many(PAYLOAD_KEYS)
+    assert set(got) == set(PAYLOAD_KEYS) and all(e.valid() for e in got.values())
+    assert sorted(repo.iter_all_keys()) == sorted(PAYLOAD_KEYS)
+    assert sorted(repo.keys("*@0123456789abcdef")) == sorted(PAYLOAD_KEYS[:3])
+    assert repo.keys(PAYLOAD_KEYS[0]) == [PAYLOAD_KEYS[0]]
+    assert repo.delete_many_if_version({k: 7 for k in PAYLOAD_KEYS[:2]}) == set(PAYLOAD_KEYS[:2])
+    assert sorted(repo.iter_all_keys()) == sorted(PAYLOAD_KEYS[2:])
+
+
+def test_iter_all_keys_streams_folder_by_folder(
+    repo: FileSystemStateRepository, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo.store_many({f"k{i}": make(i) for i in range(300)})
+    listed: list[object] = []
+    real = os.scandir
+
+    def scandir(path: int) -> object:
+        listed.append(path)
+        return real(path)
+
+    monkeypatch.setattr(os, "scandir", scandir)
+    walk = repo.iter_all_keys()
+    first = next(walk)
+    assert len(listed) == 1  # one folder listed so far, not the whole tree
+    assert len({first, *walk}) == 300 and len(listed) > 100
+
+
+# ---------------------------------------------------------------- entry kinds on disk
+def test_tombstone_file_and_counts(repo: FileSystemStateRepository) -> None:
+    import time
+
+    repo.store("v", *make("x", 5))
+    repo.store("s", *make_stub(make("y", 5)[1], '{"at":"cold"}'))
+    assert repo.store_if_version("v", "", make_tombstone(6, now=time.time()), expected=5)
+    (path,) = [p for p in files_under(Path(repo.root)) if p.name == "v"]
+    header, body = path.read_bytes().split(b"\n", 1)
+    assert body == b""
+    assert json.loads(header)["encoding"] == "tombstone"
+    assert json.loads(header)["expires_at"] == 0.0
+    stats = repo.stats()
+    assert (stats["key_count"], stats["tombstone_count"], stats["expired_count"]) == (1, 1, 0)
+    assert repo.keys() == ["s"] and repo.keys("v") == [] and repo.fetch("s") is None
+    assert sorted(repo.iter_all_keys()) == ["s", "v"]
+
+
+def test_conditional_write_over_corrupt_file_leaves_no_temp(repo: FileSystemStateRepository) -> None:
+    repo.store("k", *make(1, 3))
+    (path,) = [p for p in files_under(Path(repo.root)) if p.name == "k"]
+    path.write_bytes(b"garbage without a header")
+    with pytest.raises(IntegrityError):
+        repo.store_if_newer("k", *make(2, 4))
+    with pytest.raises(BatchError) as info:
+        repo.store_many_if_newer({"k": make(2, 4), "other": make(3, 4)})
+    assert set(info.value.failed) == {"k"} and info.value.succeeded == ["other"]
+    assert isinstance(info.value.failed["k"], IntegrityError)
+    assert not [p for p in files_under(Path(repo.root)) if p.name.startswith(".tmp")]
+
+
+def test_batch_conditionals_report_failed_keys_apart_from_refused(
+    repo: FileSystemStateRepository, tmp_path: Path
+) -> None:
+    keys = [f"k{i}" for i in range(40)]
+    bad_fan = _locate(keys[0])[0]
+    in_bad = {k for k in keys if _locate(k)[0] == bad_fan}
+    repo.store_many({k: make(k, 5) for k in keys})
+    # A folder replaced by a symlink is refused: those keys fail, the rest go ahead.
+    fan = Path(repo.root) / bad_fan
+    for child in fan.iterdir():
+        child.unlink()
+    fan.rmdir()
+    (tmp_path / "elsewhere").mkdir()
+    fan.symlink_to(tmp_path / "elsewhere", target_is_directory=True)
+    items = {k: make(k, 6 if i % 2 else 4) for i, k in enumerate(keys)}  # even: older, refused
+    with pytest.raises(BatchError) as info:
+        repo.store_many_if_newer(items)
+    assert set(info.value.failed) == in_bad
+    assert set(info.value.succeeded) == {k for i, k in enumerate(keys) if i % 2} - in_bad
+    with pytest.raises(BatchError) as info:
+        repo.delete_many_if_version(dict.fromkeys(keys, 6))
+    assert set(info.value.failed) == in_bad
+    assert set(info.value.succeeded) == {k for i, k in enumerate(keys) if i % 2} - in_bad
+    assert list((tmp_path / "elsewhere").iterdir()) == []
+
+
 # ---------------------------------------------------------------- format, permissions
 def test_file_format_and_compression(tmp_path: Path) -> None:
     repo = FileSystemStateRepository(tmp_path / "c", compress_above=100)
@@ -162,7 +270,7 @@ def test_expired_files_are_tombstones_until_deleted(repo: FileSystemStateReposit
     assert repo.fetch("gone") is None and repo.keys() == []
     entry = repo.fetch_record("gone")
     assert entry is not None and entry.expired() and entry.version == 4
-    assert list(repo._all_keys()) == ["gone"]
+    assert list(repo.iter_all_keys()) == ["gone"]
     assert repo.stats()["expired_count"] == 1
     assert repo.delete("gone") is True
 
@@ -173,7 +281,7 @@ def test_leftover_temp_file_is_never_a_key(repo: FileSystemStateRepository) -> N
     (path,) = [p for p in files_under(Path(repo.root)) if p.name == "k"]
     # What a crash between write and rename leaves: a complete temp file.
     (path.parent / ".tmp-deadbeef").write_bytes(path.read_bytes())
-    assert repo.keys() == ["k"] and list(repo._all_keys()) == ["k"]
+    assert repo.keys() == ["k"] and list(repo.iter_all_keys()) == ["k"]
     assert repo.stats()["key_count"] == 1
 
 
@@ -279,6 +387,44 @@ def test_conditional_writes_are_atomic_across_processes(tmp_path: Path) -> None:
     repo = FileSystemStateRepository(root)
     assert repo.fetch("counter") == 100  # no increment lost
     assert repo.fetch_record("counter").version == 101  # type: ignore[union-attr]
+
+
+def test_batch_conditionals_are_atomic_across_processes(tmp_path: Path) -> None:
+    """Processes increment the same counters with store_many_if_version, each
+    batch in its own key order: no increment is lost and no batch deadlocks."""
+    root = tmp_path / "cold"
+    keys = [f"c{i}" for i in range(12)]
+    FileSystemStateRepository(root).store_many({k: make(0, version=1) for k in keys})
+    code = """
+        import json, random, sys
+        from tiered_state.repositories.filesystem_repository import FileSystemStateRepository
+        from tests.conformance import make
+        repo = FileSystemStateRepository(sys.argv[1], fsync=False)
+        keys = [f"c{i}" for i in range(12)]
+        wins = dict.fromkeys(keys, 0)
+        rng = random.Random(int(sys.argv[2]))
+        for _ in range(30):
+            batch = rng.sample(keys, 6)
+            got = repo.fetch_many(batch)
+            items = {k: make(int(got[k].payload) + 1, version=got[k].version + 1) for k in batch}
+            for key in repo.store_many_if_version(items, {k: got[k].version for k in batch}):
+                wins[key] += 1
+        print(json.dumps(wins))
+    """
+    procs = [subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), str(root), str(n)],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for n in range(4)]
+    totals = dict.fromkeys(keys, 0)
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        for key, wins in json.loads(out).items():
+            totals[key] += wins
+    repo = FileSystemStateRepository(root)
+    for key in keys:
+        entry = repo.fetch_record(key)
+        assert entry is not None
+        assert int(entry.payload) == totals[key] and entry.version == totals[key] + 1
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")

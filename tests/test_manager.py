@@ -34,6 +34,7 @@ from tiered_state import (
     TieringPolicy,
     codec,
 )
+from tiered_state.catalog import RESERVED_PREFIX, payload_name
 from tiered_state.metrics import InMemoryMetrics
 from tiered_state.record import Metadata, make_metadata
 from tiered_state.repositories.base import StateRepository
@@ -51,12 +52,31 @@ def state(tmp_path: Path) -> Iterator[StateManager]:
 
 
 def copies(state: StateManager, key: str) -> dict[str, Any]:
-    """key's value in each tier that holds a live copy."""
-    out = {}
-    for tier, repo in state.repositories.items():
-        entry = repo.fetch_record(key)
-        if entry is not None and not entry.expired():
-            out[tier.value] = codec.decode(entry.payload)
+    """key's value in each tier that holds a valid copy of its current version.
+
+    HOT: a value copy. The catalog (WARM): the entry, if it holds the value.
+    COLD: the payload of the current version, referenced by a stub or kept
+    from an earlier move (a promote copies up; the lower copy stays).
+    """
+    out: dict[str, Any] = {}
+    repos = state.repositories
+    catalog = repos[state.catalog_tier]
+    entry = catalog.fetch_record(key)
+    if entry is None or not entry.live():
+        return out
+    hot = repos.get(HOT)
+    if hot is not None and hot is not catalog:
+        copy = hot.fetch_record(key)
+        if copy is not None and copy.live() and copy.kind == "value":
+            assert copy.version == entry.version, "HOT holds another version than the catalog"
+            out["hot"] = codec.decode(copy.payload)
+    if entry.kind == "value":
+        out[state.catalog_tier.value] = codec.decode(entry.payload)
+    cold = repos.get(COLD)
+    if cold is not None and cold is not catalog:
+        payload = cold.fetch_record(payload_name(key, entry.version))
+        if payload is not None and payload.valid():
+            out["cold"] = codec.decode(payload.payload)
     return out
 
 
@@ -184,7 +204,7 @@ def test_bad_input_raises_before_anything_is_written(state: StateManager) -> Non
         state.set_many({"good": 1, "bad": {1, 2}})
     assert state.keys() == []
     for repo in state.repositories.values():
-        assert repo.keys() == []
+        assert [k for k in repo.keys() if not k.startswith(RESERVED_PREFIX)] == []
 
 
 # ---------------------------------------------------------------- read-through
@@ -268,8 +288,11 @@ def test_no_old_value_after_promotion_demotion_and_sweep(tmp_path: Path) -> None
         assert state.get("k") is None
         state.sweep()
         assert state.get("k") is None
-        for repo in state.repositories.values():
-            assert repo.fetch_record("k") is None or repo.fetch_record("k").expired()  # type: ignore[union-attr]
+        assert copies(state, "k") == {}
+        warm = state.repositories[WARM]
+        assert warm.fetch_record("k") is None  # purged: not even a tombstone is left
+        # ... and no payload of any version of it stays in COLD.
+        assert [n for n in state.repositories[COLD].iter_all_keys() if n.startswith("k@")] == []
 
 
 # ---------------------------------------------------------------- TTL
@@ -426,6 +449,47 @@ class _Failing(StateRepository):
         self._gate()
         return self.inner.fetch_many(keys)
 
+    def fetch(self, key: str) -> Any:
+        self._gate()
+        return self.inner.fetch(key)
+
+    def iter_keys(self, pattern: str = "*") -> Any:
+        self._gate()
+        return self.inner.iter_keys(pattern)
+
+    def iter_all_keys(self) -> Any:
+        self._gate()
+        return self.inner.iter_all_keys()
+
+    def changed_by_others(self) -> bool:
+        return self.inner.changed_by_others()
+
+    def _split(self, items: Any) -> tuple[dict[str, Any], dict[str, BaseException]]:
+        good = {k: v for k, v in items.items() if k not in self.fail_keys}
+        failed: dict[str, BaseException] = {
+            k: BackendUnavailableError("injected", self.backend) for k in items if k in self.fail_keys}
+        return good, failed
+
+    def store_many_if_newer(self, items: Any) -> set[str]:
+        self._gate()
+        good, failed = self._split(items)
+        stored = self.inner.store_many_if_newer(good)
+        if failed:
+            raise self._batch_failed("store_many_if_newer", failed, stored)
+        return stored
+
+    def store_many_if_version(self, items: Any, expected: Any) -> set[str]:
+        self._gate()
+        good, failed = self._split(items)
+        stored = self.inner.store_many_if_version(good, expected)
+        if failed:
+            raise self._batch_failed("store_many_if_version", failed, stored)
+        return stored
+
+    def delete_many_if_version(self, versions: Any) -> set[str]:
+        self._gate()
+        return self.inner.delete_many_if_version(versions)
+
     def store(self, key: str, value: str, metadata: Metadata) -> bool:
         self._gate()
         return self.inner.store(key, value, metadata)
@@ -456,11 +520,9 @@ class _Failing(StateRepository):
 
     def store_many(self, items: Any) -> set[str]:
         self._gate()
-        good = {k: v for k, v in items.items() if k not in self.fail_keys}
+        good, failed = self._split(items)
         stored = self.inner.store_many(good)
-        if len(good) != len(items):
-            failed = {k: BackendUnavailableError("injected", self.backend)
-                      for k in items if k in self.fail_keys}
+        if failed:
             raise self._batch_failed("store_many", failed, stored)
         return stored
 
@@ -550,7 +612,9 @@ def test_sweep_moves_idle_records_and_purges_expired(tmp_path: Path) -> None:
             assert copies(state, f"idle{i}") == {"cold": i}
         assert "cold" not in copies(state, "read")
         assert state.get("old-copy") is None  # the older copy below went too
-        assert state.repositories[COLD].fetch_record("old-copy") is None
+        assert report.collected == 1
+        assert [n for n in state.repositories[COLD].iter_all_keys()
+                if n.startswith("old-copy@")] == []
         assert state.get("idle3") == 3
         assert state.sweep().moved == 0
 
@@ -662,7 +726,7 @@ def test_hot_only_store_reports_an_outage() -> None:
 def test_partial_partition_staleness_is_bounded(tmp_path: Path) -> None:
     """A process that cannot reach a shared HOT leaves a marker; one that can
     finds it within MARKER_CHECK_INTERVAL and flushes HOT."""
-    from tiered_state.manager import MARKER_CHECK_INTERVAL
+    from tiered_state.hot import MARKER_CHECK_INTERVAL
 
     with tiered_state.open(tmp_path) as base:
         shared = MemoryStateRepository()
@@ -688,7 +752,8 @@ def test_sweep_dry_run_changes_nothing(tmp_path: Path) -> None:
         time.sleep(0.3)
         report = state.sweep(dry_run=True)
         assert (report.moved, report.purged) == (5, 1)
-        assert sorted(state.repositories[WARM].keys()) == [f"k{i}" for i in range(5)]
+        assert state.keys() == [f"k{i}" for i in range(5)]
+        assert all(copies(state, f"k{i}") == {"warm": i} for i in range(5))
         assert state.repositories[COLD].keys() == []
         real = state.sweep()
         assert (real.moved, real.purged) == (5, 1)

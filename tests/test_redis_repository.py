@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
 
@@ -17,10 +18,12 @@ from tiered_state.config import open_repository
 from tiered_state.errors import (
     BackendError,
     BackendUnavailableError,
+    BatchError,
     ConfigurationError,
     IntegrityError,
 )
 from tiered_state.keys import matches
+from tiered_state.record import make_stub, make_tombstone
 
 from .conformance import RepositoryConformance, make
 from .support import free_port, unique_name
@@ -28,6 +31,7 @@ from .support import free_port, unique_name
 redis = pytest.importorskip("redis")
 
 from tiered_state.repositories.redis_repository import (  # noqa: E402
+    CHUNK,
     META_MARK,
     RedisStateRepository,
 )
@@ -55,7 +59,10 @@ def repository(redis_url: str, prefix: str, raw: redis.Redis) -> Iterator[RedisS
 
 
 class TestRedisConformance(RepositoryConformance):
-    pass
+    def test_tombstone_vanishes_at_once(self, repository: RedisStateRepository) -> None:
+        repository.store("t", *make("t", 2))
+        repository.store_if_version("t", "", make_tombstone(9, now=time.time()), expected=2)
+        assert repository.fetch_record("t") is None  # volatile: expired entries are gone
 
 
 # ---------------------------------------------------------------- storage format
@@ -248,11 +255,15 @@ def test_accepts_a_ready_client(redis_url: str, prefix: str) -> None:
         RedisStateRepository(redis.Redis(), max_connections=3)
 
 
-def test_conditional_writes_are_atomic_across_clients(redis_url: str, prefix: str) -> None:
+@pytest.mark.parametrize("base", [1, 1 << 60], ids=["small", "2**60"])
+def test_conditional_writes_are_atomic_across_clients(redis_url: str, prefix: str,
+                                                      base: int) -> None:
     import threading
 
+    # At 2**60 a version and the next one are the same double: a comparison
+    # that is not exact lets two clients both win the same swap.
     repos = [RedisStateRepository(redis_url, prefix=prefix) for _ in range(4)]
-    repos[0].store("counter", *make(0, version=1))
+    repos[0].store("counter", *make(0, version=base))
     wins: list[int] = []
 
     def work(repo: RedisStateRepository) -> None:
@@ -296,7 +307,12 @@ def test_unreachable_server_is_backend_unavailable() -> None:
     assert isinstance(info.value.__cause__, redis.exceptions.ConnectionError)
     for call in (lambda: repo.store("k", *make(1)), lambda: repo.keys(), repo.stats,
                  lambda: repo.store_many({"a": make(1)}), lambda: repo.delete_many(["a"]),
-                 lambda: repo.fetch_many(["a"]), lambda: repo.delete_if_version("a", 1), repo.ping):
+                 lambda: repo.fetch_many(["a"]), lambda: repo.delete_if_version("a", 1), repo.ping,
+                 lambda: repo.store_if_newer("a", *make(1)),
+                 lambda: repo.store_if_version("a", *make(1), expected=0),
+                 lambda: repo.store_many_if_newer({"a": make(1)}),
+                 lambda: repo.store_many_if_version({"a": make(1)}, {"a": 0}),
+                 lambda: repo.delete_many_if_version({"a": 1})):
         with pytest.raises(BackendUnavailableError):
             call()
 
@@ -378,3 +394,196 @@ def test_delete_many_if_version(repository: RedisStateRepository) -> None:
     deleted = repository.delete_many_if_version(wanted)
     assert deleted == {f"k{i}" for i in range(1200)} - {"k3"}
     assert repository.keys() == ["k3"]
+
+
+# ---------------------------------------------------------------- exact versions
+# Versions are microseconds << 10 | node (about 1.8e18). Doubles are exact only
+# to 2**53, so each pair below is one number to a double: only an exact
+# comparison tells them apart.
+NEAR_2_60 = 1 << 60
+CLOSE_PAIRS = [
+    (NEAR_2_60, NEAR_2_60 + 1),
+    (10**18 - 1, 10**18),  # 18 digits against 19
+    (10**18 + 9999, 10**18 + 10000),  # differ before the last 4 digits, which order the other way
+    (2**63 - 2, 2**63 - 1),
+]
+
+
+@pytest.mark.parametrize(("low", "high"), CLOSE_PAIRS,
+                         ids=["2**60", "digits18-19", "carry", "2**63"])
+def test_versions_one_apart_compare_exactly(repository: RedisStateRepository,
+                                            low: int, high: int) -> None:
+    assert float(low) == float(high)  # what the test is about
+    # single-key forms
+    assert repository.store_if_newer("k", *make("low", low)) is True
+    assert repository.store_if_newer("k", *make("low again", low)) is False
+    assert repository.store_if_newer("k", *make("high", high)) is True
+    assert repository.store_if_newer("k", *make("low", low)) is False
+    assert repository.store_if_version("k", *make("x", high), expected=low) is False
+    assert repository.store_if_version("k", *make("x", low), expected=high) is False  # older
+    assert repository.store_if_version("k", *make("same", high), expected=high) is True
+    assert repository.delete_if_version("k", low) is False
+    assert repository.fetch("k") == "same"
+    assert repository.delete_if_version("k", high) is True
+    # batch forms
+    repository.store_many({"a": make("a", low), "b": make("b", high)})
+    assert repository.store_many_if_newer({"a": make("a2", high), "b": make("b2", low)}) == {"a"}
+    assert repository.store_many_if_version(
+        {"a": make("a3", high), "b": make("b3", high), "c": make("c3", high)},
+        {"a": low, "b": high, "c": 0},
+    ) == {"b", "c"}
+    assert repository.fetch("a") == "a2" and repository.fetch("b") == "b3"
+    assert repository.delete_many_if_version({"a": low, "b": high, "c": low}) == {"b"}
+    assert sorted(repository.keys()) == ["a", "c"]
+    assert repository.fetch_record("a").version == high  # type: ignore[union-attr]
+
+
+# ---------------------------------------------------------------- stubs (placeholders)
+def test_placeholders_round_trip_as_empty_values(repository: RedisStateRepository,
+                                                 raw: redis.Redis, prefix: str) -> None:
+    _, metadata = make({"x": 1}, 7)
+    locator, stub = make_stub(metadata)  # empty payload: "ask the catalog"
+    assert locator == ""
+    repository.store("single", locator, stub)
+    repository.store_many({"many": (locator, stub)})
+    assert repository.store_if_newer("newer", locator, stub) is True
+    assert repository.store_many_if_newer({"batch": (locator, stub)}) == {"batch"}
+    timed = {**stub, "hot_until": time.time() + 60}
+    repository.store_many({"timed": (locator, timed)})  # type: ignore[dict-item]
+    keys = ["single", "many", "newer", "batch", "timed"]
+    for key in keys:
+        assert raw.get(f"{prefix}{key}") == b""
+        entry = repository.fetch_record(key)
+        assert entry is not None and entry.payload == "" and entry.kind == "stub", key
+        assert entry.live() and entry.version == 7
+        assert repository.fetch(key) is None
+    got = repository.fetch_many([*keys, "absent"])
+    assert set(got) == set(keys) and all(e.payload == "" for e in got.values())
+    assert sorted(repository.keys()) == sorted(keys) and repository.keys("single") == ["single"]
+    assert repository.stats()["key_count"] == len(keys)
+    # The placeholder blocks an older copy and gives way to its own write.
+    assert repository.store_many_if_newer({"single": make("old", 6)}) == set()
+    assert repository.store_if_newer("single", *make("old", 7)) is False
+    assert repository.store_if_version("single", *make("new", 7), expected=7) is True
+    assert repository.fetch("single") == "new"
+    assert repository.delete_if_version("many", 7) is True
+    assert repository.delete_many_if_version({"newer": 7, "batch": 6}) == {"newer"}
+    assert repository.clear() == 3
+
+
+def test_placeholders_with_a_decoding_client(redis_url: str, prefix: str) -> None:
+    client = redis.Redis.from_url(redis_url, decode_responses=True)
+    with RedisStateRepository(client, prefix=prefix) as repo:
+        repo.store("p", *make_stub(make("v", 3)[1]))
+        entry = repo.fetch_record("p")
+        assert entry is not None and entry.payload == "" and entry.kind == "stub"
+        assert set(repo.fetch_many(["p"])) == {"p"}
+        assert repo.clear() == 1
+    client.close()
+
+
+# ---------------------------------------------------------------- batches
+@pytest.fixture
+def round_trips(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Counts every request a redis-py connection sends (one per round trip)."""
+    sent = [0]
+    original = redis.connection.AbstractConnection.send_packed_command
+
+    def counted(self: Any, command: Any, check_health: bool = True) -> None:
+        sent[0] += 1
+        original(self, command, check_health)
+
+    monkeypatch.setattr(redis.connection.AbstractConnection, "send_packed_command", counted)
+    return sent
+
+
+def test_batches_take_one_round_trip(repository: RedisStateRepository,
+                                     round_trips: list[int]) -> None:
+    n = 3 * CHUNK + 7  # several script calls, one pipeline
+    repository.ping()  # connect first: the handshake is not the batch's
+    calls = [
+        lambda: repository.store_many({f"k{i}": make(i, 10, ttl=60) for i in range(n)}),
+        lambda: repository.store_many_if_newer({f"k{i}": make(i, 11) for i in range(n)}),
+        lambda: repository.store_many_if_version({f"k{i}": make(i, 12) for i in range(n)},
+                                                 {f"k{i}": 11 for i in range(n)}),
+        lambda: repository.fetch_many([f"k{i}" for i in range(n)]),
+        lambda: repository.delete_many_if_version({f"k{i}": 12 for i in range(0, n, 2)}),
+        lambda: repository.delete_many([f"k{i}" for i in range(n)]),
+    ]
+    for call in calls:  # once to load the scripts, should this server not have them yet
+        call()
+    for call in calls:
+        before = round_trips[0]
+        call()
+        assert round_trips[0] - before == 1
+    for single in (lambda: repository.store_if_newer("s", *make(1, 5)),
+                   lambda: repository.store_if_version("s", *make(1, 6), expected=5),
+                   lambda: repository.delete_if_version("s", 6),
+                   lambda: repository.fetch_record("s")):
+        before = round_trips[0]
+        single()
+        assert round_trips[0] - before == 1
+
+
+def test_conditional_batch_reports_failed_and_written_keys(
+    repository: RedisStateRepository, raw: redis.Redis, prefix: str
+) -> None:
+    keys = [f"k{i:04d}" for i in range(2 * CHUNK)]
+    repository.store_many({k: make(k, 5) for k in keys})
+    bad = keys[CHUNK + 10]  # in the second script call
+    raw.delete(f"{prefix}{META_MARK}{bad}")
+    raw.hset(f"{prefix}{META_MARK}{bad}", "a", "b")  # GET on it fails: WRONGTYPE
+    items = {k: make(k, 6 if i % 2 else 4) for i, k in enumerate(keys)}
+    with pytest.raises(BatchError) as info:
+        repository.store_many_if_newer(items)
+    second = set(keys[CHUNK:])
+    assert set(info.value.failed) == second
+    assert isinstance(info.value.failed[bad], redis.exceptions.ResponseError)
+    # written keys only: the refused ones (even indexes) are in neither list
+    assert set(info.value.succeeded) == {k for i, k in enumerate(keys[:CHUNK]) if i % 2}
+    assert repository.fetch(keys[1]) == keys[1] and repository.fetch_record(keys[1]).version == 6  # type: ignore[union-attr]
+    with pytest.raises(BatchError) as info:
+        repository.delete_many_if_version({k: 6 for k in keys})
+    assert set(info.value.failed) == second
+    assert set(info.value.succeeded) == {k for i, k in enumerate(keys[:CHUNK]) if i % 2}
+    raw.delete(f"{prefix}{META_MARK}{bad}")
+
+
+@pytest.fixture
+def private_redis() -> Iterator[str]:
+    """A redis-server of this test's own, for what must not touch the shared one."""
+    import shutil
+    import subprocess
+
+    from .support import wait_for_port
+
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.skip("redis-server is not installed")
+    port = free_port()
+    proc = subprocess.Popen([server, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    try:
+        wait_for_port("127.0.0.1", port, 10)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_batch_scripts_are_reloaded_after_the_server_lost_them(private_redis: str) -> None:
+    with RedisStateRepository(private_redis, prefix="p:") as repo:
+        repo.store_many({"a": make(1, 1, ttl=60), "b": make(2, 1)})
+        repo.client.script_flush()  # as after a restart
+        assert repo.store_many_if_newer({"a": make(3, 2), "b": make(4, 1)}) == {"a"}
+        repo.client.script_flush()
+        assert repo.store_many_if_version({"a": make(5, 3)}, {"a": 2}) == {"a"}
+        repo.client.script_flush()
+        assert repo.store_many({"c": make(6, 1, ttl=60)}) == {"c"}
+        repo.client.script_flush()
+        assert repo.delete_many_if_version({"a": 3, "b": 9}) == {"a"}
+        repo.client.script_flush()
+        assert repo.delete_many(["b", "c"]) == 2
+        repo.client.script_flush()
+        assert repo.store_if_newer("d", *make(7, 1)) is True
+        assert repo.keys() == ["d"]

@@ -24,6 +24,7 @@ from tiered_state.errors import (
     ConfigurationError,
 )
 from tiered_state.keys import matches
+from tiered_state.record import make_stub, make_tombstone
 from tiered_state.repositories.s3_repository import (
     S3StateRepository,
     decode_name,
@@ -262,7 +263,7 @@ def test_expired_records_are_tombstones(repository: S3StateRepository) -> None:
     assert entry is not None and entry.expired() and entry.version == 3
     assert repository.fetch("gone") is None
     assert repository.keys() == ["live"] and repository.keys("gone") == []
-    assert sorted(repository._all_keys()) == ["gone", "live"]
+    assert sorted(repository.iter_all_keys()) == ["gone", "live"]
     assert [[e.key for e in b] for b in repository.scan(now=now)] == [["gone"]]
     tags = repository._client.get_object_tagging(
         Bucket=repository.bucket, Key=repository._base + "gone"
@@ -273,7 +274,151 @@ def test_expired_records_are_tombstones(repository: S3StateRepository) -> None:
     assert names == ["live"]  # the marker went with the record
 
 
+def test_tombstone_object_and_its_marker(repository: S3StateRepository) -> None:
+    repository.store("k", *make("v", 5))
+    repository.store("live", *make("x"))
+    tombstone = make_tombstone(6, now=time.time())
+    assert repository.store_if_version("k", "", tombstone, expected=5) is True
+    obj = raw_object(repository, "k")
+    assert obj["Body"].read() == b""
+    assert obj["Metadata"]["encoding"] == "tombstone"
+    assert obj["Metadata"]["expires-at"] == "0.0"
+    # Expired from birth, so marked: hidden from listings without a HEAD of
+    # every object, and found by the expired-only scan, which reads markers.
+    assert [n for n, _ in repository._list("!e")] == ["!ek"]
+    assert repository.keys() == ["live"] and list(repository.iter_keys("k*")) == []
+    assert repository.stats()["key_count"] == 1
+    assert [[(e.key, e.kind) for e in b] for b in repository.scan()] == [[("k", "tombstone")]]
+    assert sorted(repository.iter_all_keys()) == ["k", "live"]
+    assert repository.delete_if_version("k", 6) is True
+    assert [n for n, _ in repository._list("")] == ["live"]  # the marker went too
+
+
+def test_compressed_stub_keeps_its_kind(s3_url: str) -> None:
+    with S3StateRepository.from_url(s3_url, compress_min_bytes=10) as repo:
+        payload, metadata = make({"x": 1}, 9)
+        locator, stub = make_stub(metadata, '{"name":"' + "loc" * 100 + '"}')
+        repo.store("k", locator, stub)
+        assert raw_object(repo, "k")["Metadata"]["encoding"] == "stub+zlib"
+        entry = repo.fetch_record("k")
+        assert entry is not None and entry.kind == "stub" and entry.payload == locator
+        assert repo.fetch("k") is None and repo.keys() == ["k"]
+        # The conditions read the entry's kind from a HEAD, never "stub+zlib".
+        assert repo.store_if_version("k", payload, metadata, expected=9) is True
+        assert repo.fetch("k") == {"x": 1}
+
+
+#: Payload names as the manager builds them: ``<key>@<16 hex digits of the version>``.
+PAYLOAD_KEYS = [
+    "p" * 1000 + "@0123456789abcdef",  # hashed: longer than max_name_bytes
+    "%" * 100 + "@0123456789abcdef",  # hashed: percent-encoding triples it
+    "user:42@0123456789abcdef",
+    "é@ffffffffffffffff",
+    "~" + "0" * 64 + "~0123456789abcdef",  # the catalog's name for a key too long for "@"
+]
+
+
+def test_payload_keys_round_trip(repository: S3StateRepository) -> None:
+    assert [repository._name(k).startswith("!h") for k in PAYLOAD_KEYS] == [True, True, False, False, False]
+    items = {k: make({"key": k}, 7) for k in PAYLOAD_KEYS}
+    assert repository.store_many_if_newer(items) == set(PAYLOAD_KEYS)
+    assert repository.store_many_if_newer(items) == set()  # written once
+    assert repository.store_if_newer(PAYLOAD_KEYS[0], *items[PAYLOAD_KEYS[0]]) is False
+    for key in PAYLOAD_KEYS:
+        assert repository.fetch(key) == {"key": key}
+    got = repository.fetch_many(PAYLOAD_KEYS)
+    assert set(got) == set(PAYLOAD_KEYS) and all(e.valid() for e in got.values())
+    assert sorted(repository.iter_all_keys()) == sorted(PAYLOAD_KEYS)
+    assert sorted(repository.keys("*@0123456789abcdef")) == sorted(PAYLOAD_KEYS[:3])
+    assert repository.keys(PAYLOAD_KEYS[0]) == [PAYLOAD_KEYS[0]]
+    assert repository.delete_many_if_version(dict.fromkeys(PAYLOAD_KEYS[:2], 7)) == set(
+        PAYLOAD_KEYS[:2])
+    assert sorted(repository.iter_all_keys()) == sorted(PAYLOAD_KEYS[2:])
+
+
+def test_iter_all_keys_pages_past_the_markers(repository: S3StateRepository) -> None:
+    now = time.time()
+    expired = {f"e{i:04d}": make(i, now=now - 100, ttl=10) for i in range(1100)}
+    repository.store_many({**expired, "plain": make(0), "k" * 1024: make(1)})
+    real = repository._client
+    pages: list[tuple[dict[str, Any], list[str]]] = []
+
+    class Recording:
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def list_objects_v2(self, **kwargs: Any) -> dict[str, Any]:
+            page: dict[str, Any] = real.list_objects_v2(**kwargs)
+            pages.append((kwargs, [o["Key"] for o in page.get("Contents", ())]))
+            return page
+
+    repository._client = Recording()
+    walk = repository.iter_all_keys()
+    first = next(walk)
+    assert len(pages) == 1  # streamed: one page so far
+    keys = {first, *walk}
+    assert keys == {*expired, "plain", "k" * 1024}
+    whole = [names for kwargs, names in pages if kwargs["Prefix"] == repository._base]
+    assert len(whole) == 2  # 1101 names, two pages, none of them a marker
+    assert not any(n[len(repository._base):].startswith("!") for names in whole for n in names)
+
+
 # ---------------------------------------------------------------- concurrency
+def test_store_many_if_version_is_atomic_across_clients(s3_url: str) -> None:
+    repos = [S3StateRepository.from_url(s3_url) for _ in range(4)]
+    keys = [f"lock{i}" for i in range(10)]
+    barrier = threading.Barrier(len(repos))
+    wins: dict[int, set[str]] = {}
+
+    def race(i: int) -> None:
+        barrier.wait()
+        wins[i] = repos[i].store_many_if_version(
+            {k: make(i, 100 + i) for k in keys}, dict.fromkeys(keys, 0))
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(len(repos))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for key in keys:
+        (winner,) = [i for i, won in wins.items() if key in won]  # exactly one per key
+        assert repos[0].fetch(key) == winner
+    for repo in repos:
+        repo.close()
+
+
+def test_batch_conditionals_tell_failed_from_refused(repository: S3StateRepository) -> None:
+    repository.store("c", *make("c", 9))
+    real = repository._client
+
+    class FailingForB:
+        """The real client, except every PUT of key b fails."""
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(real, name)
+
+        def put_object(self, **kwargs: Any) -> Any:
+            if kwargs["Key"].endswith("/b"):
+                import botocore.exceptions
+
+                raise botocore.exceptions.ClientError(
+                    {"Error": {"Code": "InternalError", "Message": "boom"},
+                     "ResponseMetadata": {"HTTPStatusCode": 500}}, "PutObject")
+            return real.put_object(**kwargs)
+
+    repository._client = FailingForB()
+    items = {"a": make("a", 5), "b": make("b", 5), "c": make("c", 5)}  # c: older, refused
+    with pytest.raises(BatchError) as info:
+        repository.store_many_if_newer(items)
+    assert set(info.value.failed) == {"b"} and info.value.succeeded == ["a"]
+    with pytest.raises(BatchError) as info:
+        repository.store_many_if_version({"b": make("b", 6), "c": make("c", 10)}, {"b": 0, "c": 8})
+    assert set(info.value.failed) == {"b"} and info.value.succeeded == []
+    repository._client = real
+    assert repository.fetch("a") == "a" and repository.fetch("b") is None
+    assert repository.fetch_record("c").version == 9  # type: ignore[union-attr]
+
+
 def test_store_if_version_is_atomic_across_clients(s3_url: str) -> None:
     repos = [S3StateRepository.from_url(s3_url) for _ in range(6)]
     barrier = threading.Barrier(len(repos))

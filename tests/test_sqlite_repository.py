@@ -1,6 +1,9 @@
 from __future__ import annotations
 
+import json
 import os
+import select
+import signal
 import sqlite3
 import stat
 import subprocess
@@ -15,6 +18,7 @@ import pytest
 
 from tiered_state.config import open_repository
 from tiered_state.errors import BackendError, BackendUnavailableError, ConfigurationError, IntegrityError
+from tiered_state.record import make_stub, make_tombstone
 from tiered_state.repositories.base import StateRepository
 from tiered_state.repositories.sqlite_repository import SQLiteStateRepository
 
@@ -122,7 +126,7 @@ def test_expired_rows_are_tombstones_until_deleted(repo: SQLiteStateRepository) 
     entry = repo.fetch_record("gone")
     assert entry is not None and entry.expired() and entry.version == 4
     assert "gone" in repo.fetch_many(["gone"])
-    assert list(repo._all_keys()) == ["gone"]
+    assert list(repo.iter_all_keys()) == ["gone"]
     assert repo.stats()["expired_count"] == 1
     assert repo.delete("gone") is True
     assert repo.fetch_record("gone") is None
@@ -182,6 +186,89 @@ def test_delete_many_if_version(repo: SQLiteStateRepository) -> None:
     repo.store_many({"a": make(1, 1), "b": make(2, 2), "c": make(3, 3)})
     assert repo.delete_many_if_version({"a": 1, "b": 9, "zz": 1}) == {"a"}
     assert sorted(repo.keys()) == ["b", "c"]
+
+
+@pytest.mark.parametrize("method", ["store_many_if_newer", "store_many_if_version"])
+def test_batch_conditionals_are_one_transaction(repo: SQLiteStateRepository, method: str) -> None:
+    repo.store("x", *make("before", 1))
+    other = sqlite3.connect(repo.path, isolation_level=None)
+    other.execute(
+        "CREATE TRIGGER boom BEFORE INSERT ON tiered_state WHEN NEW.key = 'bad'"
+        " BEGIN SELECT RAISE(ABORT, 'refused'); END"
+    )
+    other.close()
+    items = {"x": make("after", 2), "y": make(1, 2), "bad": make(2, 2)}
+    with pytest.raises(BackendError) as info:
+        if method == "store_many_if_newer":
+            repo.store_many_if_newer(items)
+        else:
+            repo.store_many_if_version(items, {"x": 1, "y": 0, "bad": 0})
+    assert isinstance(info.value.__cause__, sqlite3.Error)
+    assert repo.fetch("x") == "before" and repo.fetch("y") is None
+    assert not repo._conn().in_transaction
+    # ... and a missing expected version is refused before anything is written
+    with pytest.raises(KeyError):
+        repo.store_many_if_version({"x": make("after", 2), "z": make(1, 2)}, {"x": 1})
+    assert repo.fetch("x") == "before"
+
+
+def test_store_many_if_version_kinds(repo: SQLiteStateRepository) -> None:
+    now = time.time()
+    payload, metadata = make({"v": 1}, 5)
+    repo.store_many({"value": (payload, metadata), "gone": ("", make_tombstone(5, now=now)),
+                     "old": make("o", 5, now=now - 10, ttl=1)})
+    stub = make_stub(metadata, "elsewhere")
+    stored = repo.store_many_if_version(
+        {"value": stub, "gone": make("g", 4), "old": make("n", 6), "new": make("x", 1)},
+        {"value": 5, "gone": 0, "old": 0, "new": 0},
+    )
+    # same-version migration to a stub; a tombstone of version 5 refuses version 4;
+    # an expired row is replaced; an absent key is created
+    assert stored == {"value", "old", "new"}
+    assert repo.fetch_record("value").kind == "stub"  # type: ignore[union-attr]
+    assert repo.fetch_record("gone").kind == "tombstone"  # type: ignore[union-attr]
+    assert repo.fetch("old") == "n" and repo.fetch("new") == "x"
+
+
+def test_batch_conditionals_across_processes_are_exact(tmp_path: Path) -> None:
+    """Processes race store_many_if_newer on the same keys: every key ends at
+    the greatest version, and the batch that wrote it reported it."""
+    path = tmp_path / "race.db"
+    SQLiteStateRepository(path).close()
+    code = """
+        import json, sys
+        from tiered_state.repositories.sqlite_repository import SQLiteStateRepository
+        from tests.conformance import make
+        repo = SQLiteStateRepository(sys.argv[1], busy_timeout=30)
+        w = int(sys.argv[2])
+        claims = []
+        for i in range(40):
+            version = i * 10 + w
+            got = repo.store_many_if_newer({f"k{j}": make([w, i], version) for j in range(20)})
+            claims.append([version, sorted(got)])
+        print(json.dumps(claims))
+    """
+    root = str(Path(__file__).resolve().parent.parent)
+    procs = [
+        subprocess.Popen([sys.executable, "-c", textwrap.dedent(code), str(path), str(w)],
+                         cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for w in range(1, 5)
+    ]
+    claimed: dict[str, list[int]] = {}
+    for proc in procs:
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, err
+        for version, keys in json.loads(out):
+            for key in keys:
+                claimed.setdefault(key, []).append(version)
+    with SQLiteStateRepository(path) as repo:
+        for j in range(20):
+            entry = repo.fetch_record(f"k{j}")
+            assert entry is not None and entry.version == 39 * 10 + 4
+            # the final version was reported once, by its writer, and no
+            # version was reported twice
+            versions = claimed[f"k{j}"]
+            assert max(versions) == entry.version and len(versions) == len(set(versions))
 
 
 # ---------------------------------------------------------------- errors
@@ -355,3 +442,163 @@ def test_changed_by_others_without_shm_falls_back_to_pragma(repo: SQLiteStateRep
     other.close()
     assert repo.changed_by_others() is True
     assert repo.changed_by_others() is False
+
+
+# A new connection's data_version baseline is "now": on its own it would hide
+# commits made before the connection opened from the thread (or forked child)
+# that opened it, while this process's HOT copies still predate them.
+_WRITE_ELSEWHERE = """
+    import sys
+    from tiered_state.repositories.sqlite_repository import SQLiteStateRepository
+    from tests.conformance import make
+    SQLiteStateRepository(sys.argv[1]).store(sys.argv[2], *make(int(sys.argv[3])))
+"""
+
+
+def write_in_another_process(path: str, key: str, value: int) -> None:
+    root = str(Path(__file__).resolve().parent.parent)
+    subprocess.run([sys.executable, "-c", textwrap.dedent(_WRITE_ELSEWHERE), path, key, str(value)],
+                   cwd=root, check=True, timeout=60)
+
+
+def in_new_thread(repo: SQLiteStateRepository, *calls: str) -> list[object]:
+    """Call the named methods of ``repo`` in order in a new thread; return the answers."""
+    answers: list[object] = []
+
+    def work() -> None:
+        for name in calls:
+            answers.append(getattr(repo, name)() if name == "changed_by_others" else repo.fetch(name))
+
+    thread = threading.Thread(target=work)
+    thread.start()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    return answers
+
+
+def wait_child(pid: int, timeout: float = 60.0) -> int:
+    """The exit code of the forked child ``pid``; kill it after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            pytest.fail(f"forked child did not finish within {timeout}s")
+        time.sleep(0.01)
+
+
+def validated(repo: SQLiteStateRepository) -> None:
+    """Ask until this thread gets False: its copies are then up to date."""
+    repo.changed_by_others()
+    assert repo.changed_by_others() is False
+
+
+def test_new_thread_sees_commits_made_before_it_connected(repo: SQLiteStateRepository) -> None:
+    repo.store("k", *make(1))
+    validated(repo)
+    write_in_another_process(repo.path, "k", 2)
+    assert in_new_thread(repo, "changed_by_others", "changed_by_others") == [True, False]
+    # Its connection opened by a read first: the first call still answers True.
+    write_in_another_process(repo.path, "k", 3)
+    assert in_new_thread(repo, "k", "changed_by_others") == [3, True]
+    assert repo.changed_by_others() is True  # the first thread saw them too
+    assert repo.changed_by_others() is False
+
+
+def test_new_thread_trusts_an_unchanged_store(repo: SQLiteStateRepository) -> None:
+    repo.store("k", *make(1))
+    assert in_new_thread(repo, "changed_by_others") == [True]  # nobody got False yet
+    validated(repo)
+    assert in_new_thread(repo, "changed_by_others", "changed_by_others") == [False, False]
+    repo.store("k", *make(2))  # this thread's own write
+    assert repo.changed_by_others() is False
+    assert in_new_thread(repo, "k", "changed_by_others") == [2, False]
+
+
+def test_a_connection_opened_after_close_sees_foreign_commits(repo: SQLiteStateRepository) -> None:
+    repo.store("k", *make(1))
+    validated(repo)
+    repo.close()  # the last connection: SQLite removes -wal and -shm
+    write_in_another_process(repo.path, "k", 2)
+    assert repo.changed_by_others() is True
+    assert repo.fetch("k") == 2
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork")
+@pytest.mark.parametrize("when", ["before fork", "after fork", "never"])
+def test_forked_child_first_call(repo: SQLiteStateRepository, when: str) -> None:
+    """A child inherits the parent's HOT copies: its first call answers True iff
+    another process wrote after the parent's last False answer."""
+    repo.store("k", *make(1))
+    validated(repo)
+    if when == "before fork":
+        write_in_another_process(repo.path, "k", 2)
+    go_read, go_write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - child
+        code = 2
+        try:
+            os.close(go_write)
+            if select.select([go_read], [], [], 30)[0] and os.read(go_read, 1) == b"1":
+                code = 0 if repo.changed_by_others() is (when != "never") else 1
+        finally:
+            os._exit(code)
+    os.close(go_read)
+    try:
+        if when == "after fork":
+            write_in_another_process(repo.path, "k", 2)
+        os.write(go_write, b"1")
+    finally:
+        os.close(go_write)
+    assert wait_child(pid) == 0
+    assert repo.changed_by_others() is (when != "never")
+
+
+class _FakeShm:
+    """Stands in for the -shm reader, returning chosen header bytes."""
+
+    def __init__(self, header: bytes) -> None:
+        self.header = header
+
+    def read(self) -> bytes:
+        return self.header
+
+
+def test_a_header_read_mid_commit_is_never_trusted(repo: SQLiteStateRepository) -> None:
+    repo.store("k", *make(1))
+    validated(repo)
+    real = repo._local.shm
+    assert real is not None
+    header = real.read()
+    assert header is not None and header[:48] == header[48:]
+    # The second copy already rewritten, the first not yet: a commit in flight.
+    torn = header[:48] + bytes(48)
+    clean = repo._clean
+    repo._local.shm = _FakeShm(torn)  # type: ignore[assignment]
+    assert repo.changed_by_others() is False  # the pragma decides...
+    assert repo._clean is clean  # ...but the bytes are not remembered
+    other = sqlite3.connect(repo.path, isolation_level=None)
+    other.execute("UPDATE tiered_state SET version = version + 1")
+    other.close()
+    assert repo.changed_by_others() is True  # same torn bytes: not the fast path
+
+
+def test_a_rebuilt_empty_wal_index_is_never_a_proof(repo: SQLiteStateRepository) -> None:
+    # With zero salts the header is what every rebuild from an empty WAL
+    # writes, whatever the database holds, so it proves nothing to a new
+    # connection (this thread may still use it: its connection keeps the
+    # -shm from being rebuilt).
+    repo.store("k", *make(1))
+    validated(repo)
+    clean = repo._clean
+    assert clean is not None
+    rebuilt = bytearray(clean[1])
+    rebuilt[32:40] = bytes(8)
+    rebuilt[80:88] = bytes(8)
+    repo._local.shm = _FakeShm(bytes(rebuilt))  # type: ignore[assignment]
+    assert repo.changed_by_others() is False
+    assert repo.changed_by_others() is False
+    assert repo._clean is clean

@@ -15,6 +15,7 @@ from .errors import (
     InvalidKeyError,
     MissingDependencyError,
     SerializationError,
+    StoreFormatError,
     TieredStateError,
 )
 from .factory import open, probe
@@ -42,6 +43,7 @@ __all__ = [
     "RestoreReport",
     "SerializationError",
     "StateManager",
+    "StoreFormatError",
     "SweepReport",
     "Tier",
     "TieredStateError",

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from . import codec
-from .errors import BackendError, SerializationError
+from .errors import BackendError, BatchError, SerializationError
 from .keys import MAX_KEY_BYTES
 from .record import STUB, Entry, Metadata, Tier, is_value, make_stub
 from .repositories.base import Items, StateRepository
@@ -219,23 +219,33 @@ class Catalog:
         """The catalog entry of a value whose payload lives below the catalog."""
         return make_stub(payload_md, self.locator(payload_name(key, payload_md["version"])))
 
-    def store_payloads(self, items: Items) -> None:
+    def store_payloads(self, items: Items) -> dict[str, BaseException]:
         """Write payloads below the catalog, each under its :func:`payload_name`.
 
         Payloads never expire on their own: the catalog decides their life.
+
+        :returns: ``key -> error`` for the payloads a batch could not store
+            (a single payload's error, or a whole batch's, is raised).
         """
         repo = self.payload_repo
         assert repo is not None
         named: dict[str, tuple[str, Metadata]] = {}
+        keys: dict[str, str] = {}
         for key, (payload, metadata) in items.items():
             md = metadata.copy()
             md["expires_at"] = None
-            named[payload_name(key, md["version"])] = (payload, md)
+            name = payload_name(key, md["version"])
+            named[name] = (payload, md)
+            keys[name] = key
         if len(named) == 1:
             (name, (payload, md)), = named.items()
             repo.store(name, payload, md)
-        else:
+            return {}
+        try:
             repo.store_many(named)
+        except BatchError as exc:
+            return {keys[name]: error for name, error in exc.failed.items() if name in keys}
+        return {}
 
     def verify_payloads(self, items: Items) -> set[str]:
         """The keys whose payload is stored below the catalog exactly as given."""

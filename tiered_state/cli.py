@@ -1,4 +1,4 @@
-"""The ``tiered-state`` command: inspect, operate and demo a store.
+"""The ``tiered-state`` command: inspect, operate, upgrade and demo a store.
 
 Global options (before the command) name the store exactly as
 :func:`tiered_state.open` does: ``--hot/--warm/--cold`` URLs (or ``none``)
@@ -8,21 +8,28 @@ warnings and errors go to stderr, one line each.
 
 Exit status: 0 success, 1 an absent key or an operational failure (a server
 unreachable, a version conflict, a record that failed its checksum), 2 a usage
-or configuration error (bad option, bad JSON, bad URL, missing driver), 130
-interrupted. No traceback unless ``--debug``. Every line printed passes
-through :func:`tiered_state.config.redact`, so a password in a URL never
-reaches the terminal.
+or configuration error (bad option, bad JSON, bad URL, missing driver, a store
+that needs ``tiered-state upgrade``), 130 interrupted. No traceback unless
+``--debug``. Every line printed passes through :func:`tiered_state.config.redact`,
+so a password in a URL never reaches the terminal.
 
-``export`` / ``import`` work on the repositories directly (not through
-``get``/``set``) so that records keep their version, timestamps and TTL, and
-so that memory stays flat however many records there are: keys are streamed
-from each tier in chunks of :data:`CHUNK`.
+The command is a client of the public API and nothing else:
+:func:`tiered_state.open`, :func:`tiered_state.probe`,
+:func:`tiered_state.upgrade` and the methods of
+:class:`~tiered_state.StateManager`. ``keys`` and ``export`` stream the
+catalog (``iter_keys`` / ``iter_records``); ``import`` hands the records of an
+export to ``restore`` in chunks of :data:`CHUNK` lines, so versions,
+timestamps and TTLs are kept and memory stays flat however many records
+there are.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
+import hashlib
+import itertools
 import json
 import logging
 import os
@@ -30,28 +37,33 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from importlib.util import find_spec
 from pathlib import Path
 from typing import IO, Any
 
-from . import __version__, codec
-from . import open as open_store
-from .config import ENV_COLD, ENV_HOT, ENV_PATH, ENV_WARM, environ, redact
-from .errors import (
+from . import (
     BackendUnavailableError,
     ConfigurationError,
     ConflictError,
+    IntegrityError,
     InvalidKeyError,
     MissingDependencyError,
+    Record,
+    RestoreReport,
     SerializationError,
+    StateManager,
+    SweepReport,
+    Tier,
     TieredStateError,
+    TieringPolicy,
+    __version__,
+    codec,
+    probe,
 )
-from .keys import validate_key, validate_pattern
-from .manager import RESERVED_PREFIX, StateManager
-from .policy import SweepReport, TieringPolicy
-from .record import Entry, Metadata, Tier, checksum, make_metadata
-from .repositories.base import StateRepository, chunked
+from . import open as open_store
+from . import upgrade as upgrade_store
+from .config import ENV_COLD, ENV_HOT, ENV_PATH, ENV_WARM, environ, redact
 
 __all__ = ["main"]
 
@@ -59,7 +71,9 @@ log = logging.getLogger(__name__)
 
 PROG = "tiered-state"
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
-#: Keys handled per round trip by keys/export/import; bounds their memory.
+#: Lines (import) and records (keys, export) handled per step: bounds memory
+#: and sets how often progress is drawn. One import chunk is one ``restore``
+#: call, so a bad line is kept out of a batch, not the batch out of the store.
 CHUNK = 500
 #: Fields of an export line, in the order they are written.
 EXPORT_FIELDS = ("key", "value", "version", "checksum", "created_at", "updated_at",
@@ -67,6 +81,8 @@ EXPORT_FIELDS = ("key", "value", "version", "checksum", "created_at", "updated_a
 _ORDER = (Tier.HOT, Tier.WARM, Tier.COLD)
 _ENV = {Tier.HOT: ENV_HOT, Tier.WARM: ENV_WARM, Tier.COLD: ENV_COLD}
 _DRIVERS = (("redis", "redis"), ("psycopg2", "postgres"), ("boto3", "s3"), ("statsd", "statsd"))
+#: What restore refuses a record for before it writes any of its batch.
+_BAD_RECORD = (InvalidKeyError, IntegrityError, SerializationError)
 
 
 class CommandError(Exception):
@@ -93,15 +109,27 @@ class _RedactingFormatter(logging.Formatter):
         return _line(super().format(record))
 
 
-def _setup_logging(debug: bool, quiet: bool) -> None:
+def _setup_logging(debug: bool, quiet: bool) -> Callable[[], None]:
+    """Send the library's log lines to stderr, one redacted line each.
+
+    :returns: a function undoing it, so that ``main`` called in-process (tests,
+        an embedding tool) leaves no handler or level behind.
+    """
     handler = logging.StreamHandler(sys.stderr)
     if debug:
         handler.setFormatter(_RedactingFormatter(f"{PROG}: %(levelname)s %(name)s: %(message)s"))
     else:
         handler.setFormatter(_RedactingFormatter(f"{PROG}: %(levelname)s: %(message)s"))
     root = logging.getLogger("tiered_state")
+    level = root.level
     root.addHandler(handler)
     root.setLevel(logging.DEBUG if debug else logging.ERROR if quiet else logging.WARNING)
+
+    def undo() -> None:
+        root.removeHandler(handler)
+        root.setLevel(level)
+
+    return undo
 
 
 class Progress:
@@ -160,7 +188,11 @@ def _json(value: Any) -> str:
 
 # ---------------------------------------------------------------- the store
 def _tier_url(args: argparse.Namespace, tier: Tier) -> str | None:
-    """The URL ``tiered_state.open`` will use for ``tier`` (None: switched off)."""
+    """The URL ``tiered_state.open`` will use for ``tier`` (None: switched off).
+
+    Only shown (by ``doctor``): the user knows a tier by the URL they gave,
+    while :func:`tiered_state.probe` reports the repository's ``repr``.
+    """
     given = getattr(args, tier.value)
     value = given if given is not None else environ(_ENV[tier])
     if value is None:
@@ -180,72 +212,11 @@ def _open(args: argparse.Namespace, policy: TieringPolicy | None = None) -> Stat
     return open_store(args.path, hot=args.hot, warm=args.warm, cold=args.cold, policy=policy)
 
 
-def _sources(state: StateManager) -> list[tuple[Tier, StateRepository]]:
-    """The tiers holding every key's newest copy: the durable ones (or all, if none is).
-
-    A volatile tier only ever holds copies of what a durable tier below it
-    holds (writes go durable first), so listing it would add nothing but
-    round trips -- and a dead Redis would fail an export it cannot affect.
-    """
-    tiers = [(t, r) for t, r in state.repositories.items()]
-    tiers.sort(key=lambda item: _ORDER.index(item[0]))
-    durable = [(t, r) for t, r in tiers if not r.volatile]
-    return durable or tiers
-
-
-def _walk(state: StateManager, pattern: str) -> Iterator[tuple[Tier, list[str]]]:
-    """Every live key matching ``pattern``, each once, as (tier, chunk of keys).
-
-    A key is reported with the highest tier that lists it; in lower tiers it
-    is skipped when an upper tier holds any copy of it, live or an expired
-    tombstone (which hides the older copies below it). Memory: one chunk.
-    """
-    validate_pattern(pattern)
-    sources = _sources(state)
-    for index, (tier, repo) in enumerate(sources):
-        upper = [r for _, r in sources[:index]]
-        listed = (k for k in repo.iter_keys(pattern) if not k.startswith(RESERVED_PREFIX))
-        for chunk in chunked(listed, CHUNK):
-            for other in upper:
-                if not chunk:
-                    break
-                found = other.fetch_many(chunk)
-                # A volatile upper tier is skipped by _sources, so any copy
-                # found here is durable: shown already, or a tombstone.
-                chunk = [k for k in chunk if k not in found]
-            if chunk:
-                yield tier, chunk
-
-
-def _best(state: StateManager, tier: Tier, entry: Entry) -> tuple[Tier, Entry] | None:
-    """A valid copy standing in for a corrupt ``entry``: same or newer version, lower tier."""
-    sources = _sources(state)
-    below = False
-    for t, repo in sources:
-        if t is tier:
-            below = True
-            continue
-        if below:
-            other = repo.fetch_record(entry.key)
-            if other is None or other.version < entry.version:
-                return None
-            if other.valid() and not other.expired():
-                return t, other
-    return None
-
-
-def _estimate(state: StateManager, pattern: str) -> int | None:
-    """Roughly how many records an export of ``pattern`` will see, for the ETA.
-
-    Only counted where counting is cheap (a COUNT in SQL, a dict in memory);
-    files and S3 would have to be listed in full, so their records are left
-    out of the estimate and the ETA disappears once it is passed.
-    """
-    if pattern != "*":
-        return None
-    counts = [int(repo.stats().get("key_count", 0)) for _, repo in _sources(state)
-              if repo.backend in ("memory", "sqlite", "postgres")]
-    return sum(counts) if counts else None
+def _chunks(items: Iterable[Any], size: int = CHUNK) -> Iterator[list[Any]]:
+    """Lists of at most ``size`` items, one held at a time."""
+    it = iter(items)
+    while chunk := list(itertools.islice(it, size)):
+        yield chunk
 
 
 # ---------------------------------------------------------------- commands
@@ -286,10 +257,11 @@ def cmd_delete(args: argparse.Namespace) -> int:
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
-    out = sys.stdout
+    write = sys.stdout.write
     with _open(args) as state:
-        for _, chunk in _walk(state, args.pattern):
-            out.write("".join(k + "\n" for k in chunk))
+        # Streamed from the catalog as it lists them: nothing is sorted or held here.
+        for key in state.iter_keys(args.pattern):
+            write(key + "\n")
     return EXIT_OK
 
 
@@ -345,14 +317,20 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 report = state.sweep(progress=show)
         finally:
             progress.close()
-    verb = "would move" if args.dry_run else "moved"
-    emit(f"{'dry run: ' if args.dry_run else ''}scanned {report.scanned:,}, {verb} "
-         f"{report.moved:,} to cold, {'would purge' if args.dry_run else 'purged'} "
-         f"{report.purged:,} expired, skipped {report.skipped:,}, failed {report.failed:,} "
-         f"in {report.seconds:.2f}s")
+    emit(_sweep_summary(report, args.dry_run))
     for key, error in list(report.errors.items())[:10]:
         log.error("%r: %s", key, error)
     return EXIT_FAILED if report.failed else EXIT_OK
+
+
+def _sweep_summary(report: SweepReport, dry_run: bool) -> str:
+    if dry_run:  # a dry run does not look for garbage, so it has no "collected"
+        return (f"dry run: scanned {report.scanned:,}, would move {report.moved:,} to cold, "
+                f"would purge {report.purged:,} expired, skipped {report.skipped:,}, "
+                f"failed {report.failed:,} in {report.seconds:.2f}s")
+    return (f"scanned {report.scanned:,}, moved {report.moved:,} to cold, purged "
+            f"{report.purged:,} expired, collected {report.collected:,} unreferenced payloads, "
+            f"skipped {report.skipped:,}, failed {report.failed:,} in {report.seconds:.2f}s")
 
 
 def cmd_promote(args: argparse.Namespace) -> int:
@@ -375,7 +353,7 @@ def cmd_demote(args: argparse.Namespace) -> int:
 
 
 # ---------------------------------------------------------------- doctor
-def _hint(tier: Tier, exc: BaseException) -> str:
+def _hint(tier: Tier, exc: BaseException | None) -> str:
     """How to fix what ``exc`` says is wrong with ``tier``."""
     option = f"--{tier.value} / {_ENV[tier]}"
     text = str(exc).lower()
@@ -397,24 +375,19 @@ def _hint(tier: Tier, exc: BaseException) -> str:
     return "see the message; --debug shows the full error"
 
 
-def _diagnose(args: argparse.Namespace, tier: Tier) -> tuple[str, str, str, str, str]:
-    """(status, connect time, latency, error, hint) for one tier, opened on its own."""
-    urls: dict[str, str | None] = {t.value: "none" for t in _ORDER}
-    urls[tier.value] = getattr(args, tier.value)
-    try:
-        with open_store(args.path, hot=urls["hot"], warm=urls["warm"], cold=urls["cold"]) as state:
-            repo = state.repositories[tier]
-            first = repo.ping()  # includes connecting
-            times = sorted(repo.ping() for _ in range(3))
-            # A read exercises what a ping may not: the table, the bucket, the grants.
-            repo.fetch_record(RESERVED_PREFIX + "doctor")
-        return "ok", f"{first:.2f} ms", f"{times[1]:.2f} ms", "", ""
-    except Exception as exc:
-        log.debug("doctor: %s tier failed", tier.value, exc_info=True)
-        status = "unreachable" if isinstance(exc, BackendUnavailableError) else "error"
-        if isinstance(exc, MissingDependencyError):
-            status = "missing driver"
-        return status, "-", "-", _line(f"{type(exc).__name__}: {exc}"), _hint(tier, exc)
+def _store_hint(exc: BaseException) -> str:
+    """How to fix a store whose tiers all answer but which does not open."""
+    text = str(exc)
+    if "tiered-state upgrade" in text:
+        return (f"run `{PROG} upgrade` once with the same --path/--hot/--warm/--cold "
+                "(stop the applications using the store first; safe to interrupt and run again)")
+    if "newer tiered-state" in text:
+        return "install the tiered-state that wrote it: pip install -U tiered-state"
+    return "see the message; --debug shows the full error"
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f} ms"
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -423,20 +396,23 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     drivers = " ".join(f"{extra}={'no' if extra in missing else 'yes'}" for _, extra in _DRIVERS)
     hint = f"  (server backends: pip install 'tiered-state[{','.join(missing)}]')" if missing else ""
     emit(f"drivers: {drivers}{hint}")
+    found = probe(args.path, hot=args.hot, warm=args.warm, cold=args.cold)
     rows = [("tier", "status", "connect", "latency", "url")]
     problems: list[tuple[int, str, str]] = []
     for tier in _ORDER:
-        url = _tier_url(args, tier)
-        if url is None:
+        row = found[tier]
+        if row["status"] == "off":
             rows.append((tier.value, "off", "-", "-", "-"))
             continue
-        status, connect, latency, error, hint = _diagnose(args, tier)
-        rows.append((tier.value, status, connect, latency, url))
-        if error:
-            problems.append((len(rows) - 1, error, hint))
+        url = _tier_url(args, tier) or row["url"] or "-"
+        rows.append((tier.value, row["status"], _ms(row["connect_ms"]), _ms(row["latency_ms"]), url))
+        if row["status"] != "ok":
+            exc = row["error"]
+            error = row["status"] if exc is None else _line(f"{type(exc).__name__}: {exc}")
+            problems.append((len(rows) - 1, error, _hint(tier, exc)))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for index, row in enumerate(rows):
-        emit("  ".join(c.ljust(w) for c, w in zip(row, widths)) + "  " + row[4])
+    for index, cells in enumerate(rows):
+        emit("  ".join(c.ljust(w) for c, w in zip(cells, widths)) + "  " + cells[4])
         for at, error, hint in problems:
             if at == index:
                 emit(f"      {error}")
@@ -444,6 +420,18 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     if problems:
         emit(f"{len(problems)} configured tier(s) not usable", sys.stderr)
         return EXIT_FAILED
+    # Every tier answers on its own; now the store as a whole: its catalog and format.
+    try:
+        with _open(args) as state:
+            catalog = state.catalog_tier
+    except (TieredStateError, OSError) as exc:
+        log.debug("doctor: the store does not open", exc_info=True)
+        emit("store: does not open")
+        emit(f"      {_line(f'{type(exc).__name__}: {exc}')}")
+        emit(f"      fix: {_store_hint(exc)}")
+        emit("the store is not usable as it is", sys.stderr)
+        return EXIT_FAILED
+    emit(f"store: ok, catalog in {catalog.value} ({found[catalog]['backend']}), format current")
     return EXIT_OK
 
 
@@ -456,50 +444,68 @@ def _json_time(value: float | None) -> str:
     return "null" if value is None else repr(float(value))
 
 
-def _export_line(entry: Entry, tier: Tier) -> str:
-    md = entry.metadata
-    # The payload is already canonical JSON text: embedding it saves a
-    # decode/encode per record and keeps it byte-identical, so its checksum
-    # holds. Built by hand because json.dumps per field dominated the export.
+def _sha256(text: str) -> str:
+    """The checksum of an export line's value: hex SHA-256 of its UTF-8 text."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def _export_line(record: Record) -> str:
+    """One JSON Lines record; ``value`` is ``codec.encode(record.value)`` embedded raw.
+
+    Built by hand because json.dumps per field dominated the export. The
+    canonical text is what ``checksum`` covers and what import re-encodes,
+    so a line is its own proof of integrity.
+    """
+    value = codec.encode(record.value)
+    digest = record.checksum
+    if _sha256(value) != digest:
+        # The store's checksum covers its stored text; a line must carry the
+        # checksum of the text it holds, or no import would accept it.
+        log.warning("%r: the stored text is not in canonical form; exported re-encoded", record.key)
+        digest = _sha256(value)
     return (
-        f'{{"key":{_json_string(entry.key)},"value":{entry.payload},"version":{md["version"]:d},'
-        f'"checksum":"{md["checksum"]}","created_at":{_json_time(md["created_at"])},'
-        f'"updated_at":{_json_time(md["updated_at"])},"expires_at":{_json_time(md["expires_at"])},'
-        f'"tier":"{tier.value}"}}\n'
+        f'{{"key":{_json_string(record.key)},"value":{value},"version":{record.version:d},'
+        f'"checksum":"{digest}","created_at":{_json_time(record.created_at)},'
+        f'"updated_at":{_json_time(record.updated_at)},"expires_at":{_json_time(record.expires_at)},'
+        f'"tier":"{record.tier.value}"}}\n'
     )
+
+
+def _estimate(state: StateManager, pattern: str) -> int | None:
+    """Roughly how many records an export of ``pattern`` will see, for the ETA.
+
+    The catalog's count, for the whole store only (no backend counts a
+    pattern cheaply); None when unknown.
+    """
+    if pattern != "*":
+        return None
+    count = state.stats()["tiers"].get(state.catalog_tier.value, {}).get("key_count")
+    return count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else None
 
 
 def export_records(state: StateManager, out: IO[str], pattern: str = "*",
                    progress: Progress | None = None) -> tuple[int, list[str]]:
     """Write every live record matching ``pattern`` to ``out`` as JSON Lines.
 
-    :returns: (records written, keys not written because no copy passed its checksum).
+    :returns: (records written, keys left out because no copy passed its checksum).
     """
     written = 0
     corrupt: list[str] = []
+
+    def left_out(key: str, error: IntegrityError) -> None:
+        corrupt.append(key)
+        log.error("%r: no copy passes its checksum; not exported", key)
+
     total = _estimate(state, pattern) if progress is not None and progress.enabled else None
-    repos = state.repositories
-    for tier, chunk in _walk(state, pattern):
-        now = time.time()
-        lines = []
-        for key, entry in repos[tier].fetch_many(chunk).items():
-            if entry.expired(now):
-                continue
-            source = (tier, entry) if entry.valid() else _best(state, tier, entry)
-            if source is None:
-                corrupt.append(key)
-                log.error("%r: no copy passes its checksum; not exported", key)
-                continue
-            lines.append(_export_line(source[1], source[0]))
-        out.write("".join(lines))
-        written += len(lines)
+    for chunk in _chunks(state.iter_records(pattern, on_error=left_out)):
+        out.write("".join(_export_line(record) for record in chunk))
+        written += len(chunk)
         if progress is not None:
             progress.update(written, fraction=written / total if total else None)
     return written, corrupt
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    validate_pattern(args.pattern)
     to_stdout = args.file == "-"
     progress = Progress("export", enabled=not args.quiet)
     with _open(args) as state:
@@ -546,15 +552,33 @@ class ImportCounts:
         self.expired = 0
         self.invalid = 0
 
+    @property
+    def done(self) -> int:
+        return self.imported + self.newer + self.expired + self.invalid
+
+    def add(self, report: RestoreReport) -> None:
+        self.imported += report.restored
+        self.newer += report.newer
+        self.expired += report.expired
+
+    def reject(self, number: int, exc: BaseException) -> None:
+        """Count line ``number`` as invalid; the first ten are logged."""
+        self.invalid += 1
+        if self.invalid <= 10:
+            log.error("line %d: %s", number, _line(str(exc)))
+
     def summary(self) -> str:
         return (f"imported {self.imported:,} records, kept {self.newer:,} newer copies, "
                 f"skipped {self.expired:,} expired, {self.invalid:,} invalid lines")
 
 
-def _parse_record(line: str) -> tuple[Tier, Entry]:
-    """An export line as (its tier, an Entry whose payload matches its checksum).
+def _parse_record(line: str) -> Record:
+    """An export line as a :class:`Record` whose value matches its checksum.
+
+    The key itself is judged by ``restore`` (see :func:`import_records`).
 
     :raises ValueError: the line is not a valid export record.
+    :raises TieredStateError: the value cannot be encoded, or the tier is unknown.
     """
     data = json.loads(line)
     if not isinstance(data, dict):
@@ -562,9 +586,9 @@ def _parse_record(line: str) -> tuple[Tier, Entry]:
     missing = [f for f in EXPORT_FIELDS[:-1] if f not in data]
     if missing:
         raise ValueError(f"missing {', '.join(missing)}")
-    key = validate_key(data["key"])
-    if key.startswith(RESERVED_PREFIX):
-        raise ValueError("reserved key")
+    key = data["key"]
+    if not isinstance(key, str):
+        raise ValueError(f"key must be a string, not {type(key).__name__}")
     version = data["version"]
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise ValueError("version must be a positive integer")
@@ -572,12 +596,12 @@ def _parse_record(line: str) -> tuple[Tier, Entry]:
                                                                "expires_at"))
     if created is None or updated is None:
         raise ValueError("created_at and updated_at are required")
-    payload = codec.encode(data["value"])
-    if checksum(payload) != data["checksum"]:
+    payload = codec.encode(data["value"]).encode("utf-8")  # a lone surrogate: ValueError
+    if hashlib.sha256(payload).hexdigest() != data["checksum"]:
         raise ValueError("checksum mismatch: the value was altered")
-    metadata: Metadata = make_metadata(payload, version, now=updated, created_at=created)
-    metadata["expires_at"] = expires
-    return Tier.parse(data.get("tier") or "warm"), Entry(key, payload, metadata)
+    return Record(key=key, value=data["value"], version=version, checksum=data["checksum"],
+                  size_bytes=len(payload), created_at=created, updated_at=updated,
+                  expires_at=expires, tier=Tier.parse(data.get("tier") or "warm"))
 
 
 def _timestamp(data: dict[str, Any], name: str) -> float | None:
@@ -589,59 +613,68 @@ def _timestamp(data: dict[str, Any], name: str) -> float | None:
     return float(value)
 
 
-def _import_target(state: StateManager, tier: Tier) -> tuple[Tier, StateRepository]:
-    """Where a record exported from ``tier`` goes: the first durable tier at or
-    below it, else the nearest above, else the first configured tier."""
-    repos = state.repositories
-    at = _ORDER.index(tier)
-    order = list(_ORDER[at:]) + list(reversed(_ORDER[:at]))
-    configured = [(t, repos[t]) for t in order if t in repos]
-    for t, repo in configured:
-        if not repo.volatile:
-            return t, repo
-    return configured[0]
+class _Restorer:
+    """Hands parsed lines to ``restore`` a chunk at a time, keeping bad ones out.
 
-
-def import_records(state: StateManager, lines: Iterator[tuple[int, str]], counts: ImportCounts,
-                   after_chunk: Callable[[], None] | None = None) -> None:
-    """Store the records of numbered export lines, keeping versions and TTLs.
-
-    Each record goes in with ``store_if_newer`` (a newer copy already in the
-    store wins), then older copies in the tiers above are removed so they
-    cannot shadow it -- the order ``set`` uses.
+    ``restore`` checks every record of a batch before it writes any of it,
+    so a batch it refuses for one bad record (an invalid or reserved key)
+    is written again line by line, and that line alone is counted invalid.
     """
-    repos = state.repositories
-    for chunk in chunked(lines, CHUNK):
-        now = time.time()
-        stored: dict[Tier, dict[str, int]] = {}
+
+    def __init__(self, state: StateManager, counts: ImportCounts) -> None:
+        self.state = state
+        self.counts = counts
+        self.catalog = state.catalog_tier
+
+    def _aim(self, record: Record) -> Record:
+        """The record as handed to ``restore``: aimed at the catalog tier, never below it.
+
+        Restoring a record below the catalog (COLD) whose version the store
+        already holds deletes the payload the store's entry points at, so an
+        import run twice would destroy every COLD record; and a COLD record
+        would be refused outright by a store without COLD. In the catalog it
+        is safe, and the sweep moves it down again once it is idle.
+        """
+        if _ORDER.index(record.tier) <= _ORDER.index(self.catalog):
+            return record
+        return dataclasses.replace(record, tier=self.catalog)
+
+    def restore(self, batch: list[tuple[int, Record]]) -> None:
+        """Restore numbered records, counting each outcome in ``counts``."""
+        try:
+            self.counts.add(self.state.restore([self._aim(r) for _, r in batch]))
+            return
+        except _BAD_RECORD:
+            pass  # nothing of the batch was written: find the bad line(s)
+        for number, record in batch:
+            try:
+                self.counts.add(self.state.restore([self._aim(record)]))
+            except _BAD_RECORD as exc:
+                self.counts.reject(number, exc)
+
+
+def import_records(state: StateManager, lines: Iterable[tuple[int, str]], counts: ImportCounts,
+                   after_chunk: Callable[[], None] | None = None) -> None:
+    """Restore the records of numbered export lines, keeping versions and TTLs.
+
+    Each chunk of :data:`CHUNK` lines is one ``restore`` call: a record goes
+    in only if the store holds no version of its key as new, through the
+    store's one write path (so every process sees it at once); expired
+    records are skipped. Invalid lines are counted and logged, never stored.
+    Records go to the catalog tier (see :meth:`_Restorer._aim`).
+    """
+    restorer = _Restorer(state, counts)
+    for chunk in _chunks(lines):
+        batch: list[tuple[int, Record]] = []
         for number, line in chunk:
             if not line.strip():
                 continue
             try:
-                tier, entry = _parse_record(line)
+                batch.append((number, _parse_record(line)))
             except (ValueError, TieredStateError) as exc:
-                counts.invalid += 1
-                if counts.invalid <= 10:
-                    log.error("line %d: %s", number, _line(str(exc)))
-                continue
-            if entry.expired(now):
-                counts.expired += 1
-                continue
-            target, repo = _import_target(state, tier)
-            if repo.store_if_newer(entry.key, entry.payload, entry.metadata):
-                counts.imported += 1
-                stored.setdefault(target, {})[entry.key] = entry.version
-            else:
-                counts.newer += 1
-        for target, versions in stored.items():
-            for tier in _ORDER[: _ORDER.index(target)]:
-                upper = repos.get(tier)
-                if upper is None:
-                    continue
-                stale = {k: e.version for k, e in upper.fetch_many(list(versions)).items()
-                         if e.version < versions[k]}
-                if stale:
-                    upper.delete_many_if_version(stale)
+                counts.reject(number, exc)
+        if batch:
+            restorer.restore(batch)
         if after_chunk is not None:
             after_chunk()
 
@@ -667,8 +700,7 @@ def cmd_import(args: argparse.Namespace) -> int:
             yield number, line
 
     def show() -> None:
-        done = counts.imported + counts.newer + counts.expired + counts.invalid
-        progress.update(done, fraction=read / size if size else None)
+        progress.update(counts.done, fraction=read / size if size else None)
 
     try:
         with _open(args) as state:
@@ -679,6 +711,22 @@ def cmd_import(args: argparse.Namespace) -> int:
             source.close()
     emit(counts.summary())
     return EXIT_FAILED if counts.invalid else EXIT_OK
+
+
+# ---------------------------------------------------------------- upgrade
+def cmd_upgrade(args: argparse.Namespace) -> int:
+    report = upgrade_store(args.path, hot=args.hot, warm=args.warm, cold=args.cold)
+    if report.already:
+        emit("the store is already in the current format; nothing to do")
+        return EXIT_OK
+    emit(f"upgraded the store to the current format: moved {report.moved:,} records from the "
+         f"0.1 cold layout into the catalog, dropped {report.dropped:,} older or expired copies, "
+         f"flushed {report.hot_flushed:,} hot copies, {report.corrupt:,} corrupt")
+    if report.corrupt:
+        print(_line(f"{PROG}: {report.corrupt:,} cold object(s) fail their checksum and were left "
+                    "in place, unread (the errors above name them)"), file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------- demo
@@ -695,9 +743,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
         say = emit
         say(f"A tour of tiered-state on a temporary store in {tmp}")
         with open_store(root, hot="memory://", warm=warm, cold=cold, policy=policy) as state:
-            say("  tiers: " + ", ".join(f"{t.value}={r.backend}" for t, r in
-                                        sorted(state.repositories.items(),
-                                               key=lambda i: _ORDER.index(i[0]))))
+            tiers = state.stats()["tiers"]
+            say("  tiers: " + ", ".join(f"{t}={data['backend']}" for t, data in tiers.items())
+                + f"; the catalog is in {state.catalog_tier.value}")
             say("")
             version = state.set("position:BTC", {"qty": 1.5, "avg": 64210.0})
             say(f'1. set position:BTC {{"qty": 1.5, "avg": 64210.0}} -> version {version}')
@@ -773,7 +821,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Inspect, operate and demo a tiered-state store (HOT/WARM/COLD).",
         epilog="Exit status: 0 ok, 1 absent key or operational failure, 2 usage or "
-               "configuration error. Global options go before the command.",
+               "configuration error (a store written by 0.1: run `tiered-state upgrade`). "
+               "Global options go before the command.",
     )
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     for tier, example in ((Tier.HOT, "memory:// or redis://host:6379/0"),
@@ -805,15 +854,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ttl", type=_positive, metavar="SECONDS", help="the record's lifetime")
     p.add_argument("--if-version", type=_version, metavar="N",
                    help="store only if the current version is N (0: only if absent)")
-    p = command("delete", cmd_delete, "delete KEYs from every tier; prints how many existed")
+    p = command("delete", cmd_delete, "delete KEYs; prints how many this call deleted")
     p.add_argument("keys", metavar="KEY", nargs="+")
-    p = command("keys", cmd_keys, "list keys matching a glob, one per line, streamed")
+    p = command("keys", cmd_keys, "list keys matching a glob, one per line, streamed from "
+                                  "the catalog")
     p.add_argument("pattern", metavar="PATTERN", nargs="?", default="*",
                    help="glob: * ? [abc], \\ escapes (default *)")
     p = command("stats", cmd_stats, "per-tier statistics")
     p.add_argument("--json", action="store_true", help="as JSON (with the manager counters)")
     p = command("sweep", cmd_sweep, "run the tiering policy once: move idle records to "
-                                    "cold, purge expired ones")
+                                    "cold, purge expired ones, collect unreferenced payloads")
     p.add_argument("--dry-run", action="store_true", help="count what it would do; change nothing")
     p.add_argument("--cold-after", type=_seconds_or_none, default=TieringPolicy.cold_after,
                    metavar="SECONDS", help="idle time before warm -> cold ('none': never; "
@@ -824,12 +874,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("demote", cmd_demote, "move KEY down into a tier (no copy stays above)")
     p.add_argument("key", metavar="KEY")
     p.add_argument("--to", choices=["warm", "cold"], default="cold")
-    command("doctor", cmd_doctor, "reach every tier: latency, what is missing, how to fix it")
+    command("doctor", cmd_doctor, "reach every tier, then open the store: latency, what is "
+                                  "missing or outdated, how to fix it")
     p = command("export", cmd_export, "write records with metadata as JSON Lines (streamed)")
     p.add_argument("file", metavar="FILE", help="output file, '-' for stdout")
     p.add_argument("pattern", metavar="PATTERN", nargs="?", default="*")
     p = command("import", cmd_import, "load an export, keeping versions and TTLs")
     p.add_argument("file", metavar="FILE", help="input file, '-' for stdin")
+    command("upgrade", cmd_upgrade, "bring a store written by tiered-state 0.1 to the current "
+                                    "format (idempotent, safe to interrupt and run again; stop "
+                                    "the applications using the store first)")
     command("demo", cmd_demo, "a short tour on a temporary embedded store")
     return parser
 
@@ -856,7 +910,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
-    _setup_logging(args.debug, args.quiet)
+    restore_logging = _setup_logging(args.debug, args.quiet)
     try:
         code: int = args.func(args)
         return code
@@ -874,4 +928,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exc.code if isinstance(exc, CommandError) else _exit_code(exc)
         print(_line(f"{PROG}: error: {_describe(exc)}"), file=sys.stderr)
         return code
+    finally:
+        restore_logging()
 

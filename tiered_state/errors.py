@@ -5,7 +5,8 @@ catches them all::
 
     TieredStateError
     ├── ConfigurationError (also ValueError)   bad URL, unknown scheme, bad option
-    │   └── MissingDependencyError (also ImportError)
+    │   ├── MissingDependencyError (also ImportError)
+    │   └── StoreFormatError                   the store needs `tiered-state upgrade`
     ├── InvalidKeyError (also ValueError)
     ├── SerializationError (also TypeError)
     ├── IntegrityError                         checksum mismatch, no valid copy left
@@ -34,6 +35,7 @@ __all__ = [
     "InvalidKeyError",
     "MissingDependencyError",
     "SerializationError",
+    "StoreFormatError",
     "TieredStateError",
 ]
 
@@ -56,6 +58,18 @@ class MissingDependencyError(ConfigurationError, ImportError):
             f"the {package!r} package is required for this backend: "
             f"pip install 'tiered-state[{extra}]'"
         )
+
+
+class StoreFormatError(ConfigurationError):
+    """The store is in a format this version does not open as it is.
+
+    :ivar found: the format the store records (None: written by 0.1, which
+        recorded none).
+    """
+
+    def __init__(self, message: str, found: int | None = None) -> None:
+        super().__init__(message)
+        self.found = found
 
 
 class InvalidKeyError(TieredStateError, ValueError):

@@ -17,7 +17,7 @@ from .policy import TieringPolicy
 from .record import Tier
 from .repositories.base import StateRepository
 
-__all__ = ["open", "open_repositories", "probe"]
+__all__ = ["open", "open_repositories", "probe", "tier_specs"]
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,34 @@ def open_repositories(
     else ``./.tiered_state``); ``"none"`` switches a tier off.
     """
     policy = policy or TieringPolicy()
+    opened: dict[Tier, StateRepository] = {}
+    try:
+        for tier, spec in tier_specs(path, hot=hot, warm=warm, cold=cold, policy=policy).items():
+            if isinstance(spec, StateRepository):
+                opened[tier] = spec
+                continue
+            log.debug("opening %s tier at %s", tier.value, redact(spec))
+            opened[tier] = open_repository(spec)
+    except BaseException:
+        for repo in opened.values():
+            repo.close()
+        raise
+    return opened
+
+
+def tier_specs(
+    path: str | os.PathLike[str] | None = None,
+    *,
+    hot: str | StateRepository | None = None,
+    warm: str | StateRepository | None = None,
+    cold: str | StateRepository | None = None,
+    policy: TieringPolicy | None = None,
+) -> dict[Tier, str | StateRepository]:
+    """The URL (or ready repository) of each configured tier, as :func:`open` resolves them.
+
+    Creates the folder of the embedded tiers (0700) when one of them is used.
+    """
+    policy = policy or TieringPolicy()
     root = Path(path if path is not None else environ(ENV_PATH, ".tiered_state") or ".tiered_state")
     limits = []
     if policy.hot_max_items is not None:
@@ -53,31 +81,25 @@ def open_repositories(
     if policy.hot_max_bytes is not None:
         limits.append(f"max_bytes={policy.hot_max_bytes}")
     given = {Tier.HOT: hot, Tier.WARM: warm, Tier.COLD: cold}
-    opened: dict[Tier, StateRepository] = {}
-    try:
-        for tier in (Tier.HOT, Tier.WARM, Tier.COLD):
-            spec = given[tier]
-            if isinstance(spec, StateRepository):
-                opened[tier] = spec
-                continue
-            if tier is Tier.HOT:
-                default = "memory://" + ("?" + "&".join(limits) if limits else "")
-            else:
-                # The embedded WARM and COLD tiers live under the path.
-                default = (f"sqlite:///{(root / 'warm.db').resolve()}" if tier is Tier.WARM
-                           else (root / "cold").resolve().as_uri())
-            url = _url(spec, _ENV[tier], default)
-            if url is None:
-                continue
-            if tier is not Tier.HOT and url == default:
-                root.mkdir(mode=0o700, parents=True, exist_ok=True)
-            log.debug("opening %s tier at %s", tier.value, redact(url))
-            opened[tier] = open_repository(url)
-    except BaseException:
-        for repo in opened.values():
-            repo.close()
-        raise
-    return opened
+    out: dict[Tier, str | StateRepository] = {}
+    for tier in (Tier.HOT, Tier.WARM, Tier.COLD):
+        spec = given[tier]
+        if isinstance(spec, StateRepository):
+            out[tier] = spec
+            continue
+        if tier is Tier.HOT:
+            default = "memory://" + ("?" + "&".join(limits) if limits else "")
+        else:
+            # The embedded WARM and COLD tiers live under the path.
+            default = (f"sqlite:///{(root / 'warm.db').resolve()}" if tier is Tier.WARM
+                       else (root / "cold").resolve().as_uri())
+        url = _url(spec, _ENV[tier], default)
+        if url is None:
+            continue
+        if tier is not Tier.HOT and url == default:
+            root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        out[tier] = url
+    return out
 
 
 def open(
@@ -145,6 +167,11 @@ def probe(
                                "latency_ms": None, "error": None}
         out[tier] = row
         try:
+            specs = tier_specs(path, hot=only[Tier.HOT], warm=only[Tier.WARM], cold=only[Tier.COLD])
+            spec = specs.get(tier)
+            if spec is None:
+                continue
+            row["url"] = redact(spec) if isinstance(spec, str) else repr(spec)
             repos = open_repositories(path, hot=only[Tier.HOT], warm=only[Tier.WARM],
                                       cold=only[Tier.COLD])
         except (TieredStateError, OSError, ImportError) as exc:  # reported: the point of a probe
@@ -155,7 +182,7 @@ def probe(
         if repo is None:
             continue
         try:
-            row.update(backend=repo.backend, url=redact(repr(repo)))
+            row["backend"] = repo.backend
             start = time.perf_counter()
             repo.ping()
             row["connect_ms"] = (time.perf_counter() - start) * 1000.0

@@ -156,6 +156,8 @@ class PrivateHot(HotGuard):
         self._generation = 0
         self._in_flight = 0
         self._changed = catalog.repo.changed_by_others
+        # The baseline: the tier is empty now, so nothing it holds can be stale.
+        self._changed()
         if hasattr(os, "register_at_fork"):
             os.register_at_fork(after_in_child=self._after_fork)
 

@@ -28,6 +28,7 @@ The invariants, and the one place each is kept:
 from __future__ import annotations
 
 import logging
+import random
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
@@ -40,19 +41,22 @@ from .cache import CacheStore, LocalCache
 from .catalog import RESERVED_PREFIX, Catalog, Resolved
 from .errors import (
     BackendError,
+    BackendUnavailableError,
     BatchError,
     ConfigurationError,
     ConflictError,
     IntegrityError,
     InvalidKeyError,
+    SerializationError,
 )
-from .hot import HotGuard, SharedHot, hot_guard
+from .hot import HOT_DIRTY, HotGuard, SharedHot, hot_guard
 from .keys import validate_key, validate_keys, validate_pattern
 from .metrics import InstrumentedRepository, MetricsCollector, as_collector
 from .policy import TieringPolicy
 from .record import Entry, Metadata, Record, Tier, VersionClock, make_metadata, make_tombstone
 from .repositories.base import StateRepository, chunked
 from .sweep import GARBAGE_GRACE, Sweeper, SweepReport
+from .upgrade import FORMAT_KEY, check_format
 
 __all__ = ["RestoreReport", "StateManager"]
 
@@ -62,9 +66,10 @@ _MISSING: Any = object()
 _ORDER = (Tier.HOT, Tier.WARM, Tier.COLD)
 #: Keys per round trip when a call streams (iter_records, restore).
 CHUNK = 500
-#: A write refused because the entry moved past its version retries above it
-#: this often before giving up (another writer keeps winning).
-_ATTEMPTS = 8
+#: A write refused because the entry moved past its version retries above it;
+#: after a few such losses it backs off a little (randomly, so that writers
+#: racing on one key spread out), and gives up after this many seconds.
+_GIVE_UP = 10.0
 #: ``set`` is a method name here, so annotations inside the class say this.
 KeySet = set[str]
 
@@ -98,6 +103,10 @@ def _to_record(found: Resolved) -> Record:
         expires_at=md["expires_at"],
         tier=found.tier,
     )
+
+
+class _TooSlow(Exception):
+    """A write's payloads took so long that it must start over with a new version."""
 
 
 @dataclass
@@ -156,8 +165,6 @@ class StateManager:
         metrics: MetricsCollector | None = None,
         cache: LocalCache | None = None,
     ) -> None:
-        from .upgrade import check_format
-
         self.policy = policy or TieringPolicy()
         # A raw statsd.StatsClient is wrapped so it has histogram() and never raises.
         self.metrics = metrics = as_collector(metrics)
@@ -194,7 +201,13 @@ class StateManager:
         self._access = AccessTracker(catalog.repo, enabled=self.policy.cold_after is not None)
         self._sweeper = Sweeper(catalog, self.policy, self._count, metrics)
         self._closed = False
-        check_format(catalog)
+        #: The store format is checked before the catalog is first used; a
+        #: catalog unreachable now does not stop the manager from being built.
+        self._unchecked = True
+        try:
+            self._ready()
+        except BackendUnavailableError as exc:
+            log.warning("catalog (%s) unreachable at open: %s", catalog_tier.value, exc)
 
     # ------------------------------------------------------------ properties
     @property
@@ -210,6 +223,11 @@ class StateManager:
     def __repr__(self) -> str:
         tiers = ", ".join(f"{t.value}={self._repos[t].backend}" for t in _ORDER if t in self._repos)
         return f"<StateManager {tiers}>"
+
+    def _ready(self) -> None:
+        """Check the store's format once (see :func:`tiered_state.upgrade.check_format`)."""
+        check_format(self._catalog)
+        self._unchecked = False
 
     def _count(self, name: str, n: int = 1) -> None:
         self._counters[name] += n
@@ -239,6 +257,8 @@ class StateManager:
 
         :raises IntegrityError: a key's every copy fails its checksum.
         """
+        if self._unchecked:
+            self._ready()
         found: dict[str, Resolved] = {}
         rest = keys
         cache = self._cache
@@ -333,14 +353,24 @@ class StateManager:
             conditional intent, key -> error)``. A plain write is never
             refused: it retries above whatever version it met.
         """
+        if self._unchecked:
+            self._ready()
         catalog = self._catalog
         below = not catalog.holds(target)
         hot = self._hot
         committed: dict[str, int] = {}
         refused: dict[str, Entry | None] = {}
         failed: dict[str, BaseException] = {}
-        pending = intents
-        for _attempt in range(_ATTEMPTS):
+        pending = self._unless_held(intents, refused) if below else intents
+        give_up = time.monotonic() + _GIVE_UP
+        attempt = 0
+        while pending:
+            attempt += 1
+            if attempt > 1:
+                if time.monotonic() > give_up:
+                    break
+                if attempt > 3:
+                    time.sleep(random.uniform(0.0, min(0.05, 0.0002 * 2 ** attempt)))
             now = time.time()
             entries: dict[str, tuple[str, Metadata]] = {}
             payloads: dict[str, tuple[str, Metadata]] = {}
@@ -360,40 +390,65 @@ class StateManager:
             if self._cache is not None:
                 self._cache.discard(keys)
             copies: dict[str, Entry] = {}
+            done: KeySet = set()
+            errors: dict[str, BaseException] = {}
             if hot is not None:
                 hot.before_write({it.key: it.version for it in pending})
             try:
                 started = time.monotonic()
                 if payloads:
-                    catalog.store_payloads(payloads)
+                    errors.update(catalog.store_payloads(payloads))
                     if time.monotonic() - started > GARBAGE_GRACE / 2:
-                        # The sweep may already count these payloads as garbage.
-                        raise TimeoutError("payloads took too long to store; write them again")
+                        raise _TooSlow  # the sweep may count these payloads as garbage already
                 if hot is not None:
                     hot.refresh_if_old({it.key: it.version for it in pending})
-                done, errors = self._conditional(pending, entries)
-                failed.update(errors)
+                done, more = self._conditional([it for it in pending if it.key not in errors],
+                                               entries)
+                errors.update(more)
                 for it in pending:
                     if it.key in done:
                         committed[it.key] = it.version
                         if target is Tier.HOT and it.payload is not None:
                             copies[it.key] = Entry(it.key, it.payload, entries[it.key][1])
-            except TimeoutError:
+            except _TooSlow:
                 continue
             finally:
                 if hot is not None:
                     hot.after_write(keys, copies)
                 if self._cache is not None:
                     self._cache.discard(keys)
+            failed.update(errors)
             lost = [it for it in pending if it.key not in done and it.key not in errors]
             if payloads:
-                catalog.drop_payloads({it.key: it.version for it in lost if it.key in payloads})
+                # Only versions this call made are unreferenced for sure; a kept
+                # (restored) version may be one the catalog points at.
+                catalog.drop_payloads({it.key: it.version for it in lost
+                                       if it.key in payloads and it.fixed is None})
             pending = self._retry(lost, refused)
-            if not pending:
-                break
-        for it in pending:  # still losing after every attempt
-            failed[it.key] = ConflictError(it.key, it.expected or 0, it.after)
+        for it in pending:  # still losing to other writers
+            failed[it.key] = BackendError(
+                f"gave up writing {it.key!r} after {attempt} attempts in {_GIVE_UP:.0f}s: "
+                "other writers kept writing it with newer versions")
         return committed, refused, failed
+
+    def _unless_held(self, intents: list[_Intent], refused: dict[str, Entry | None]) -> list[_Intent]:
+        """Drop restored records whose version the catalog holds already.
+
+        A kept version names its payload like the one the catalog may point
+        at: writing it again could replace those bytes with others.
+        """
+        fixed = [it.key for it in intents if it.fixed is not None]
+        if not fixed:
+            return intents
+        held = self._catalog.repo.fetch_many(fixed)
+        keep = []
+        for it in intents:
+            entry = held.get(it.key)
+            if it.fixed is not None and entry is not None and entry.version >= it.fixed["version"]:
+                refused[it.key] = entry
+            else:
+                keep.append(it)
+        return keep
 
     def _conditional(self, pending: list[_Intent], entries: dict[str, tuple[str, Metadata]]
                      ) -> tuple[KeySet, dict[str, BaseException]]:
@@ -506,6 +561,8 @@ class StateManager:
         """Keys matching ``pattern``, streamed from the catalog in bounded memory
         (in key order where the catalog lists in order: sqlite, postgres)."""
         validate_pattern(pattern)
+        if self._unchecked:
+            self._ready()
         return (k for k in self._catalog.repo.iter_keys(pattern) if not k.startswith(RESERVED_PREFIX))
 
     def iter_records(
@@ -521,6 +578,8 @@ class StateManager:
             checksum, which is then left out; without it the error is raised.
         """
         validate_pattern(pattern)
+        if self._unchecked:
+            self._ready()
         catalog = self._catalog
         listed = (k for k in catalog.repo.iter_keys(pattern) if not k.startswith(RESERVED_PREFIX))
         for chunk in chunked(listed, CHUNK):
@@ -592,7 +651,13 @@ class StateManager:
         intents = [_Intent(_user_key(k), codec.encode(v)) for k, v in items.items()]
         if not intents:
             return {}
-        committed, _, failed = self._commit(intents, target, ttl)
+        try:
+            committed, _, failed = self._commit(intents, target, ttl)
+        except BatchError:
+            raise
+        except BackendError as exc:
+            raise BatchError("set_many failed", dict.fromkeys((i.key for i in intents), exc),
+                             [], exc.backend) from exc
         if failed:
             raise BatchError("set_many failed for some keys", failed, sorted(committed))
         return committed
@@ -609,6 +674,8 @@ class StateManager:
 
     def _delete(self, keys: list[str]) -> KeySet:
         """Turn the live entries of ``keys`` into tombstones; the keys this call deleted."""
+        if self._unchecked:
+            self._ready()
         repo = self._catalog.repo
         now = time.time()
         entries = ({} if (e := repo.fetch_record(keys[0])) is None else {keys[0]: e}) \
@@ -620,39 +687,55 @@ class StateManager:
         if not intents:
             return set()
         committed, _, failed = self._commit(intents, self._catalog.tier, None)
+        # The payloads of deleted stubs: superseded, never referenced again.
+        self._catalog.drop_payloads({k: e.version for k, e in entries.items()
+                                     if k in committed and e.kind == "stub"})
         if failed:
             if len(keys) == 1:
                 raise next(iter(failed.values()))
             raise BatchError("delete_many failed for some keys", failed, sorted(committed))
         return set(committed)
 
-    def restore(self, records: Iterable[Record]) -> RestoreReport:
+    def restore(
+        self, records: Iterable[Record], *,
+        on_error: Callable[[Record, Exception], None] | None = None,
+    ) -> RestoreReport:
         """Write records as exported (``iter_records``), keeping their versions and timestamps.
 
         A record goes in only if the store holds no newer version of its key,
         so restoring an old backup never overwrites newer state; expired
-        records are skipped. Records are written in batches of :data:`CHUNK`
-        through the same conditional write as ``set_many``.
+        records are skipped. Each record goes to its own tier (the catalog if
+        that tier is HOT or not configured). Records are written in batches
+        of :data:`CHUNK` through the same conditional write as ``set_many``.
 
-        :raises IntegrityError: a record's value does not match its checksum
-            (nothing of its batch is written).
+        :param on_error: called with (record, error) for a record that cannot
+            be written as it is -- an invalid or reserved key, a value that
+            does not match its checksum -- which is then left out; without it
+            the error is raised before anything of the record's batch is written.
         """
         report = RestoreReport()
         for chunk in chunked(records, CHUNK):
             now = time.time()
             by_tier: dict[Tier, list[_Intent]] = {}
             for record in chunk:
-                key = _user_key(record.key)
-                payload = codec.encode(record.value)
-                md = make_metadata(payload, int(record.version), now=record.updated_at,
-                                   created_at=record.created_at)
-                if md["checksum"] != record.checksum:
-                    raise IntegrityError(f"the value of {key!r} does not match its checksum", key)
+                try:
+                    key = _user_key(record.key)
+                    payload = codec.encode(record.value)
+                    md = make_metadata(payload, int(record.version), now=record.updated_at,
+                                       created_at=record.created_at)
+                    if md["checksum"] != record.checksum:
+                        raise IntegrityError(f"the value of {key!r} does not match its checksum", key)
+                except (InvalidKeyError, IntegrityError, SerializationError) as exc:
+                    if on_error is None:
+                        raise
+                    on_error(record, exc)
+                    continue
                 md["expires_at"] = record.expires_at
                 if record.expires_at is not None and record.expires_at <= now:
                     report.expired += 1
                     continue
-                target = self._target(record.tier if record.tier is not Tier.HOT else Tier.WARM)
+                tier = Tier.parse(record.tier)
+                target = tier if tier in self._repos and tier is not Tier.HOT else self._catalog.tier
                 by_tier.setdefault(target, []).append(_Intent(key, payload, fixed=md))
             for target, intents in by_tier.items():
                 committed, refused, failed = self._commit(intents, target, None)
@@ -678,14 +761,21 @@ class StateManager:
         found = self._resolve([key], False).get(key)
         if found is None:
             return False
-        if _ORDER.index(found.tier) <= _ORDER.index(target):
-            return True
-        if target is Tier.HOT and hot is not None:
+        if target is Tier.HOT:
+            if found.tier is Tier.HOT or hot is None:
+                return True
             if hot.fill({key: found.entry}, token):
                 self._count("promotions")
                 return True
             copy = hot.lookup(key)
             return copy is not None and copy.version == found.entry.version
+        if target is not self._catalog.tier:
+            return True  # at or above the payload tier already: nothing to copy
+        entry = self._catalog.repo.fetch_record(key)
+        if entry is None or entry.version != found.entry.version:
+            return False  # a write came in meanwhile
+        if entry.kind == "value":
+            return True
         if self._lift({key: found.entry}):
             self._count("promotions")
             return True
@@ -707,6 +797,8 @@ class StateManager:
             raise ConfigurationError(f"tier {target.value!r} is not configured")
         if repo.volatile:
             raise ConfigurationError("demote needs a durable target tier")
+        if self._unchecked:
+            self._ready()
         catalog = self._catalog
         entry = catalog.repo.fetch_record(key)
         if entry is None or not entry.live():
@@ -736,6 +828,8 @@ class StateManager:
         :param dry_run: only count what would be moved and purged; nothing is
             written except the pending read times the idle test needs.
         """
+        if self._unchecked:
+            self._ready()
         self._access.flush()
         return self._sweeper.run(progress, dry_run=dry_run)
 
@@ -755,6 +849,10 @@ class StateManager:
                 tiers[tier.value] = repo.stats()
             except BackendError as exc:
                 tiers[tier.value] = {"backend": repo.backend, "tier": tier.value, "error": str(exc)}
+        catalog = tiers.get(self._catalog.tier.value)
+        if catalog is not None and "key_count" in catalog:
+            own = self._catalog.repo.fetch_many([FORMAT_KEY, HOT_DIRTY])
+            catalog["key_count"] -= sum(1 for e in own.values() if e.live())
         counters = dict(self._counters)
         reads = sum(counters[k] for k in ("hit_hot", "hit_warm", "hit_cold", "miss"))
         hot = self._hot

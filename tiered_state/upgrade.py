@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 from . import codec
 from .catalog import RESERVED_PREFIX, Catalog, is_payload_name
-from .errors import ConfigurationError, SerializationError
+from .errors import ConfigurationError, SerializationError, StoreFormatError
 from .record import Tier, make_metadata
 from .repositories.base import StateRepository, chunked
 
@@ -78,21 +78,23 @@ def _mark(catalog: Catalog) -> None:
 def check_format(catalog: Catalog) -> None:
     """Make sure the store is in :data:`FORMAT`; mark a new, empty store.
 
-    :raises ConfigurationError: written by 0.1 (run ``tiered-state upgrade``)
+    :raises StoreFormatError: written by 0.1 (run ``tiered-state upgrade``)
         or by a newer tiered-state.
     """
     found = _stored_format(catalog)
     if found == FORMAT:
         return
     if found is not None and found > FORMAT:
-        raise ConfigurationError(
-            f"this store is in format {found}, written by a newer tiered-state; upgrade tiered-state"
+        raise StoreFormatError(
+            f"this store is in format {found}, written by a newer tiered-state; upgrade tiered-state",
+            found,
         )
     if found is not None or _holds_data(catalog.repo) or _holds_data(catalog.payload_repo):
-        raise ConfigurationError(
+        raise StoreFormatError(
             "this store was written by tiered-state 0.1 and must be upgraded once: "
             "run `tiered-state upgrade` with the same --path/--hot/--warm/--cold "
-            "(it is safe to interrupt and run again)"
+            "(it is safe to interrupt and run again)",
+            found,
         )
     _mark(catalog)
 
@@ -134,22 +136,21 @@ def upgrade(
     repos = open_repositories(path, hot=hot, warm=warm, cold=cold)
     try:
         durable = [t for t in (Tier.WARM, Tier.COLD) if t in repos and not repos[t].volatile]
-        if not durable:
-            raise ConfigurationError("nothing to upgrade: no durable tier is configured")
-        tier = durable[0]
+        tier = durable[0] if durable else next(t for t in (Tier.HOT, Tier.WARM, Tier.COLD)
+                                               if t in repos)
         payloads = (Tier.COLD, repos[Tier.COLD]) if tier is Tier.WARM and Tier.COLD in repos else None
         catalog = Catalog(tier, repos[tier], payloads)
         report = UpgradeReport(already=_stored_format(catalog) == FORMAT)
         if report.already:
             return report
         hot_repo = repos.get(Tier.HOT)
-        if hot_repo is not None and hot_repo.shared:
-            report.hot_flushed = hot_repo.clear()
+        if hot_repo is not None and hot_repo.shared and tier is not Tier.HOT:
+            report.hot_flushed = hot_repo.clear()  # copies only: the catalog has the records
         catalog.repo.delete(_OLD_SIGNAL)
         if catalog.payload_repo is not None:
             _adopt_cold(catalog, catalog.payload_repo, report)
         _mark(catalog)
-        log.warning("upgraded the store to format %d: %s", FORMAT, report)
+        log.info("upgraded the store to format %d: %s", FORMAT, report)
         return report
     finally:
         for repo in repos.values():

@@ -22,15 +22,23 @@ File format: one line of JSON (the key, the metadata and ``body``: ``json`` or
 ``json+zlib``), a newline, then the payload bytes. Metadata is returned as it
 was stored; ``body`` only says how the bytes on disk are packed.
 
+Values, stubs and tombstones are all stored this way, verbatim (a tombstone
+is a header and an empty body); only :meth:`~FileSystemStateRepository.fetch`,
+the listings and ``stats`` tell the kinds apart, from the header.
+
 Writes go to ``.tmp-*`` in the same folder, are fsynced, renamed over the
 target with ``os.replace`` and the folder is fsynced: a reader sees the old or
 the new file, never half of one, and a crash leaves at most a ``.tmp-*``
 file, which is never listed as a key (names starting with ``.`` are not
 keys). Writers (also in other processes) serialise per key on
 ``fcntl`` byte-range locks of ``<root>/.lock``, which makes the conditional
-writes atomic. Files are created 0600 and folders 0700; paths are opened
-relative to the root's descriptor with ``O_NOFOLLOW``, so a symlink planted
-in the tree is never followed. POSIX only.
+writes atomic; a conditional write reads only the stored file's header under
+the lock. The batch forms (``store_many_if_newer``, ``store_many_if_version``,
+``delete_many_if_version``) take the same per-key lock for each key in turn,
+never two at once, and fsync each folder once per batch. Files are created
+0600 and folders 0700; paths are opened relative to the root's descriptor
+with ``O_NOFOLLOW``, so a symlink planted in the tree is never followed.
+POSIX only.
 """
 
 from __future__ import annotations
@@ -45,7 +53,7 @@ import os
 import secrets
 import threading
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 from urllib.parse import unquote
 
@@ -53,7 +61,7 @@ from .. import codec
 from ..config import parse_bool, parse_number, query_options
 from ..errors import BackendError, BackendUnavailableError, ConfigurationError, IntegrityError
 from ..keys import compile_pattern, is_literal, literal_prefix, validate_key, validate_pattern
-from ..record import Entry, Metadata
+from ..record import TOMBSTONE, Entry, Metadata, live_value
 from .base import Items, StateRepository
 
 __all__ = ["FileSystemStateRepository"]
@@ -71,6 +79,11 @@ _UNAVAILABLE = {
 }
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+
+#: The header of a stored file (the metadata, ``key`` and ``body``).
+Header = dict[str, Any]
+#: A conditional write's test, on the header of what is stored (None: nothing).
+Condition = Callable[[Header | None], bool]
 
 
 def encode_name(key: str) -> str:
@@ -99,6 +112,30 @@ def _locate(key: str) -> tuple[str, str, int]:
     """(fan-out folder, file name, lock stripe) of ``key``; the same in every process."""
     digest = hashlib.sha256(key.encode("utf-8")).digest()
     return f"{digest[0]:02x}", encode_name(key), digest[1] % _STRIPES
+
+
+def _live(header: Header, now: float) -> bool:
+    """True for an unexpired value or stub (see "Entries" in the contract)."""
+    expires_at = header["expires_at"]
+    return header["encoding"] != TOMBSTONE and (expires_at is None or expires_at > now)
+
+
+def _if_newer(version: int) -> Condition:
+    """store_if_newer's test: the stored version is below ``version``."""
+    return lambda header: header is None or header["version"] < version
+
+
+def _if_version(version: int, expected: int) -> Condition:
+    """store_if_version's test: the live version is ``expected`` and the stored
+    one is at most ``version``."""
+
+    def condition(header: Header | None) -> bool:
+        if header is None:
+            return expected == 0
+        live = header["version"] if _live(header, time.time()) else 0
+        return live == expected and header["version"] <= version
+
+    return condition
 
 
 class FileSystemStateRepository(StateRepository):
@@ -268,8 +305,12 @@ class FileSystemStateRepository(StateRepository):
         try:
             if limit is not None:
                 return os.read(fd, limit)
-            with open(fd, "rb", closefd=False) as handle:
-                return handle.read()
+            # Plain reads up to an empty one: a buffered file object would add
+            # an ioctl, two lseeks and an fstat to every fetch.
+            parts = [os.read(fd, os.fstat(fd).st_size + 1)]
+            while parts[-1]:  # until EOF, in case the file is not what fstat said
+                parts.append(os.read(fd, 1 << 16))
+            return parts[0] if len(parts) <= 2 else b"".join(parts)
         finally:
             os.close(fd)
 
@@ -302,6 +343,32 @@ class FileSystemStateRepository(StateRepository):
         }
         return Entry(key, payload, metadata)
 
+    def _read_header(self, fan_fd: int, name: str, key: str | None) -> Header | None:
+        """The header of file ``name``, or None if there is no such file.
+
+        :raises IntegrityError: the header cannot be parsed.
+        """
+        data = self._read(fan_fd, name, _HEADER_READ)
+        if data is None:
+            return None
+        if b"\n" not in data:  # a header longer than one read (huge key)
+            data = self._read(fan_fd, name)
+            if data is None:
+                return None
+        header, _ = self._parse_header(key, data)
+        return header
+
+    def _stored(self, fan_fd: int, name: str, key: str) -> Header | None:
+        """The header of ``key``'s file, for a conditional write to test.
+
+        Only the header: a condition needs the version and expiry, and reading
+        (and inflating) a large body under the lock would only hold it longer.
+        """
+        header = self._read_header(fan_fd, name, key)
+        if header is None or header["key"] != key:
+            return None  # absent, or a hashed name's (astronomically unlikely) collision
+        return header
+
     def _write_temp(self, fan_fd: int, data: bytes) -> str:
         tmp = f".tmp-{secrets.token_hex(8)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600,
@@ -320,14 +387,43 @@ class FileSystemStateRepository(StateRepository):
         os.close(fd)
         return tmp
 
-    def _install(self, fan_fd: int, tmp: str, name: str) -> None:
+    def _put_locked(
+        self, fan_fd: int, key: str, name: str, stripe: int, data: bytes,
+        condition: Condition | None,
+    ) -> bool:
+        """Write ``data`` as ``key``'s file if ``condition`` holds: the one write
+        routine of every store, single or batch. The folder is not fsynced."""
+        # The temp file is written and fsynced before the lock, so the lock is
+        # held for one header read and one rename, not for a disk flush.
+        tmp = self._write_temp(fan_fd, data)
+        installed = False
         try:
-            # rename replaces a planted symlink itself, never its target
-            os.replace(tmp, name, src_dir_fd=fan_fd, dst_dir_fd=fan_fd)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp, dir_fd=fan_fd)
-            raise
+            with self._key_lock(stripe):
+                if condition is None or condition(self._stored(fan_fd, name, key)):
+                    # rename replaces a planted symlink itself, never its target
+                    os.replace(tmp, name, src_dir_fd=fan_fd, dst_dir_fd=fan_fd)
+                    installed = True
+        finally:
+            if not installed:  # refused, or the lock, read or rename failed
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp, dir_fd=fan_fd)
+        return installed
+
+    def _unlink_locked(
+        self, fan_fd: int, key: str, name: str, stripe: int, version: int | None
+    ) -> bool:
+        """Delete ``key``'s file (if its stored version is ``version``, unless
+        None): the one delete routine. The folder is not fsynced."""
+        with self._key_lock(stripe):
+            if version is not None:
+                header = self._stored(fan_fd, name, key)
+                if header is None or header["version"] != version:
+                    return False
+            try:
+                os.unlink(name, dir_fd=fan_fd)
+            except FileNotFoundError:
+                return False
+        return True
 
     def _sync_dir(self, fan_fd: int) -> None:
         if self.fsync:
@@ -346,6 +442,9 @@ class FileSystemStateRepository(StateRepository):
             finally:
                 os.close(fan_fd)
 
+    def fetch(self, key: str) -> Any | None:
+        return live_value(self.fetch_record(key))
+
     def fetch_many(self, keys: Iterable[str]) -> dict[str, Entry]:
         keys = [validate_key(k) for k in keys]
         out: dict[str, Entry] = {}
@@ -355,98 +454,115 @@ class FileSystemStateRepository(StateRepository):
                 out[key] = entry
         return out
 
-    def _store_locked(self, key: str, value: str, metadata: Metadata, condition: Any = None) -> bool:
+    def _store_one(self, key: str, value: str, metadata: Metadata, condition: Condition | None) -> bool:
         fan, name, stripe = _locate(key)
         data = self._encode_file(key, value, metadata)
         with self._errors():
             fan_fd = self._open_fan(fan, create=True)
             assert fan_fd is not None
             try:
-                tmp = self._write_temp(fan_fd, data)
-                with self._key_lock(stripe):
-                    if condition is not None and not condition(self._load(key, fan_fd, name)):
-                        os.unlink(tmp, dir_fd=fan_fd)
-                        return False
-                    self._install(fan_fd, tmp, name)
+                if not self._put_locked(fan_fd, key, name, stripe, data, condition):
+                    return False
                 self._sync_dir(fan_fd)
             finally:
                 os.close(fan_fd)
         return True
 
-    def store(self, key: str, value: str, metadata: Metadata) -> bool:
-        validate_key(key)
-        return self._store_locked(key, value, metadata)
+    def _batch(
+        self, action: str, keys: Iterable[str], op: Callable[[int, str, str, int], bool], *,
+        create: bool,
+    ) -> list[str]:
+        """Run ``op(fan fd, key, name, stripe)`` for every key; the keys it did.
 
-    def store_if_version(self, key: str, value: str, metadata: Metadata, expected: int) -> bool:
-        validate_key(key)
-
-        def current_is_expected(entry: Entry | None) -> bool:
-            return (0 if entry is None or entry.expired() else entry.version) == expected
-
-        return self._store_locked(key, value, metadata, current_is_expected)
-
-    def store_if_newer(self, key: str, value: str, metadata: Metadata) -> bool:
-        validate_key(key)
-        version = metadata["version"]
-        return self._store_locked(
-            key, value, metadata, lambda entry: entry is None or entry.version < version
-        )
-
-    def store_many(self, items: Items) -> set[str]:
-        for key in items:
-            validate_key(key)
-        # Group by fan-out folder: every file is written and fsynced, renamed
-        # into place, then each folder is fsynced once for the whole group.
-        groups: dict[str, list[tuple[str, str, int, bytes]]] = {}
-        for key, (value, metadata) in items.items():
+        The one routine of every batch write. Grouped by fan-out folder: each
+        folder is opened once and fsynced once, after its group, instead of
+        once per key. A key that fails is reported in a BatchError while the
+        others go ahead.
+        """
+        groups: dict[str, list[tuple[str, str, int]]] = {}
+        for key in keys:
             fan, name, stripe = _locate(key)
-            data = self._encode_file(key, value, metadata)
-            groups.setdefault(fan, []).append((key, name, stripe, data))
-        stored: list[str] = []
+            groups.setdefault(fan, []).append((key, name, stripe))
+        succeeded: list[str] = []
         failed: dict[str, BaseException] = {}
         for fan, group in groups.items():
             done: list[str] = []
             try:
                 with self._errors():
-                    fan_fd = self._open_fan(fan, create=True)
-                    assert fan_fd is not None
+                    fan_fd = self._open_fan(fan, create=create)
+                    if fan_fd is None:
+                        continue  # no folder, so none of these keys exists
                     try:
-                        for key, name, stripe, data in group:
+                        for key, name, stripe in group:
                             try:
                                 with self._errors():
-                                    tmp = self._write_temp(fan_fd, data)
-                                    with self._key_lock(stripe):
-                                        self._install(fan_fd, tmp, name)
-                                done.append(key)
-                            except BackendError as exc:
+                                    if op(fan_fd, key, name, stripe):
+                                        done.append(key)
+                            except (BackendError, IntegrityError) as exc:
                                 failed[key] = exc
-                        self._sync_dir(fan_fd)
+                        if done:
+                            self._sync_dir(fan_fd)
                     finally:
                         os.close(fan_fd)
             except BackendError as exc:
+                # The folder could not be opened or fsynced: nothing done in
+                # it is known to be durable.
                 failed.update((key, exc) for key, *_ in group if key not in failed)
                 continue
-            stored.extend(done)
+            succeeded.extend(done)
         if failed:
-            raise self._batch_failed("store_many", failed, stored)
-        return set(stored)
+            raise self._batch_failed(action, failed, succeeded)
+        return succeeded
 
-    def _delete_locked(self, key: str, version: int | None = None) -> bool:
+    def _store_batch(
+        self, action: str, items: Items, conditions: Mapping[str, Condition] | None
+    ) -> set[str]:
+        # Encoded before any I/O, so an item that cannot be encoded touches nothing.
+        files = {key: self._encode_file(key, value, metadata)
+                 for key, (value, metadata) in items.items()}
+
+        def put(fan_fd: int, key: str, name: str, stripe: int) -> bool:
+            condition = None if conditions is None else conditions[key]
+            return self._put_locked(fan_fd, key, name, stripe, files[key], condition)
+
+        return set(self._batch(action, files, put, create=True))
+
+    def store(self, key: str, value: str, metadata: Metadata) -> bool:
+        validate_key(key)
+        return self._store_one(key, value, metadata, None)
+
+    def store_if_version(self, key: str, value: str, metadata: Metadata, expected: int) -> bool:
+        validate_key(key)
+        return self._store_one(key, value, metadata, _if_version(metadata["version"], expected))
+
+    def store_if_newer(self, key: str, value: str, metadata: Metadata) -> bool:
+        validate_key(key)
+        return self._store_one(key, value, metadata, _if_newer(metadata["version"]))
+
+    def store_many(self, items: Items) -> set[str]:
+        for key in items:
+            validate_key(key)
+        return self._store_batch("store_many", items, None)
+
+    def store_many_if_newer(self, items: Items) -> set[str]:
+        conditions = {validate_key(k): _if_newer(m["version"]) for k, (_, m) in items.items()}
+        return self._store_batch("store_many_if_newer", items, conditions)
+
+    def store_many_if_version(self, items: Items, expected: Mapping[str, int]) -> set[str]:
+        conditions = {
+            validate_key(k): _if_version(m["version"], expected[k]) for k, (_, m) in items.items()
+        }
+        return self._store_batch("store_many_if_version", items, conditions)
+
+    def _delete_one(self, key: str, version: int | None) -> bool:
         fan, name, stripe = _locate(key)
         with self._errors():
             fan_fd = self._open_fan(fan, create=False)
             if fan_fd is None:
                 return False
             try:
-                with self._key_lock(stripe):
-                    if version is not None:
-                        entry = self._load(key, fan_fd, name)
-                        if entry is None or entry.version != version:
-                            return False
-                    try:
-                        os.unlink(name, dir_fd=fan_fd)
-                    except FileNotFoundError:
-                        return False
+                if not self._unlink_locked(fan_fd, key, name, stripe, version):
+                    return False
                 self._sync_dir(fan_fd)
             finally:
                 os.close(fan_fd)
@@ -454,34 +570,26 @@ class FileSystemStateRepository(StateRepository):
 
     def delete(self, key: str) -> bool:
         validate_key(key)
-        return self._delete_locked(key)
+        return self._delete_one(key, None)
 
     def delete_if_version(self, key: str, version: int) -> bool:
         validate_key(key)
-        return self._delete_locked(key, version)
+        return self._delete_one(key, version)
+
+    def _delete_batch(self, action: str, versions: Mapping[str, int | None]) -> list[str]:
+        def unlink(fan_fd: int, key: str, name: str, stripe: int) -> bool:
+            return self._unlink_locked(fan_fd, key, name, stripe, versions[key])
+
+        return self._batch(action, versions, unlink, create=False)
 
     def delete_many(self, keys: Iterable[str]) -> int:
-        keys = list(dict.fromkeys(validate_key(k) for k in keys))
-        # Grouped by folder so each folder is fsynced once, not once per key.
-        groups: dict[str, list[tuple[str, int]]] = {}
-        for key in keys:
-            fan, name, stripe = _locate(key)
-            groups.setdefault(fan, []).append((name, stripe))
-        total = 0
-        with self._errors():
-            for fan, group in groups.items():
-                fan_fd = self._open_fan(fan, create=False)
-                if fan_fd is None:
-                    continue
-                try:
-                    for name, stripe in group:
-                        with self._key_lock(stripe), contextlib.suppress(FileNotFoundError):
-                            os.unlink(name, dir_fd=fan_fd)
-                            total += 1
-                    self._sync_dir(fan_fd)
-                finally:
-                    os.close(fan_fd)
-        return total
+        unique: dict[str, int | None] = dict.fromkeys(validate_key(k) for k in keys)
+        return len(self._delete_batch("delete_many", unique))
+
+    def delete_many_if_version(self, versions: Mapping[str, int]) -> set[str]:
+        for key in versions:
+            validate_key(key)
+        return set(self._delete_batch("delete_many_if_version", versions))
 
     # ------------------------------------------------------------ listing
     def _walk(self) -> Iterator[tuple[int, str, str | None]]:
@@ -512,20 +620,14 @@ class FileSystemStateRepository(StateRepository):
                 finally:
                     os.close(fan_fd)
 
-    def _header(self, fan_fd: int, name: str, key: str | None) -> dict[str, Any] | None:
-        data = self._read(fan_fd, name, _HEADER_READ)
-        if data is None:
-            return None
-        if b"\n" not in data:  # a header longer than one read (huge key)
-            data = self._read(fan_fd, name)
-            if data is None:
-                return None
+    def _header(self, fan_fd: int, name: str, key: str | None) -> Header | None:
+        """The header of a listed file; None (with a warning) if it is unreadable."""
         try:
-            header, _ = self._parse_header(key, data)
+            header = self._read_header(fan_fd, name, key)
         except IntegrityError:
             log.warning("filesystem: skipping unreadable file %s in %s", name, self.root)
             return None
-        if key is not None and header["key"] != key:
+        if header is not None and key is not None and header["key"] != key:
             return None
         return header
 
@@ -534,7 +636,7 @@ class FileSystemStateRepository(StateRepository):
         if is_literal(pattern):
             key = literal_prefix(pattern)
             entry = self.fetch_record(key)
-            if entry is not None and not (live and entry.expired()):
+            if entry is not None and not (live and not entry.live()):
                 yield key
             return
         match = compile_pattern(pattern).match
@@ -551,8 +653,7 @@ class FileSystemStateRepository(StateRepository):
             found = header["key"]
             if named is None and not match(found):
                 continue
-            expires_at = header["expires_at"]
-            if live and expires_at is not None and expires_at <= now:
+            if live and not _live(header, now):
                 continue
             yield found
 
@@ -562,26 +663,27 @@ class FileSystemStateRepository(StateRepository):
     def iter_keys(self, pattern: str = "*") -> Iterator[str]:
         return self._iter(pattern, live=True)
 
-    def _all_keys(self) -> Iterator[str]:
+    def iter_all_keys(self) -> Iterator[str]:
+        # One folder at a time with os.scandir, so memory stays bounded however
+        # many files there are; only hashed names cost a header read. The
+        # generic clear() deletes in chunks while this walk goes on, which is
+        # safe: a name already listed is ours to remove, and each folder is
+        # listed once.
         return self._iter("*", live=False)
 
-    def clear(self) -> int:
-        # Deleting while a folder is being listed is safe: entries already
-        # returned are ours to remove, and each folder is listed once.
-        return sum(self._delete_locked(key) for key in self._iter("*", live=False))
-
     def stats(self) -> dict[str, Any]:
-        live = expired = files_bytes = 0
+        live = expired = tombstones = files_bytes = 0
         now = time.time()
         for fan_fd, name, key in self._walk():
             header = self._header(fan_fd, name, key)
             if header is None:
                 continue
-            expires_at = header["expires_at"]
-            if expires_at is not None and expires_at <= now:
-                expired += 1
-            else:
+            if _live(header, now):
                 live += 1
+            elif header["encoding"] == TOMBSTONE:
+                tombstones += 1
+            else:
+                expired += 1
             with contextlib.suppress(OSError):
                 files_bytes += os.stat(name, dir_fd=fan_fd, follow_symlinks=False).st_size
         return {
@@ -589,6 +691,7 @@ class FileSystemStateRepository(StateRepository):
             "tier": str(self.tier) if self.tier else None,
             "key_count": live,
             "expired_count": expired,
+            "tombstone_count": tombstones,
             "file_bytes": files_bytes,
             "root": self.root,
             "fsync": self.fsync,

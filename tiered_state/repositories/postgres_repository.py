@@ -26,15 +26,17 @@ each other)::
     key            TEXT COLLATE "C" PRIMARY KEY
     data           JSONB          the value, queryable (NULL when payload is set)
     payload        TEXT           the exact JSON text, only for values JSONB
-                                  cannot hold exactly (see below), else NULL
-    checksum       TEXT           sha256 hex of the canonical JSON text
+                                  cannot hold exactly (see below); a stub's
+                                  locator or a tombstone's empty text; else NULL
+    checksum       TEXT           sha256 hex of the canonical JSON text (of the
+                                  value a stub stands for)
     size_bytes     INTEGER
     version        BIGINT
     created_at     TIMESTAMPTZ
     updated_at     TIMESTAMPTZ
     last_accessed  TIMESTAMPTZ    last read reported by touch_many; NULL = never
     expires_at     TIMESTAMPTZ    NULL = never
-    encoding       TEXT           "json"
+    encoding       TEXT           "json"; "stub" or "tombstone" for those kinds
 
 with indexes on ``(expires_at, key)`` and
 ``(greatest(updated_at, last_accessed), key)`` for the sweep. ``COLLATE "C"``
@@ -49,8 +51,20 @@ floats spelled with a positive exponent (``1e+300`` reads back as an
 integer), ``-0.0``, or any payload that is not canonical JSON -- is kept
 verbatim in ``payload`` with ``data`` NULL. Nothing is ever returned altered.
 
-Reads never write. Expired rows stay (tombstones, returned by
+Stubs and tombstones (see :mod:`tiered_state.record`) are stored verbatim
+in ``payload`` with ``data`` NULL: a locator is not the value, so it never
+shows up in queries of ``data``. :meth:`fetch` returns None for them.
+
+Reads never write. Expired rows and tombstones stay (returned by
 :meth:`fetch_record`) until the manager's sweep deletes them.
+
+Batch conditionals (``store_many_if_newer``, ``store_many_if_version``):
+below 64 rows one upsert over ``unnest`` of one array parameter per column,
+one round trip; from 64 rows a COPY into the session's staging table and one
+upsert from it, in one transaction. Like ``store_many`` and
+``delete_many_if_version`` they take their rows' locks in key order, one key
+at a time, so these batches cannot deadlock one another, and the
+statement's ``RETURNING`` list is exactly the keys written.
 """
 
 from __future__ import annotations
@@ -88,7 +102,7 @@ from ..keys import (
     validate_key,
     validate_pattern,
 )
-from ..record import Entry, Metadata, checksum
+from ..record import STUB, TOMBSTONE, Entry, Metadata, checksum
 from .base import Items, StateRepository, chunked
 
 if TYPE_CHECKING:
@@ -108,6 +122,9 @@ _CHUNK = 1000
 #: COPY into a temporary table and one INSERT ... SELECT (measured ~2.5x faster
 #: at 10k rows, but three more round trips, which only pay off past a few rows).
 _COPY_MIN = 32
+#: The batch conditionals go through unnest below this size, through COPY
+#: from it on (measured: unnest ahead up to 32 rows, level at 64, behind from 128).
+_UNNEST_MAX = 64
 #: A cheap test for text JSONB may not give back byte-identical: a NUL escape,
 #: a positive exponent, negative zero. A hit triggers the exact check.
 _SUSPECT = re.compile(r"\\u0000|[0-9][eE]\+|-0\.0(?![0-9eE])").search
@@ -127,6 +144,8 @@ _COLUMNS = (
     "date_part('epoch', updated_at), date_part('epoch', expires_at), encoding"
 )
 _LIVE = "(expires_at IS NULL OR expires_at > to_timestamp(%s))"
+#: ``encoding`` of the entries that hold no value (see :mod:`tiered_state.record`).
+_NOT_VALUE = f"('{STUB}', '{TOMBSTONE}')"
 _SET_ALL = (
     "data = excluded.data, payload = excluded.payload, checksum = excluded.checksum, "
     "size_bytes = excluded.size_bytes, version = excluded.version, "
@@ -140,6 +159,68 @@ _INSERT = (
 _ROW = "(%s, %s::jsonb, %s, %s, %s, %s, to_timestamp(%s), to_timestamp(%s), to_timestamp(%s), %s)"
 _UPSERT = _INSERT + "VALUES " + _ROW + " ON CONFLICT (key) DO UPDATE SET " + _SET_ALL
 
+# The batch conditionals read their rows from one of two sources: small
+# batches from ``unnest`` of one array parameter per column (one statement,
+# one round trip), large ones from the COPY staging table (see _UNNEST_MAX).
+_V_COLUMNS = (
+    "key, data, payload, checksum, size_bytes, version, created_at, updated_at, expires_at, encoding"
+)
+_V_ARRAYS = (
+    "%s::text[], %s::jsonb[], %s::text[], %s::text[], %s::integer[], %s::bigint[], "
+    "%s::float8[], %s::float8[], %s::float8[], %s::text[]"
+)
+_UNNEST = f"unnest({_V_ARRAYS}) AS u({_V_COLUMNS})"
+_UNNEST_EXPECTED = f"unnest({_V_ARRAYS}, %s::bigint[]) AS u({_V_COLUMNS}, expected)"
+_STAGED = "tiered_state_load"
+_SELECT_V = (
+    "SELECT key, data, payload, checksum, size_bytes, version, to_timestamp(created_at), "
+    "to_timestamp(updated_at), to_timestamp(expires_at), encoding"
+)
+
+
+def _if_newer_many(source: str) -> str:
+    """store_many_if_newer's statement, rows from ``source``.
+
+    Rows are written in key order (the primary key's "C" collation, which is
+    also Python's str order), so concurrent batches cannot deadlock.
+    """
+    return (
+        f'{_INSERT}{_SELECT_V} FROM {source} ORDER BY key COLLATE "C" '
+        f"ON CONFLICT (key) DO UPDATE SET {_SET_ALL} "
+        "WHERE cur.version < excluded.version RETURNING cur.key"
+    )
+
+
+def _if_version_many(source: str) -> str:
+    """store_many_if_version's statement, rows and ``expected`` from ``source``.
+
+    One upsert over every row in key order, so it takes each key's lock at
+    that key's turn, like every other batch (an UPDATE for expected > 0 and
+    an upsert for expected 0 would lock the one group, then the other, and
+    deadlocked against a store_many_if_newer in testing). A row with expected
+    0 is inserted, or replaces a row that is not live and not newer. A row
+    with expected > 0 goes on only if its key has a live row of that version
+    and not newer, which the EXISTS locks (at that row's turn: the CTE is
+    materialised in key order and the filter runs as each row is inserted);
+    its insert then always meets that row, and its ``last_accessed`` (never
+    stored: the upsert does not set that column) tells the conflict clause
+    that the check was made.
+    """
+    return (
+        f'WITH v AS MATERIALIZED (SELECT * FROM {source} ORDER BY key COLLATE "C") '
+        "INSERT INTO {t} AS cur (key, data, payload, checksum, size_bytes, version, created_at, "
+        "updated_at, expires_at, encoding, last_accessed) "
+        f"{_SELECT_V}, CASE WHEN expected <> 0 THEN '-infinity'::timestamptz END FROM v "
+        "WHERE v.expected = 0 OR EXISTS (SELECT 1 FROM {t} AS x WHERE x.key = v.key "
+        "AND x.version = v.expected AND x.version <= v.version "
+        "AND (x.expires_at IS NULL OR x.expires_at > to_timestamp(%s)) FOR UPDATE) "
+        f"ON CONFLICT (key) DO UPDATE SET {_SET_ALL} "
+        "WHERE excluded.last_accessed IS NOT NULL OR (cur.expires_at IS NOT NULL "
+        "AND cur.expires_at <= to_timestamp(%s) AND cur.version <= excluded.version) "
+        "RETURNING cur.key"
+    )
+
+
 _STORE_TYPES = "text, jsonb, text, text, integer, bigint, float8, float8, float8, text"
 _STORE_TEXT = (
     _INSERT + "VALUES ($1, $2, $3, $4, $5, $6, to_timestamp($7), to_timestamp($8), "
@@ -149,8 +230,10 @@ _STORE_TEXT = (
 # Hot single-key statements are PREPAREd once per connection: parse and plan
 # dominate a point query's server time.
 _PREPARED = {
+    # Only a live value: stubs and tombstones hold no value here.
     "fetch": ("text, float8", "SELECT data::text, payload, checksum FROM {t} WHERE key = $1 "
-              "AND (expires_at IS NULL OR expires_at > to_timestamp($2))"),
+              "AND (expires_at IS NULL OR expires_at > to_timestamp($2)) "
+              f"AND encoding NOT IN {_NOT_VALUE}"),
     "select": ("text", f"SELECT {_COLUMNS} FROM {{t}} WHERE key = $1"),
     "store": (_STORE_TYPES, _STORE_TEXT),
     # The manager's write path: every set is a store_if_newer.
@@ -184,16 +267,29 @@ _SQL = {
     "store_copied": _INSERT
     + "SELECT key, data, payload, checksum, size_bytes, version, to_timestamp(created_at), "
     "to_timestamp(updated_at), to_timestamp(expires_at), encoding FROM tiered_state_load "
-    "ORDER BY key ON CONFLICT (key) DO UPDATE SET " + _SET_ALL,
+    # The staging column has the database's collation; the primary key's
+    # order is "C", the order every batch locks rows in.
+    'ORDER BY key COLLATE "C" ON CONFLICT (key) DO UPDATE SET ' + _SET_ALL,
+    # expected 0: absent, or present but not live (a tombstone's expires_at is
+    # 0.0) -- and never older than what is stored.
     "store_if_absent": _UPSERT
-    + " WHERE cur.expires_at IS NOT NULL AND cur.expires_at <= to_timestamp(%s)",
+    + " WHERE cur.expires_at IS NOT NULL AND cur.expires_at <= to_timestamp(%s)"
+    " AND cur.version <= excluded.version",
     "store_if_version": "UPDATE {t} SET data = %s::jsonb, payload = %s, checksum = %s, "
     "size_bytes = %s, version = %s, created_at = to_timestamp(%s), "
     "updated_at = to_timestamp(%s), expires_at = to_timestamp(%s), encoding = %s "
-    f"WHERE key = %s AND version = %s AND {_LIVE}",
+    f"WHERE key = %s AND version = %s AND version <= %s AND {_LIVE}",
+    "store_many_if_newer": _if_newer_many(_UNNEST),
+    "store_many_if_newer_copied": _if_newer_many(_STAGED),
+    "store_many_if_version": _if_version_many(_UNNEST_EXPECTED),
+    "store_many_if_version_copied": _if_version_many(_STAGED),
     "delete_many": "DELETE FROM {t} WHERE key = ANY(%s)",
-    "delete_many_if_version": "DELETE FROM {t} AS cur USING unnest(%s::text[], %s::bigint[]) "
-    "AS d(key, version) WHERE cur.key = d.key AND cur.version = d.version RETURNING cur.key",
+    # A DELETE locks rows in plan order; the CTE locks the matching rows in
+    # key order first (the DELETE then only meets rows it holds).
+    "delete_many_if_version": "WITH d AS MATERIALIZED (SELECT x.key FROM {t} AS x "
+    "JOIN unnest(%s::text[], %s::bigint[]) AS u(key, version) "
+    "ON x.key = u.key AND x.version = u.version ORDER BY x.key FOR UPDATE OF x) "
+    "DELETE FROM {t} AS cur USING d WHERE cur.key = d.key RETURNING cur.key",
     "keys": f"SELECT key FROM {{t}} WHERE key LIKE %s ESCAPE '\\' AND {_LIVE}",
     "key": f"SELECT key FROM {{t}} WHERE key = %s AND {_LIVE}",
     "keys_page": f"SELECT key FROM {{t}} WHERE key > %s AND key LIKE %s ESCAPE '\\' AND {_LIVE} "
@@ -202,8 +298,10 @@ _SQL = {
     "scan_expired": f"SELECT {_COLUMNS}, expires_at FROM {{t}} "
     "WHERE expires_at <= to_timestamp(%s) AND (expires_at, key) > (%s, %s) "
     "ORDER BY expires_at, key LIMIT %s",
+    # Idle candidates are live values only: a stub's payload already moved.
     "scan_idle": f"SELECT {_COLUMNS}, greatest(updated_at, last_accessed) FROM {{t}} "
     f"WHERE greatest(updated_at, last_accessed) < to_timestamp(%s) AND {_LIVE} "
+    f"AND encoding NOT IN {_NOT_VALUE} "
     "AND (greatest(updated_at, last_accessed), key) > (%s, %s) "
     "ORDER BY greatest(updated_at, last_accessed), key LIMIT %s",
     "touch_many": "UPDATE {t} SET last_accessed = greatest(last_accessed, to_timestamp(%s)) "
@@ -215,8 +313,10 @@ _SQL = {
 _TEMP_TABLE = (
     "CREATE TEMPORARY TABLE IF NOT EXISTS tiered_state_load (key TEXT, data JSONB, "
     "payload TEXT, checksum TEXT, size_bytes INTEGER, version BIGINT, created_at FLOAT8, "
-    "updated_at FLOAT8, expires_at FLOAT8, encoding TEXT) ON COMMIT DELETE ROWS"
+    "updated_at FLOAT8, expires_at FLOAT8, encoding TEXT, expected BIGINT) ON COMMIT DELETE ROWS"
 )
+_COPY_ROWS = f"COPY tiered_state_load ({_V_COLUMNS}) FROM STDIN"
+_COPY_EXPECTED = f"COPY tiered_state_load ({_V_COLUMNS}, expected) FROM STDIN"
 # The earliest possible keyset position for scan: before every timestamp and key.
 _SCAN_START = ("-infinity", "")
 
@@ -257,12 +357,36 @@ def _split_payload(payload: str) -> tuple[str | None, str | None]:
 
 
 def _params(key: str, payload: str, metadata: Metadata) -> tuple[Any, ...]:
-    data, text = _split_payload(payload)
+    encoding = metadata["encoding"]
+    data: str | None
+    text: str | None
+    if encoding == STUB or encoding == TOMBSTONE:
+        # Verbatim in the text column: a locator (or nothing) is not the
+        # value, so it must not show up in queries of ``data``.
+        data, text = None, payload
+    else:
+        data, text = _split_payload(payload)
     return (
         key, data, text, metadata["checksum"], metadata["size_bytes"], metadata["version"],
-        metadata["created_at"], metadata["updated_at"], metadata["expires_at"],
-        metadata["encoding"],
+        metadata["created_at"], metadata["updated_at"], metadata["expires_at"], encoding,
     )
+
+
+def _columns(rows: Sequence[tuple[Any, ...]]) -> list[list[Any]]:
+    """Rows of :func:`_params` as one list per column (the ``unnest`` arrays)."""
+    return [list(column) for column in zip(*rows)]
+
+
+def _copy(cur: Cursor, statement: str, rows: Iterable[tuple[Any, ...]]) -> None:
+    """COPY ``rows`` into the staging table, a few thousand per round trip."""
+    for chunk in chunked(rows, 5 * _CHUNK):
+        buf = io.StringIO()
+        write = buf.write
+        for row in chunk:
+            write("\t".join(map(_copy_field, row)))
+            write("\n")
+        buf.seek(0)
+        cur.copy_expert(statement, buf)
 
 
 def _copy_field(value: Any) -> str:
@@ -737,7 +861,7 @@ class PostgresStateRepository(StateRepository):
                 return
             after = found[-1]
 
-    def _all_keys(self) -> Iterator[str]:
+    def iter_all_keys(self) -> Iterator[str]:
         after = ""
         while True:
             with self._session("keys") as (cur, sql):
@@ -823,14 +947,7 @@ class PostgresStateRepository(StateRepository):
 
     def _store_copy(self, rows: Sequence[tuple[Any, ...]]) -> None:
         with self._session("store_many", transaction=True, staging=True) as (cur, sql):
-            for chunk in chunked(rows, 5 * _CHUNK):
-                buf = io.StringIO()
-                write = buf.write
-                for row in chunk:
-                    write("\t".join(map(_copy_field, row)))
-                    write("\n")
-                buf.seek(0)
-                cur.copy_expert("COPY tiered_state_load FROM STDIN", buf)
+            _copy(cur, _COPY_ROWS, rows)
             # One upsert from the staging table, committed with the COPYs.
             cur.execute(sql["store_copied"])
 
@@ -843,7 +960,7 @@ class PostgresStateRepository(StateRepository):
                 # Absent, or only an expired tombstone: insert / replace it.
                 cur.execute(sql["store_if_absent"], (*params, now))
             else:
-                cur.execute(sql["store_if_version"], (*params[1:], key, expected, now))
+                cur.execute(sql["store_if_version"], (*params[1:], key, expected, params[5], now))
             return bool(cur.rowcount == 1)
 
     def store_if_newer(self, key: str, value: str, metadata: Metadata) -> bool:
@@ -852,6 +969,42 @@ class PostgresStateRepository(StateRepository):
         with self._session("store_if_newer") as (cur, sql):
             cur.execute(sql["store_if_newer"], params)
             return bool(cur.rowcount == 1)
+
+    # Small batches: one statement over unnest(array per column), one round
+    # trip. Large ones: COPY into the staging table and one statement from
+    # it, in one transaction (psycopg2 renders array parameters element by
+    # element, and the server parses them as literals: unnest was level with
+    # COPY at 64 rows and 1.2-1.6x slower from 128 rows on). Either way the
+    # RETURNING list is exactly the keys written.
+    def store_many_if_newer(self, items: Items) -> set[str]:
+        keys = sorted(validate_key(k) for k in items)
+        if not keys:
+            return set()
+        rows = [_params(k, *items[k]) for k in keys]
+        if len(rows) < _UNNEST_MAX:
+            with self._session("store_many_if_newer") as (cur, sql):
+                cur.execute(sql["store_many_if_newer"], _columns(rows))
+                return {row[0] for row in cur.fetchall()}
+        with self._session("store_many_if_newer", transaction=True, staging=True) as (cur, sql):
+            _copy(cur, _COPY_ROWS, rows)
+            cur.execute(sql["store_many_if_newer_copied"])
+            return {row[0] for row in cur.fetchall()}
+
+    def store_many_if_version(self, items: Items, expected: Mapping[str, int]) -> set[str]:
+        keys = sorted(validate_key(k) for k in items)
+        versions = [expected[k] for k in keys]  # every one known before any I/O
+        if not keys:
+            return set()
+        rows = [_params(k, *items[k]) for k in keys]
+        now = time.time()
+        if len(rows) < _UNNEST_MAX:
+            with self._session("store_many_if_version") as (cur, sql):
+                cur.execute(sql["store_many_if_version"], (*_columns(rows), versions, now, now))
+                return {row[0] for row in cur.fetchall()}
+        with self._session("store_many_if_version", transaction=True, staging=True) as (cur, sql):
+            _copy(cur, _COPY_EXPECTED, [(*row, version) for row, version in zip(rows, versions)])
+            cur.execute(sql["store_many_if_version_copied"], (now, now))
+            return {row[0] for row in cur.fetchall()}
 
     def delete(self, key: str) -> bool:
         validate_key(key)

@@ -20,19 +20,33 @@ Storage format (what ``redis-cli`` shows), for a record ``key``:
 ``<prefix><key>``
     the payload itself: the JSON text of the value, byte for byte, so
     ``redis-cli GET 'tiered_state:position:BTC'`` prints ``{"qty":1.5}`` and
-    any other tool can read it.
+    any other tool can read it. For a stub it is the stub's payload: empty
+    for the placeholders the manager leaves while it writes a key (an empty
+    string is a present value, never taken for "absent").
 ``<prefix>\\x1fmeta:<key>``
     the metadata as a JSON object (checksum, size_bytes, version, created_at,
-    updated_at, expires_at, encoding). ``\\x1f`` is a control character, which
-    no valid key contains, so a metadata key can never collide with a record
-    key and both stay under one prefix (one ACL pattern, one SCAN).
+    updated_at, expires_at, encoding, and ``hot_until`` for a HOT copy).
+    ``\\x1f`` is a control character, which no valid key contains, so a
+    metadata key can never collide with a record key and both stay under one
+    prefix (one ACL pattern, one SCAN).
 
 Both keys are written in one atomic command (``MSET``, or a Lua script when
 they carry a TTL) with the same ``PX``, read with one ``MGET``, and deleted
 together; a record whose two keys are not both there reads as absent.
 
-Volatile: records with ``expires_at`` expire natively (``PX``), and an
-already expired record is never stored (any older copy is deleted instead).
+Volatile: records expire natively at ``min(expires_at, hot_until)`` (``PX``),
+and an already expired record is never stored (any older copy is deleted
+instead) -- so a tombstone, born expired, leaves nothing here, and the
+stored version of a key is also its live version.
+
+Conditional writes and their batch forms are Lua scripts, atomic across all
+clients. They compare versions exactly, as decimal digit strings: versions
+exceed 2**53, where Lua's numbers would round. A batch is one pipeline round
+trip per :data:`PIPELINE_RECORDS` records (one script call per :data:`CHUNK`
+records); when part of it fails, the
+:class:`~tiered_state.errors.BatchError` names the failed keys (their
+outcome is unknown) and, as ``succeeded``, the keys written or deleted.
+
 Redis Cluster is not supported yet: the two keys of a record are not
 hash-tagged into one slot.
 """
@@ -59,7 +73,7 @@ from ..keys import (
     validate_key,
     validate_pattern,
 )
-from ..record import Entry, Metadata
+from ..record import Entry, Metadata, live_value
 from .base import Items, StateRepository, chunked
 
 if TYPE_CHECKING:
@@ -81,6 +95,10 @@ SCAN_COUNT = 1000
 #: Records per pipeline round trip in store_many (bounds client memory).
 PIPELINE_RECORDS = 10_000
 
+#: One command of a pipeline: (script, keys, args) for an EVALSHA of a
+#: registered script, or (None, (), command) for a plain command.
+_Call = tuple[Any, Sequence[bytes], Sequence[Any]]
+
 _META_FIELDS = ("checksum", "size_bytes", "version", "created_at", "updated_at",
                 "expires_at", "encoding")
 
@@ -100,66 +118,100 @@ except ImportError:  # pragma: no cover
     _loads = json.loads
 
 # Lua, so a record's two keys change together and a conditional write is one
-# atomic step on the server. KEYS = value key, metadata key; ARGV = payload,
-# metadata, px ("0": no expiry, "-1": already expired -> delete), then the
-# condition's version. Versions are microsecond counts (< 2**53), exact in
-# Lua's doubles.
-_LUA_PUT = """
-local function put(v, m, px)
+# atomic step on the server. Every script works on records given as key pairs
+# (KEYS = value key, metadata key, value key, metadata key, ...), so a single
+# conditional write is the batch script with one record.
+#
+# Versions are microseconds << 10 | node, about 1.8e18: far beyond 2**53,
+# where Lua's numbers (doubles) stop being exact and two versions 256 apart
+# compare equal. So a version never becomes a number here: it stays a string
+# of decimal digits without leading zeros -- sent as such in ARGV (redis-py
+# writes a Python int exactly), and read from the metadata JSON this module
+# wrote ('"version":<digits>') -- and vcmp orders two such strings: the
+# longer one is greater; equal lengths compare as text would, 15 digits at a
+# time as numbers (exact below 2**53). Not with Lua's '<' on the strings,
+# which follows the server's collation locale, nor byte by byte, which costs
+# a function call per digit.
+_LUA_LIB = """
+local function vcmp(a, b)
+  if #a ~= #b then return #a < #b and -1 or 1 end
+  if a == b then return 0 end
+  for i = 1, #a, 15 do
+    local x, y = tonumber(string.sub(a, i, i + 14)), tonumber(string.sub(b, i, i + 14))
+    if x ~= y then return x < y and -1 or 1 end
+  end
+  return 0
+end
+-- The stored version of the record at KEYS[k], KEYS[k + 1]; '0' if there is
+-- none (or only half of one, which reads as absent too).
+local function stored(k)
+  local m = redis.call('GET', KEYS[k + 1])
+  if not m or redis.call('EXISTS', KEYS[k]) == 0 then return '0' end
+  return string.match(m, '"version":(%d+)') or '0'
+end
+-- px: "0" no expiry, "-1" already expired (the write leaves nothing), else ms.
+local function put(k, v, m, px)
   px = tonumber(px)
   if px > 0 then
-    redis.call('SET', KEYS[1], v, 'PX', px)
-    redis.call('SET', KEYS[2], m, 'PX', px)
+    redis.call('SET', KEYS[k], v, 'PX', px)
+    redis.call('SET', KEYS[k + 1], m, 'PX', px)
   elseif px == 0 then
-    redis.call('MSET', KEYS[1], v, KEYS[2], m)
+    redis.call('MSET', KEYS[k], v, KEYS[k + 1], m)
   else
-    redis.call('UNLINK', KEYS[1], KEYS[2])
+    redis.call('UNLINK', KEYS[k], KEYS[k + 1])
   end
-  return 1
-end
-local function current()
-  local m = redis.call('GET', KEYS[2])
-  if not m or redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-  return tonumber(cjson.decode(m)['version']) or 0
 end
 """
-_LUA_STORE = _LUA_PUT + "return put(ARGV[1], ARGV[2], ARGV[3])"
-_LUA_STORE_IF_VERSION = _LUA_PUT + """
-if current() ~= tonumber(ARGV[4]) then return 0 end
-return put(ARGV[1], ARGV[2], ARGV[3])
-"""
-_LUA_STORE_IF_NEWER = _LUA_PUT + """
-if current() >= tonumber(ARGV[4]) then return 0 end
-return put(ARGV[1], ARGV[2], ARGV[3])
-"""
-_LUA_DELETE_IF_VERSION = _LUA_PUT + """
-if current() ~= tonumber(ARGV[1]) or current() == 0 then return 0 end
-return redis.call('UNLINK', KEYS[1], KEYS[2]) > 0 and 1 or 0
-"""
-# KEYS = v1, m1, v2, m2, ...; ARGV = p1, meta1, px1, p2, ... (px > 0 only)
-_LUA_STORE_BATCH = """
-for i = 1, #KEYS, 2 do
-  local j = (i - 1) / 2 * 3
-  redis.call('SET', KEYS[i], ARGV[j + 1], 'PX', ARGV[j + 3])
-  redis.call('SET', KEYS[i + 1], ARGV[j + 2], 'PX', ARGV[j + 3])
+# ARGV = payload, metadata, px per record; returns how many were written.
+_LUA_STORE = _LUA_LIB + """
+for i = 1, #KEYS / 2 do
+  put(2 * i - 1, ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i])
 end
 return #KEYS / 2
 """
-# KEYS = v1, m1, v2, m2, ...; ARGV = the versions; returns the 1-based indexes deleted.
-_LUA_DELETE_BATCH_IF_VERSION = """
+# ARGV = payload, metadata, px, version per record; each script returns the
+# 1-based indexes of the records it wrote or deleted.
+_LUA_STORE_IF_NEWER = _LUA_LIB + """
 local done = {}
-for i = 1, #ARGV do
-  local m = redis.call('GET', KEYS[2 * i])
-  if m and redis.call('EXISTS', KEYS[2 * i - 1]) == 1
-      and tonumber(cjson.decode(m)['version']) == tonumber(ARGV[i]) then
-    redis.call('UNLINK', KEYS[2 * i - 1], KEYS[2 * i])
+for i = 1, #KEYS / 2 do
+  local k, a = 2 * i - 1, 4 * i - 4
+  if vcmp(stored(k), ARGV[a + 4]) < 0 then
+    put(k, ARGV[a + 1], ARGV[a + 2], ARGV[a + 3])
+    done[#done + 1] = i
+  end
+end
+return done
+"""
+# ARGV = payload, metadata, px, version, expected per record. Redis drops an
+# expired record itself and a tombstone is never kept (it is born expired),
+# so the stored version is also the live one.
+_LUA_STORE_IF_VERSION = _LUA_LIB + """
+local done = {}
+for i = 1, #KEYS / 2 do
+  local k, a = 2 * i - 1, 5 * i - 5
+  local current = stored(k)
+  if current == ARGV[a + 5] and vcmp(current, ARGV[a + 4]) <= 0 then
+    put(k, ARGV[a + 1], ARGV[a + 2], ARGV[a + 3])
+    done[#done + 1] = i
+  end
+end
+return done
+"""
+# ARGV = the version per record.
+_LUA_DELETE_IF_VERSION = _LUA_LIB + """
+local done = {}
+for i = 1, #KEYS / 2 do
+  local k = 2 * i - 1
+  local current = stored(k)
+  if current ~= '0' and current == ARGV[i] then
+    redis.call('UNLINK', KEYS[k], KEYS[k + 1])
     done[#done + 1] = i
   end
 end
 return done
 """
 # KEYS = the value keys, then the metadata keys; returns how many values existed.
-_LUA_DELETE_BATCH = """
+_LUA_DELETE = """
 local half = #KEYS / 2
 local n = redis.call('UNLINK', unpack(KEYS, 1, half))
 redis.call('UNLINK', unpack(KEYS, half + 1, #KEYS))
@@ -287,12 +339,10 @@ class RedisStateRepository(StateRepository):
         self._guards: dict[str, _Translate] = {}
         register = self._client.register_script
         self._store_script = register(_LUA_STORE)
-        self._store_if_version_script = register(_LUA_STORE_IF_VERSION)
         self._store_if_newer_script = register(_LUA_STORE_IF_NEWER)
+        self._store_if_version_script = register(_LUA_STORE_IF_VERSION)
         self._delete_if_version_script = register(_LUA_DELETE_IF_VERSION)
-        self._store_batch_script = register(_LUA_STORE_BATCH)
-        self._delete_batch_script = register(_LUA_DELETE_BATCH)
-        self._delete_batch_if_version_script = register(_LUA_DELETE_BATCH_IF_VERSION)
+        self._delete_script = register(_LUA_DELETE)
         self._closed = False
 
     # ------------------------------------------------------------ opening
@@ -360,6 +410,44 @@ class RedisStateRepository(StateRepository):
             script.sha = self._client.script_load(script.script)
             return self._client.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
 
+    def _send(self, action: str, calls: Sequence[_Call]) -> list[Any]:
+        """Send ``calls`` in one pipeline round trip; return the replies in order,
+        a failed command's exception in its place.
+
+        A call is ``(script, keys, args)`` for an EVALSHA, or ``(None, (), command)``.
+        EVALSHA rather than redis-py's pipeline scripts, which first ask
+        ``SCRIPT EXISTS`` (a second round trip on every batch). A call the server
+        answered NOSCRIPT (it restarted) did nothing, so it is sent once more
+        after its script is loaded.
+
+        :raises BackendError: the round trip itself failed (nothing is known).
+        """
+        def pipeline(indexes: Iterable[int]) -> Any:
+            pipe = self._client.pipeline(transaction=False)
+            for i in indexes:
+                script, keys, args = calls[i]
+                if script is None:
+                    pipe.execute_command(*args)
+                else:
+                    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
+            return pipe
+
+        with self._errors(action):
+            replies: list[Any] = pipeline(range(len(calls))).execute(raise_on_error=False)
+        lost = [i for i, reply in enumerate(replies)
+                if isinstance(reply, self._redis.exceptions.NoScriptError)]
+        if lost:
+            try:
+                with self._errors(action):
+                    for script in {id(calls[i][0]): calls[i][0] for i in lost}.values():
+                        script.sha = self._client.script_load(script.script)
+                    again = pipeline(lost).execute(raise_on_error=False)
+            except BackendError as exc:
+                again = [exc] * len(lost)
+            for i, reply in zip(lost, again):
+                replies[i] = reply
+        return replies
+
     def _errors(self, action: str) -> _Translate:
         guard = self._guards.get(action)
         if guard is None:
@@ -417,6 +505,9 @@ class RedisStateRepository(StateRepository):
                 "MGET", self._value_prefix + raw, self._meta_prefix + raw
             )
         return self._entry(key, payload, meta)
+
+    def fetch(self, key: str) -> Any | None:
+        return live_value(self.fetch_record(key))
 
     def store(self, key: str, value: str, metadata: Metadata) -> bool:
         raw = validate_key(key).encode("utf-8")
@@ -537,7 +628,7 @@ class RedisStateRepository(StateRepository):
             try:
                 failed.update(self._store_pipeline(part, succeeded))
             except BackendError as exc:
-                if not succeeded and not failed:
+                if not n:
                     raise  # nothing happened: Redis is down, say so plainly
                 for later in parts[n:]:
                     failed.update((k, exc) for k, _ in later)
@@ -570,13 +661,13 @@ class RedisStateRepository(StateRepository):
                 timed.append((key, raw, payload, self._meta_bytes(metadata), px))
             else:
                 expired.append((key, raw))
-        pipe = self._client.pipeline(transaction=False)
+        calls: list[_Call] = []
         groups: list[list[str]] = []
         for chunk in chunked(plain, CHUNK):
-            args: list[bytes | str] = []
+            args: list[bytes | str] = ["MSET"]
             for _, raw, payload, meta in chunk:
                 args += (vp + raw, payload, mp + raw, meta)
-            pipe.execute_command("MSET", *args)
+            calls.append((None, (), args))
             groups.append([c[0] for c in chunk])
         for tchunk in chunked(timed, CHUNK):
             keys: list[bytes] = []
@@ -584,15 +675,13 @@ class RedisStateRepository(StateRepository):
             for _, raw, payload, meta, px in tchunk:
                 keys += (vp + raw, mp + raw)
                 targs += (payload, meta, px)
-            self._store_batch_script(keys=keys, args=targs, client=pipe)
+            calls.append((self._store_script, keys, targs))
             groups.append([c[0] for c in tchunk])
         for echunk in chunked(expired, CHUNK):
-            pipe.execute_command("UNLINK", *(p + raw for _, raw in echunk for p in (vp, mp)))
+            calls.append((None, (), ["UNLINK", *(p + raw for _, raw in echunk for p in (vp, mp))]))
             groups.append([c[0] for c in echunk])
-        with self._errors("store_many"):
-            results = pipe.execute(raise_on_error=False)
         failed: dict[str, BaseException] = {}
-        for keys_of, result in zip(groups, results):
+        for keys_of, result in zip(groups, self._send("store_many", calls)):
             if isinstance(result, Exception):
                 failed.update((k, result) for k in keys_of)
             else:
@@ -602,21 +691,22 @@ class RedisStateRepository(StateRepository):
     def delete_many(self, keys: Iterable[str]) -> int:
         unique = list(dict.fromkeys(validate_key(k) for k in keys))
         vp, mp = self._value_prefix, self._meta_prefix
+        chunks = list(chunked(unique, CHUNK))
+        calls: list[_Call] = []
+        for chunk in chunks:
+            raws = [k.encode("utf-8") for k in chunk]
+            calls.append((self._delete_script, [vp + r for r in raws] + [mp + r for r in raws], ()))
         total = 0
         done: list[str] = []
-        for chunk in chunked(unique, CHUNK):
-            raws = [k.encode("utf-8") for k in chunk]
-            try:
-                with self._errors("delete_many"):
-                    total += self._run(
-                        self._delete_batch_script, [vp + r for r in raws] + [mp + r for r in raws]
-                    )
-            except BackendError as exc:
-                if not done:
-                    raise
-                failed = {k: exc for k in unique[len(done):]}
-                raise self._batch_failed("delete_many", failed, done) from exc
-            done.extend(chunk)
+        failed: dict[str, BaseException] = {}
+        for chunk, reply in zip(chunks, self._send("delete_many", calls) if calls else ()):
+            if isinstance(reply, Exception):
+                failed.update((k, reply) for k in chunk)
+            else:
+                total += reply
+                done.extend(chunk)
+        if failed:
+            raise self._batch_failed("delete_many", failed, done)
         return total
 
     # ------------------------------------------------------------ native extras
@@ -662,43 +752,91 @@ class RedisStateRepository(StateRepository):
                     out[key] = found
         return out
 
+    # A single conditional write runs its batch form's script on one record,
+    # sent as a plain EVALSHA: a pipeline would cost it more than the script.
     def _conditional(self, action: str, script: Any, key: str, args: tuple[Any, ...]) -> bool:
         raw = validate_key(key).encode("utf-8")
         with self._errors(action):
             done = self._run(script, (self._value_prefix + raw, self._meta_prefix + raw), args)
         return bool(done)
 
-    def store_if_version(self, key: str, value: str, metadata: Metadata, expected: int) -> bool:
-        args = (value, self._meta_bytes(metadata), self._px(metadata, time.time()), int(expected))
-        return self._conditional("store_if_version", self._store_if_version_script, key, args)
+    def _store_args(self, value: str, metadata: Metadata, now: float) -> tuple[Any, ...]:
+        """The ARGV of one record for the conditional store scripts."""
+        return value, self._meta_bytes(metadata), self._px(metadata, now), int(metadata["version"])
 
     def store_if_newer(self, key: str, value: str, metadata: Metadata) -> bool:
-        args = (value, self._meta_bytes(metadata), self._px(metadata, time.time()),
-                int(metadata["version"]))
+        args = self._store_args(value, metadata, time.time())
         return self._conditional("store_if_newer", self._store_if_newer_script, key, args)
+
+    def store_if_version(self, key: str, value: str, metadata: Metadata, expected: int) -> bool:
+        args = (*self._store_args(value, metadata, time.time()), int(expected))
+        return self._conditional("store_if_version", self._store_if_version_script, key, args)
 
     def delete_if_version(self, key: str, version: int) -> bool:
         return self._conditional("delete_if_version", self._delete_if_version_script, key,
                                  (int(version),))
 
+    def store_many_if_newer(self, items: Items) -> set[str]:
+        for key in items:
+            validate_key(key)
+        now = time.time()
+        rows = [(key, self._store_args(payload, md, now)) for key, (payload, md) in items.items()]
+        return self._conditional_many("store_many_if_newer", self._store_if_newer_script, rows)
+
+    def store_many_if_version(self, items: Items, expected: Mapping[str, int]) -> set[str]:
+        for key in items:
+            validate_key(key)
+        now = time.time()
+        rows = [(key, (*self._store_args(payload, md, now), int(expected[key])))
+                for key, (payload, md) in items.items()]
+        return self._conditional_many("store_many_if_version", self._store_if_version_script, rows)
+
     def delete_many_if_version(self, versions: Mapping[str, int]) -> set[str]:
-        items = [(validate_key(k), int(v)) for k, v in versions.items()]
+        rows = [(validate_key(k), (int(v),)) for k, v in versions.items()]
+        return self._conditional_many("delete_many_if_version", self._delete_if_version_script,
+                                      rows)
+
+    def _conditional_many(
+        self, action: str, script: Any, rows: list[tuple[str, tuple[Any, ...]]]
+    ) -> set[str]:
+        """Run a conditional script over ``(key, its ARGV)`` rows: CHUNK records
+        per call, PIPELINE_RECORDS records per round trip (one, for any batch the
+        manager sends). Returns the keys the script wrote or deleted.
+
+        :raises BatchError: some calls failed; ``.failed`` names their keys,
+            ``.succeeded`` the keys written or deleted (a refused key is in neither).
+        """
         vp, mp = self._value_prefix, self._meta_prefix
-        deleted: set[str] = set()
-        for n, chunk in enumerate(chunked(items, CHUNK)):
-            keys = [p + k.encode("utf-8") for k, _ in chunk for p in (vp, mp)]
+        done: set[str] = set()
+        failed: dict[str, BaseException] = {}
+        parts = list(chunked(rows, PIPELINE_RECORDS))
+        for n, part in enumerate(parts):
+            chunks = list(chunked(part, CHUNK))
+            calls: list[_Call] = []
+            for chunk in chunks:
+                keys: list[bytes] = []
+                args: list[Any] = []
+                for key, argv in chunk:
+                    raw = key.encode("utf-8")
+                    keys += (vp + raw, mp + raw)
+                    args += argv
+                calls.append((script, keys, args))
             try:
-                with self._errors("delete_many_if_version"):
-                    indexes = self._run(
-                        self._delete_batch_if_version_script, keys, [v for _, v in chunk]
-                    )
+                replies = self._send(action, calls)
             except BackendError as exc:
                 if not n:
-                    raise
-                failed = {k: exc for k, _ in items[n * CHUNK:]}
-                raise self._batch_failed("delete_many_if_version", failed, deleted) from exc
-            deleted.update(chunk[i - 1][0] for i in indexes)
-        return deleted
+                    raise  # the first round trip failed: say so as a single call would
+                for later in parts[n:]:
+                    failed.update((k, exc) for k, _ in later)
+                break
+            for chunk, reply in zip(chunks, replies):
+                if isinstance(reply, Exception):
+                    failed.update((k, reply) for k, _ in chunk)
+                else:
+                    done.update(chunk[i - 1][0] for i in reply)
+        if failed:
+            raise self._batch_failed(action, failed, done)
+        return done
 
     def clear(self) -> int:
         """Delete every record under this prefix (other prefixes are untouched)."""

@@ -22,8 +22,10 @@ Storage format
     ``compress_min_bytes`` long and compression makes it smaller. The metadata
     rides in ``x-amz-meta-*`` headers: ``checksum``, ``size-bytes``,
     ``version``, ``created-at``, ``updated-at``, ``expires-at`` (absent when
-    the record does not expire) and ``encoding`` (``json`` or ``json+zlib``:
-    what the *body* is).
+    the entry does not expire) and ``encoding`` (the entry's: ``json``,
+    ``stub`` or ``tombstone``, with ``+zlib`` appended when the body is
+    compressed). Values, stubs and tombstones are stored the same way,
+    verbatim; a tombstone is an empty body.
 
     ``<name>`` is the key with every character outside ``A-Za-z0-9-_.*'()``
     and printable non-ASCII percent-encoded (UTF-8, upper-case hex), plus a
@@ -36,20 +38,27 @@ Storage format
     base64url, in ``x-amz-meta-key``; listing such objects costs a HEAD each.
 
 Expiry
-    Listings carry no metadata, so a key written with a TTL also gets an
-    empty *marker* object ``!e<name>`` (written before the data). Listings
+    Listings carry no metadata, so an entry with an ``expires_at`` also gets
+    an empty *marker* object ``!e<name>`` (written before the data). Listings
     HEAD only marked keys to hide expired ones, and :meth:`scan` finds expiry
-    candidates from the markers alone. Expired objects stay until deleted
-    (they are tombstones the manager relies on). Objects with a TTL and their
-    markers carry the tag ``tiered-state-ttl=1`` for a lifecycle rule.
+    candidates from the markers alone. A tombstone (``expires_at`` 0.0) is
+    expired from birth and is marked like any other: the marker is what hides
+    it from ``keys()`` and what the sweep finds it by. Expired objects stay,
+    and ``fetch_record`` returns them, until deleted. Objects with an
+    ``expires_at`` and their markers carry the tag ``tiered-state-ttl=1`` for
+    a lifecycle rule. Entries without one (payload objects, for instance)
+    cost one object each and no HEAD when listed.
 
 Conditional writes
     ``store_if_version``, ``store_if_newer`` and ``delete_if_version`` read
     the object's ETag and write with ``If-Match`` / ``If-None-Match``, which
-    AWS S3, SeaweedFS, MinIO and moto honour: atomic across processes. With
-    ``conditional=off`` (or a server answering 501) they fall back to
-    read-compare-write under a process-local lock, atomic within this process
-    only.
+    AWS S3, SeaweedFS, MinIO and moto honour: atomic across processes. Their
+    batch forms run the same per-key operation concurrently on the thread
+    pool (S3 has no multi-object conditional write); a key refused by its
+    condition is left out of the result, a key that errored is reported in a
+    ``BatchError``. With ``conditional=off`` (or a server answering 501) they
+    fall back to read-compare-write under a process-local lock, atomic within
+    this process only.
 """
 
 from __future__ import annotations
@@ -77,7 +86,7 @@ from ..errors import (
     InvalidKeyError,
 )
 from ..keys import compile_pattern, is_literal, literal_prefix, validate_key, validate_pattern
-from ..record import Entry, Metadata
+from ..record import TOMBSTONE, Entry, Metadata, live_value
 from .base import Items, StateRepository, chunked
 
 __all__ = ["S3StateRepository"]
@@ -85,6 +94,8 @@ __all__ = ["S3StateRepository"]
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
+#: A conditional write's test, on the metadata of what is stored (None: nothing).
+_Condition = Callable[[Metadata | None], bool]
 
 #: S3's own limits: object keys and one DeleteObjects request.
 _MAX_OBJECT_KEY_BYTES = 1024
@@ -94,6 +105,10 @@ _CAS_ATTEMPTS = 8
 
 _HASHED = "!h"
 _MARKER = "!e"
+#: Sorts after every "!..." name (markers, hashed names) and before every
+#: encoded name (they start at "%"): a listing of the whole namespace that
+#: starts after it never pages through the markers.
+_AFTER_SPECIAL = '"'
 _TTL_TAG = "tiered-state-ttl=1"
 _ZLIB_SUFFIX = "+zlib"
 
@@ -395,8 +410,9 @@ class S3StateRepository(StateRepository):
     def _object(self, name: str) -> str:
         return self._base + name
 
-    def _list(self, name_prefix: str) -> Iterator[tuple[str, int]]:
-        """(name, size) of every object under ``base + name_prefix``, page by page."""
+    def _list(self, name_prefix: str, start_after: str = "") -> Iterator[tuple[str, int]]:
+        """(name, size) of every object under ``base + name_prefix``, page by
+        page (one page in memory at a time); names after ``start_after`` only."""
         full = self._base + name_prefix
         if len(full.encode("utf-8")) > _MAX_OBJECT_KEY_BYTES:
             return
@@ -406,6 +422,8 @@ class S3StateRepository(StateRepository):
             kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": full, "MaxKeys": 1000}
             if token:
                 kwargs["ContinuationToken"] = token
+            elif start_after:
+                kwargs["StartAfter"] = self._base + start_after
             with self._errors("listing"):
                 page = self._client.list_objects_v2(**kwargs)
             for obj in page.get("Contents", ()):
@@ -454,8 +472,6 @@ class S3StateRepository(StateRepository):
             metadata = {"checksum": "", "size_bytes": len(body), "version": 0,
                         "created_at": 0.0, "updated_at": 0.0, "expires_at": None,
                         "encoding": "json"}
-        elif encoding.endswith(_ZLIB_SUFFIX):
-            metadata["encoding"] = encoding[: -len(_ZLIB_SUFFIX)]
         return Entry(key, payload, metadata)
 
     def _put(self, key: str, name: str, payload: str, metadata: Metadata, **condition: str) -> None:
@@ -486,10 +502,12 @@ class S3StateRepository(StateRepository):
         if name.startswith(_HASHED):
             meta["key"] = base64.urlsafe_b64encode(key.encode("utf-8")).decode("ascii")
         if expires_at is not None:
+            # Tombstones too (expires_at 0.0): listings must hide them, and
+            # the expired-only scan finds them by their marker.
             meta["expires-at"] = repr(float(expires_at))
             kwargs["Tagging"] = _TTL_TAG
             if not name.startswith(_HASHED):
-                # Before the data, so a record with a TTL is never unmarked.
+                # Before the data, so an entry that expires is never unmarked.
                 self._put_object(
                     {"Bucket": self.bucket, "Key": self._object(_MARKER + name), "Body": b"",
                      "Tagging": _TTL_TAG, "Metadata": {"expires-at": meta["expires-at"]}},
@@ -569,12 +587,16 @@ class S3StateRepository(StateRepository):
         return results, failures
 
     def _raise_batch(
-        self, action: str, failures: Mapping[str, BaseException], succeeded: Iterable[str]
+        self, action: str, failures: Mapping[str, BaseException], succeeded: Iterable[str],
+        tried: int,
     ) -> None:
+        """Raise for a batch of ``tried`` keys of which ``failures`` failed."""
         succeeded = list(succeeded)
         errors = list(failures.values())
-        if not succeeded:
-            # Nothing worked for one reason: raise that reason, so the manager
+        # Counted from the failures, not from ``succeeded``: an absent key or a
+        # refused condition is neither a success nor a failure.
+        if len(failures) >= tried:
+            # Every key failed for one reason: raise that reason, so the manager
             # can tell an unreachable tier (or a missing bucket) from a partial failure.
             for kind in (ConfigurationError, BackendUnavailableError):
                 if all(isinstance(e, kind) for e in errors):
@@ -595,8 +617,11 @@ class S3StateRepository(StateRepository):
         results, failures = self._map(lambda k: self._get(k, self._name(k)), keys)
         found = {k: e for k, e in results.items() if e is not None}
         if failures:
-            self._raise_batch("fetch_many", failures, found)
+            self._raise_batch("fetch_many", failures, found, len(keys))
         return found
+
+    def fetch(self, key: str) -> Any | None:
+        return live_value(self.fetch_record(key))
 
     def store(self, key: str, value: str, metadata: Metadata) -> bool:
         validate_key(key)
@@ -618,7 +643,7 @@ class S3StateRepository(StateRepository):
         results, failures = self._map(put, list(items))
         log.debug("s3: store_many of %d keys, %d failed", len(items), len(failures))
         if failures:
-            self._raise_batch("store_many", failures, results)
+            self._raise_batch("store_many", failures, results, len(items))
         return set(results)
 
     def delete(self, key: str) -> bool:
@@ -662,7 +687,7 @@ class S3StateRepository(StateRepository):
                     done.append(key)
                     existed += heads.get(key) is not None
         if failed:
-            self._raise_batch("delete_many", failed, done)
+            self._raise_batch("delete_many", failed, done, len(unique))
         return existed
 
     def keys(self, pattern: str = "*") -> list[str]:
@@ -673,7 +698,9 @@ class S3StateRepository(StateRepository):
         self._ready()
         return self._iter_keys(pattern, live=True)
 
-    def _all_keys(self) -> Iterator[str]:
+    def iter_all_keys(self) -> Iterator[str]:
+        # Page by page (1000 names, or a pool's worth of HEADs for hashed
+        # names, at a time): memory stays bounded however large the namespace.
         self._ready()
         return self._iter_keys("*", live=False)
 
@@ -687,7 +714,7 @@ class S3StateRepository(StateRepository):
                 return
             head = self._head(self._name(key))
             if head is not None and head.metadata is not None and not (
-                live and _expired(head.metadata, now)
+                live and not _live(head.metadata, now)
             ):
                 yield key
             return
@@ -697,7 +724,7 @@ class S3StateRepository(StateRepository):
         marked = (
             {name[len(_MARKER):] for name, _ in self._list(_MARKER + prefix)} if live else set()
         )
-        for name, _ in self._list(prefix):
+        for name, _ in self._list(prefix, "" if prefix else _AFTER_SPECIAL):
             if name.startswith("!"):
                 continue
             found = decode_name(name)
@@ -705,7 +732,7 @@ class S3StateRepository(StateRepository):
                 continue
             if name in marked:
                 head = self._head(name)
-                if head is None or (head.metadata is not None and _expired(head.metadata, now)):
+                if head is None or (head.metadata is not None and not _live(head.metadata, now)):
                     continue
             yield found
         # Hashed (long) names cannot be narrowed by prefix; each costs a HEAD.
@@ -717,7 +744,7 @@ class S3StateRepository(StateRepository):
                 head = heads.get(name)
                 if head is None or head.key is None or head.metadata is None:
                     continue
-                if match(head.key) and not (live and _expired(head.metadata, now)):
+                if match(head.key) and not (live and not _live(head.metadata, now)):
                     yield head.key
 
     def scan(
@@ -778,7 +805,7 @@ class S3StateRepository(StateRepository):
         key: str,
         value: str,
         metadata: Metadata,
-        allowed: Callable[[Metadata | None], bool],
+        allowed: _Condition,
     ) -> bool:
         """PUT if ``allowed(current metadata)``, atomically via If-Match/If-None-Match."""
         name = self._name(key)
@@ -823,22 +850,46 @@ class S3StateRepository(StateRepository):
     def store_if_version(self, key: str, value: str, metadata: Metadata, expected: int) -> bool:
         validate_key(key)
         self._ready()
-
-        def allowed(current: Metadata | None) -> bool:
-            live = current is not None and not _expired(current, time.time())
-            return (current["version"] if live and current is not None else 0) == expected
-
+        allowed = _if_version(metadata["version"], expected)
         return self._retry_unconditional(self._conditional_put, key, value, metadata, allowed)
 
     def store_if_newer(self, key: str, value: str, metadata: Metadata) -> bool:
         validate_key(key)
         self._ready()
-        version = metadata["version"]
-
-        def allowed(current: Metadata | None) -> bool:
-            return current is None or current["version"] < version
-
+        allowed = _if_newer(metadata["version"])
         return self._retry_unconditional(self._conditional_put, key, value, metadata, allowed)
+
+    def store_many_if_newer(self, items: Items) -> set[str]:
+        conditions = {validate_key(k): _if_newer(m["version"]) for k, (_, m) in items.items()}
+        return self._conditional_many("store_many_if_newer", items, conditions)
+
+    def store_many_if_version(self, items: Items, expected: Mapping[str, int]) -> set[str]:
+        conditions = {
+            validate_key(k): _if_version(m["version"], expected[k]) for k, (_, m) in items.items()
+        }
+        return self._conditional_many("store_many_if_version", items, conditions)
+
+    def _conditional_many(
+        self, action: str, items: Items, conditions: Mapping[str, _Condition]
+    ) -> set[str]:
+        """The single-key conditional PUT for every item, concurrently on the pool."""
+        if not items:
+            return set()
+        self._ready()
+
+        def put(key: str) -> bool:
+            payload, metadata = items[key]
+            return self._retry_unconditional(
+                self._conditional_put, key, payload, metadata, conditions[key]
+            )
+
+        results, failures = self._map(put, list(items))
+        stored = {k for k, ok in results.items() if ok}
+        log.debug("s3: %s of %d keys, %d stored, %d failed",
+                  action, len(items), len(stored), len(failures))
+        if failures:
+            self._raise_batch(action, failures, stored, len(items))
+        return stored
 
     def _retry_unconditional(self, fn: Callable[..., bool], *args: Any) -> bool:
         """Call ``fn``; if it just found conditions unsupported, call it once more."""
@@ -894,7 +945,7 @@ class S3StateRepository(StateRepository):
         )
         deleted = {k for k, ok in results.items() if ok}
         if failures:
-            self._raise_batch("delete_many_if_version", failures, deleted)
+            self._raise_batch("delete_many_if_version", failures, deleted, len(versions))
         return deleted
 
     # ------------------------------------------------------------ lifecycle
@@ -951,9 +1002,11 @@ def _meta_key(meta: Mapping[str, str]) -> str | None:
 
 
 def _parse_metadata(meta: Mapping[str, str]) -> Metadata | None:
-    """Object metadata -> :class:`Metadata`; None if it is not ours."""
+    """Object metadata -> :class:`Metadata` (the entry's encoding, without the
+    body's ``+zlib``); None if it is not ours."""
     try:
         expires = meta.get("expires-at")
+        encoding = meta.get("encoding", "json")
         return {
             "checksum": meta["checksum"],
             "size_bytes": int(meta["size-bytes"]),
@@ -961,12 +1014,31 @@ def _parse_metadata(meta: Mapping[str, str]) -> Metadata | None:
             "created_at": float(meta["created-at"]),
             "updated_at": float(meta["updated-at"]),
             "expires_at": float(expires) if expires else None,
-            "encoding": meta.get("encoding", "json"),
+            "encoding": encoding.removesuffix(_ZLIB_SUFFIX),
         }
     except (KeyError, ValueError):
         return None
 
 
-def _expired(metadata: Metadata, now: float) -> bool:
+def _live(metadata: Metadata, now: float) -> bool:
+    """True for an unexpired value or stub (see "Entries" in the contract)."""
     expires_at = metadata["expires_at"]
-    return expires_at is not None and expires_at <= now
+    return metadata["encoding"] != TOMBSTONE and (expires_at is None or expires_at > now)
+
+
+def _if_newer(version: int) -> _Condition:
+    """store_if_newer's test: the stored version is below ``version``."""
+    return lambda current: current is None or current["version"] < version
+
+
+def _if_version(version: int, expected: int) -> _Condition:
+    """store_if_version's test: the live version is ``expected`` and the stored
+    one is at most ``version``."""
+
+    def condition(current: Metadata | None) -> bool:
+        if current is None:
+            return expected == 0
+        live = current["version"] if _live(current, time.time()) else 0
+        return live == expected and current["version"] <= version
+
+    return condition
