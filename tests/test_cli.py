@@ -294,15 +294,17 @@ def test_export_import_reproduces_keys_values_versions_ttls(seeded: Path, tmp_pa
     assert f"imported {len(before)} records" in result.stdout
     assert records(target) == before  # keys, values, versions, expiry, creation time
     assert records(target)["session:1"][2] == before["session:1"][2]  # the TTL keeps counting
-    # Into the catalog, COLD records too (restoring below it is unsafe, see _Restorer._aim);
-    # the sweep moves them down again.
-    assert catalog_kind(target, "flag") == "value"
-    # Importing again changes nothing: every record there is at least as new.
+    # Each record back in its tier: a COLD one as a stub in the catalog.
+    assert catalog_kind(target, "flag") == "stub"
+    # Importing again changes nothing: every record there is at least as new,
+    # and the COLD payloads the catalog points at are left as they are.
     again = cli("import", str(dump), path=target)
     assert again.returncode == 0, again.stderr
     assert again.stdout == (f"imported 0 records, kept {len(before)} newer copies, "
                             "skipped 0 expired, 0 invalid lines\n")
     assert records(target) == before
+    with tiered_state.open(target) as state:
+        assert state.get_record("flag").tier is Tier.COLD  # type: ignore[union-attr]
     with tiered_state.open(target) as state:  # the store goes on from the imported versions
         assert state.set("flag", False) > before["flag"][1]
     assert f"kept {len(before)} newer" in cli("import", str(dump), path=target).stdout

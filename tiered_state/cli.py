@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import dataclasses
 import hashlib
 import itertools
 import json
@@ -81,8 +80,6 @@ EXPORT_FIELDS = ("key", "value", "version", "checksum", "created_at", "updated_a
 _ORDER = (Tier.HOT, Tier.WARM, Tier.COLD)
 _ENV = {Tier.HOT: ENV_HOT, Tier.WARM: ENV_WARM, Tier.COLD: ENV_COLD}
 _DRIVERS = (("redis", "redis"), ("psycopg2", "postgres"), ("boto3", "s3"), ("statsd", "statsd"))
-#: What restore refuses a record for before it writes any of its batch.
-_BAD_RECORD = (InvalidKeyError, IntegrityError, SerializationError)
 
 
 class CommandError(Exception):
@@ -613,46 +610,6 @@ def _timestamp(data: dict[str, Any], name: str) -> float | None:
     return float(value)
 
 
-class _Restorer:
-    """Hands parsed lines to ``restore`` a chunk at a time, keeping bad ones out.
-
-    ``restore`` checks every record of a batch before it writes any of it,
-    so a batch it refuses for one bad record (an invalid or reserved key)
-    is written again line by line, and that line alone is counted invalid.
-    """
-
-    def __init__(self, state: StateManager, counts: ImportCounts) -> None:
-        self.state = state
-        self.counts = counts
-        self.catalog = state.catalog_tier
-
-    def _aim(self, record: Record) -> Record:
-        """The record as handed to ``restore``: aimed at the catalog tier, never below it.
-
-        Restoring a record below the catalog (COLD) whose version the store
-        already holds deletes the payload the store's entry points at, so an
-        import run twice would destroy every COLD record; and a COLD record
-        would be refused outright by a store without COLD. In the catalog it
-        is safe, and the sweep moves it down again once it is idle.
-        """
-        if _ORDER.index(record.tier) <= _ORDER.index(self.catalog):
-            return record
-        return dataclasses.replace(record, tier=self.catalog)
-
-    def restore(self, batch: list[tuple[int, Record]]) -> None:
-        """Restore numbered records, counting each outcome in ``counts``."""
-        try:
-            self.counts.add(self.state.restore([self._aim(r) for _, r in batch]))
-            return
-        except _BAD_RECORD:
-            pass  # nothing of the batch was written: find the bad line(s)
-        for number, record in batch:
-            try:
-                self.counts.add(self.state.restore([self._aim(record)]))
-            except _BAD_RECORD as exc:
-                self.counts.reject(number, exc)
-
-
 def import_records(state: StateManager, lines: Iterable[tuple[int, str]], counts: ImportCounts,
                    after_chunk: Callable[[], None] | None = None) -> None:
     """Restore the records of numbered export lines, keeping versions and TTLs.
@@ -660,21 +617,28 @@ def import_records(state: StateManager, lines: Iterable[tuple[int, str]], counts
     Each chunk of :data:`CHUNK` lines is one ``restore`` call: a record goes
     in only if the store holds no version of its key as new, through the
     store's one write path (so every process sees it at once); expired
-    records are skipped. Invalid lines are counted and logged, never stored.
-    Records go to the catalog tier (see :meth:`_Restorer._aim`).
+    records are skipped. Invalid lines -- unparsable here, or refused by
+    ``restore`` (an invalid or reserved key) -- are counted and logged,
+    never stored.
     """
-    restorer = _Restorer(state, counts)
     for chunk in _chunks(lines):
-        batch: list[tuple[int, Record]] = []
+        batch: list[Record] = []
+        numbers: dict[int, int] = {}
         for number, line in chunk:
             if not line.strip():
                 continue
             try:
-                batch.append((number, _parse_record(line)))
+                record = _parse_record(line)
             except (ValueError, TieredStateError) as exc:
                 counts.reject(number, exc)
+                continue
+            numbers[id(record)] = number
+            batch.append(record)
         if batch:
-            restorer.restore(batch)
+            def refused(record: Record, exc: Exception, numbers: dict[int, int] = numbers) -> None:
+                counts.reject(numbers[id(record)], exc)
+
+            counts.add(state.restore(batch, on_error=refused))
         if after_chunk is not None:
             after_chunk()
 
