@@ -15,6 +15,7 @@ the stop file appears, or after ``max_ops`` operations.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import random
@@ -29,7 +30,7 @@ from tiered_state.errors import ConflictError, IntegrityError, TieredStateError
 def _open(config: dict[str, Any]) -> tiered_state.StateManager:
     policy = tiered_state.TieringPolicy(
         cold_after=config.get("cold_after", 0.05), hot_ttl=config.get("hot_ttl", 30),
-        batch_size=config.get("batch_size", 50),
+        batch_size=config.get("batch_size", 50), purge_after=config.get("purge_after", 2.0),
     )
     return tiered_state.open(config["path"], hot=config["hot"], warm=config["warm"],
                              cold=config["cold"], policy=policy)
@@ -39,7 +40,7 @@ class Log:
     """Appends one JSON line per event; a line is flushed before the call it announces."""
 
     def __init__(self, path: str, process: int) -> None:
-        self.file = open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+        self.file = open(path, "a", encoding="utf-8", buffering=1)
         self.process = process
         self.next_id = 0
 
@@ -57,16 +58,16 @@ class Log:
         self.file.write(json.dumps(event, separators=(",", ":")) + "\n")
 
 
+_WRITES = itertools.count(1)
+
+
 def run_worker(config: dict[str, Any], state: tiered_state.StateManager, log: Log,
                rng: random.Random) -> None:
     keys = config["keys"]
     tiers = ["hot", "warm", "cold"]
-    counter = 0
 
     def value() -> str:
-        nonlocal counter
-        counter += 1
-        return f"w{log.process}-{counter}"
+        return f"w{log.process}-{next(_WRITES)}"  # unique across the run: reads name their write
 
     f = rng.choices(["read", "write", "cas", "delete", "read_many", "write_many", "delete_many"],
                     weights=[30, 20, 20, 8, 10, 8, 4])[0]
@@ -84,7 +85,7 @@ def run_worker(config: dict[str, Any], state: tiered_state.StateManager, log: Lo
         if record is None:
             log.done(op, "ok", values={key: None})
         else:
-            log.done(op, "ok", values={key: [record.value, record.version]})
+            log.done(op, "ok", values={key: [record.value, record.version]}, tier=record.tier.value)
     elif f == "write":
         key, v, tier = rng.choice(keys), value(), rng.choice(tiers)
         op = log.invoke("write", [key], values={key: v}, tier=tier)

@@ -244,7 +244,7 @@ def test_sweep_dry_run_then_sweep(store: Path) -> None:
         state.set("c", 1, tier="cold")
         state.set("c", 2, tier="cold")
     time.sleep(0.1)
-    dry = cli("sweep", "--dry-run", "--cold-after", "0.01", path=store)
+    dry = cli("sweep", "--dry-run", "--cold-after", "0.01", "--purge-after", "0", path=store)
     assert dry.returncode == 0, dry.stderr
     assert dry.stdout.startswith("dry run: ")
     assert "would move 5" in dry.stdout and "would purge 3" in dry.stdout
@@ -253,7 +253,7 @@ def test_sweep_dry_run_then_sweep(store: Path) -> None:
         warm = state.repositories[Tier.WARM]
         assert warm.fetch_record("old:0").kind == "value"  # type: ignore[union-attr]
         assert warm.fetch_record("gone:0") is not None
-    done = cli("sweep", "--cold-after", "0.01", path=store)
+    done = cli("sweep", "--cold-after", "0.01", "--purge-after", "0", path=store)
     assert done.returncode == 0, done.stderr
     assert "moved 5" in done.stdout and "purged 3" in done.stdout
     assert re.search(r"collected [1-9]\d* unreferenced payloads", done.stdout), done.stdout

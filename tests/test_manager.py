@@ -270,7 +270,7 @@ def test_write_to_lower_tier_removes_upper_copies(state: StateManager) -> None:
 
 
 def test_no_old_value_after_promotion_demotion_and_sweep(tmp_path: Path) -> None:
-    policy = TieringPolicy(cold_after=0.2)
+    policy = TieringPolicy(cold_after=0.2, purge_after=0)
     with tiered_state.open(tmp_path, policy=policy) as state:
         state.set("k", 1, tier="cold")
         assert state.promote("k", to="hot") is True
@@ -592,7 +592,7 @@ def test_keys_sorted_unique_across_tiers(state: StateManager) -> None:
 
 # ---------------------------------------------------------------- sweep
 def test_sweep_moves_idle_records_and_purges_expired(tmp_path: Path) -> None:
-    policy = TieringPolicy(cold_after=0.3, batch_size=7)
+    policy = TieringPolicy(cold_after=0.3, batch_size=7, purge_after=0)
     with tiered_state.open(tmp_path, policy=policy) as state:
         state.set_many({f"idle{i}": i for i in range(20)}, tier="warm")
         state.set("read", "r", tier="warm")
@@ -636,6 +636,26 @@ def test_sweep_never_deletes_a_newer_write(tmp_path: Path) -> None:
         report = state.sweep()
         assert report.moved == 0 and report.skipped == 1
         assert state.get("k") == "new"
+
+
+def test_dead_entries_stay_for_purge_after(tmp_path: Path) -> None:
+    """A tombstone orders every later write of its key after the delete, even a
+    write that was under way before it; so it stays purge_after seconds."""
+    policy = TieringPolicy(purge_after=0.5)
+    with tiered_state.open(tmp_path, policy=policy) as state:
+        state.set("k", 1)
+        deleted = state.delete("k")
+        state.set("t", 1, ttl=0.01)
+        time.sleep(0.05)
+        assert deleted and state.sweep().purged == 0
+        warm = state.repositories[WARM]
+        tomb = warm.fetch_record("k")
+        assert tomb is not None and tomb.kind == "tombstone"
+        assert state.set("k", 2) > tomb.version  # a later write goes past it
+        state.delete("k")
+        time.sleep(0.55)
+        assert state.sweep().purged == 2  # the tombstone and the expired record
+        assert warm.fetch_record("k") is None and warm.fetch_record("t") is None
 
 
 # ---------------------------------------------------------------- stats, metrics, cache
@@ -746,7 +766,7 @@ def test_partial_partition_staleness_is_bounded(tmp_path: Path) -> None:
 
 
 def test_sweep_dry_run_changes_nothing(tmp_path: Path) -> None:
-    with tiered_state.open(tmp_path, policy=TieringPolicy(cold_after=0.2)) as state:
+    with tiered_state.open(tmp_path, policy=TieringPolicy(cold_after=0.2, purge_after=0)) as state:
         state.set_many({f"k{i}": i for i in range(5)}, tier="warm")
         state.set("exp", 1, tier="warm", ttl=0.1)
         time.sleep(0.3)

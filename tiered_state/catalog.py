@@ -131,13 +131,18 @@ class Catalog:
         return tier is self.tier or self.payload_tier is None or tier is not self.payload_tier
 
     # ------------------------------------------------------------ reads
-    def resolve(self, entries: Mapping[str, Entry], now: float) -> tuple[dict[str, Resolved], list[str]]:
+    def resolve(self, entries: Mapping[str, Entry], now: float, *, _again: int = 3
+                ) -> tuple[dict[str, Resolved], list[str]]:
         """The values of live catalog entries: values as they are, stubs with
         their payloads read and checked against the stub.
 
         A value whose payload fails its checksum is replaced by a valid copy
         of the same version below the catalog if there is one (and the
         catalog row repaired); otherwise the key is reported corrupt.
+
+        A stub whose payload is missing or wrong is read again: a writer (or
+        the sweep) that replaced the entry since it was read may have dropped
+        that payload, and then the key is resolved from its new entry.
 
         :returns: ``(key -> Resolved, corrupt keys)``; dead entries (absent,
             expired, tombstones) are in neither.
@@ -160,14 +165,26 @@ class Catalog:
             names = {key: self.located_name(e) or "" for key, e in stubs.items()}
             names.update((key, payload_name(key, e.version)) for key, e in damaged.items())
             payloads = self._fetch_payloads(names)
+            missing: list[str] = []
             for key, stub in stubs.items():
                 value = self._matching(stub, payloads.get(key))
                 if value is None:
+                    missing.append(key)
+                else:
+                    found[key] = Resolved(value, self.payload_tier or self.tier)
+            if missing:
+                now_entries = self.repo.fetch_many(missing) if _again else {}
+                moved = {k: e for k, e in now_entries.items() if e.version != stubs[k].version}
+                for key in missing:
+                    if key in moved or (_again and key not in now_entries):
+                        continue  # replaced or deleted since it was read: not corrupt
                     log.error("the payload of key %r (%s) is missing or fails its checksum",
                               key, names[key])
                     corrupt.append(key)
-                else:
-                    found[key] = Resolved(value, self.payload_tier or self.tier)
+                if moved:
+                    more, still = self.resolve(moved, now, _again=_again - 1)
+                    found.update(more)
+                    corrupt.extend(still)
             for key, bad in damaged.items():
                 copy = self._matching(bad, payloads.get(key))
                 if copy is None:

@@ -291,7 +291,11 @@ def _cell(value: Any) -> str:
 
 
 def _policy(args: argparse.Namespace) -> TieringPolicy:
-    return TieringPolicy(cold_after=args.cold_after)
+    return TieringPolicy(cold_after=args.cold_after, purge_after=args.purge_after)
+
+
+def _seconds_or_zero(text: str) -> float:
+    return 0.0 if text.strip() in ("0", "0.0") else _positive(text)
 
 
 def _seconds_or_none(text: str) -> float | None:
@@ -703,7 +707,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         warm = f"sqlite:///{root / 'warm.db'}"
         cold = (root / "cold").as_uri() + "?fsync=false"
         # cold_after=1s, so the sweep at the end has idle records to move.
-        policy = TieringPolicy(cold_after=1.0)
+        policy = TieringPolicy(cold_after=1.0, purge_after=0)
         say = emit
         say(f"A tour of tiered-state on a temporary store in {tmp}")
         with open_store(root, hot="memory://", warm=warm, cold=cold, policy=policy) as state:
@@ -832,6 +836,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cold-after", type=_seconds_or_none, default=TieringPolicy.cold_after,
                    metavar="SECONDS", help="idle time before warm -> cold ('none': never; "
                                            "default 7 days, as TieringPolicy)")
+    p.add_argument("--purge-after", type=_seconds_or_zero, default=TieringPolicy.purge_after,
+                   metavar="SECONDS", help="how long deletes' tombstones and expired records "
+                                           "stay before they are purged (default 300, as "
+                                           "TieringPolicy; 0: at once)")
     p = command("promote", cmd_promote, "copy KEY up into a tier (the lower copy stays)")
     p.add_argument("key", metavar="KEY")
     p.add_argument("--to", choices=["hot", "warm"], default="hot")

@@ -197,6 +197,9 @@ class StateManager:
         if Tier.HOT in repos and catalog_tier is not Tier.HOT:
             self._hot = hot_guard(repos[Tier.HOT], catalog, self.policy.hot_ttl, self._count)
         self._clock = VersionClock()
+        #: How long a write's versions stay good: a tombstone outlives them.
+        purge_after = self.policy.purge_after
+        self._fresh_for = min(60.0, purge_after / 2) if purge_after > 0 else float("inf")
         self._cache = CacheStore(cache) if cache is not None else None
         self._access = AccessTracker(catalog.repo, enabled=self.policy.cold_after is not None)
         self._sweeper = Sweeper(catalog, self.policy, self._count, metrics)
@@ -371,7 +374,7 @@ class StateManager:
                     break
                 if attempt > 3:
                     time.sleep(random.uniform(0.0, min(0.05, 0.0002 * 2 ** attempt)))
-            now = time.time()
+            now, started = time.time(), time.monotonic()
             entries: dict[str, tuple[str, Metadata]] = {}
             payloads: dict[str, tuple[str, Metadata]] = {}
             for it in pending:
@@ -395,13 +398,16 @@ class StateManager:
             if hot is not None:
                 hot.before_write({it.key: it.version for it in pending})
             try:
-                started = time.monotonic()
                 if payloads:
                     errors.update(catalog.store_payloads(payloads))
                     if time.monotonic() - started > GARBAGE_GRACE / 2:
                         raise _TooSlow  # the sweep may count these payloads as garbage already
                 if hot is not None:
                     hot.refresh_if_old({it.key: it.version for it in pending})
+                if time.monotonic() - started > self._fresh_for:
+                    # The key may have been deleted and its tombstone purged
+                    # since these versions were made: they could go backwards.
+                    raise _TooSlow
                 done, more = self._conditional([it for it in pending if it.key not in errors],
                                                entries)
                 errors.update(more)

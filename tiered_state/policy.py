@@ -36,6 +36,12 @@ class TieringPolicy:
     :param hot_max_items: cap on the embedded memory tier's item count.
     :param hot_max_bytes: cap on the embedded memory tier's payload bytes.
     :param batch_size: records a sweep handles per batch (bounds its memory).
+    :param purge_after: seconds a dead entry -- a delete's tombstone, an
+        expired record -- stays in the catalog before a sweep purges it. While
+        it stays it orders later writes of its key after it, so a write that
+        was already under way when the key was deleted cannot land with an
+        older version; writes that take longer than half of this start over
+        with a new version. 0 purges at once (and gives that up).
     """
 
     hot_ttl: float | None = 3600
@@ -44,10 +50,15 @@ class TieringPolicy:
     hot_max_items: int | None = None
     hot_max_bytes: int | None = None
     batch_size: int = 500
+    purge_after: float = 300.0
 
     def __post_init__(self) -> None:
         _check_seconds("hot_ttl", self.hot_ttl)
         _check_seconds("cold_after", self.cold_after)
+        if (isinstance(self.purge_after, bool) or not isinstance(self.purge_after, (int, float))
+                or not self.purge_after >= 0):
+            raise ConfigurationError(
+                f"purge_after must be a number of seconds >= 0, not {self.purge_after!r}")
         if self.promote_to is not None:
             tier = Tier.parse(self.promote_to)
             if tier is Tier.COLD:

@@ -6,9 +6,9 @@ conditional write that loses any race:
 * **collect** (first) -- payloads below the catalog that no entry can
   reference any more (:meth:`tiered_state.catalog.Catalog.is_garbage`) are
   deleted;
-* **purge** -- catalog entries that are dead (expired records, tombstones of
-  deletes) are deleted if they still hold the version the sweep saw, and the
-  payloads their stubs pointed at go with them;
+* **purge** -- catalog entries dead for ``policy.purge_after`` (expired
+  records, tombstones of deletes) are deleted if they still hold the version
+  the sweep saw, and the payloads their stubs pointed at go with them;
 * **move** -- WARM values idle for ``cold_after`` go COLD: copy the payload
   below the catalog, read it back and check it, then turn the entry into a
   stub *of the same version* (the migration commit); a write that came in
@@ -27,7 +27,7 @@ from .catalog import RESERVED_PREFIX, Catalog, parse_payload_name
 from .errors import BackendError, BatchError
 from .metrics import MetricsCollector
 from .policy import TieringPolicy
-from .record import STUB, Entry
+from .record import STUB, TOMBSTONE, Entry
 from .repositories.base import chunked
 
 __all__ = ["GARBAGE_GRACE", "SweepReport", "Sweeper"]
@@ -112,7 +112,7 @@ class Sweeper:
         for batch in catalog.repo.scan(self.policy.batch_size, now=now, idle_before=idle_before):
             batch = [e for e in batch if not e.key.startswith(RESERVED_PREFIX)]
             report.scanned += len(batch)
-            dead = [e for e in batch if e.expired(now)]
+            dead = [e for e in batch if e.expired(now) and self._purgeable(e, now)]
             idle = [e for e in batch if not e.expired(now) and e.kind == "value"]
             if dry_run:
                 report.purged += len(dead)
@@ -129,6 +129,13 @@ class Sweeper:
         return report
 
     # ------------------------------------------------------------ purge
+    def _purgeable(self, entry: Entry, now: float) -> bool:
+        """Dead for ``policy.purge_after`` seconds: since the delete for a
+        tombstone, since ``expires_at`` for an expired record."""
+        md = entry.metadata
+        since = md["updated_at"] if md["encoding"] == TOMBSTONE else md["expires_at"]
+        return since is not None and now - since >= self.policy.purge_after
+
     def purge(self, dead: list[Entry], report: SweepReport) -> None:
         """Delete dead entries that still hold the version seen, then their payloads."""
         versions = {e.key: e.version for e in dead}
