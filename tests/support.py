@@ -101,10 +101,16 @@ class TCPProxy:
 
     def _pump(self, a: socket.socket, b: socket.socket) -> None:
         socks = [a, b]
+        # poll, not select: select fails on descriptors above 1024, which a
+        # long test run reaches.
+        poller = select.poll()
+        by_fd = {sock.fileno(): sock for sock in socks}
+        for fd in by_fd:
+            poller.register(fd, select.POLLIN)
         try:
             while not self._stop.is_set() and self._mode == "forward":
-                readable, _, _ = select.select(socks, [], [], 0.1)
-                for sock in readable:
+                for fd, _ in poller.poll(100):
+                    sock = by_fd[fd]
                     data = sock.recv(65536)
                     if not data:
                         return

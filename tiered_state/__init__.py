@@ -27,7 +27,7 @@ from .upgrade import UpgradeReport, upgrade
 
 logging.getLogger("tiered_state").addHandler(logging.NullHandler())
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = [
     "BackendError",

@@ -139,11 +139,13 @@ class _ShmHeader:
     then (after a memory barrier) the first, so copies that differ mean a
     commit was being published while we read (see :func:`_settled`).
 
-    Only one file descriptor per process and file is ever opened and it is
-    never closed: closing any descriptor of a file drops *every* POSIX lock
+    Only one file descriptor per process and file is opened, and it is closed
+    only when the last repository of this process using it has closed its
+    connections: closing any descriptor of a file drops *every* POSIX lock
     the process holds on it, including SQLite's own locks on the ``-shm``
     file, which would let another process re-initialise the WAL index under
-    our readers. The header is read through an ``mmap`` (0.1 µs) in the
+    our readers. (Without the count, a process opening many stores -- a test
+    suite -- would run out of descriptors.) The header is read through an ``mmap`` (0.1 µs) in the
     process that opened it; a forked child reads it with ``pread`` instead,
     because there SQLite's inherited shm state holds no lock on the file and
     another process may truncate it (an mmap read past the end is SIGBUS).
@@ -152,9 +154,12 @@ class _ShmHeader:
     _registry: dict[str, _ShmHeader] = {}
     _registry_lock = threading.Lock()
 
-    def __init__(self, fd: int, ino: int) -> None:
+    def __init__(self, fd: int, ino: int, path: str) -> None:
         self.fd = fd
         self.ino = ino
+        self.path = path
+        #: Repositories of this process that hold it (see release()).
+        self.users = 0
         # The fork generation, not os.getpid(): a syscall on every read.
         self.generation = _fork_generation
         self.map: mmap.mmap | None = mmap.mmap(fd, 96, access=mmap.ACCESS_READ)
@@ -177,15 +182,44 @@ class _ShmHeader:
             except OSError:
                 return None
             try:
-                header = cls(fd, os.fstat(fd).st_ino)
+                header = cls(fd, os.fstat(fd).st_ino, path)
             except (OSError, ValueError):
                 return None  # fd deliberately left open (see the class docstring)
             cls._registry[path] = header
             return header
 
+    def acquire(self) -> None:
+        with _ShmHeader._registry_lock:
+            self.users += 1
+
+    def release(self) -> None:
+        """One repository is done with it; the last one closes the descriptor.
+
+        Called after that repository closed its connections, so the locks a
+        close would drop are held by no connection of a repository using it.
+        """
+        with _ShmHeader._registry_lock:
+            self.users -= 1
+            if self.users > 0:
+                return
+            if _ShmHeader._registry.get(self.path) is self:
+                del _ShmHeader._registry[self.path]
+            mapped, self.map = self.map, None
+            fd, self.fd = self.fd, -1
+        if mapped is not None and self.generation == _fork_generation:
+            with contextlib.suppress(ValueError, OSError):
+                mapped.close()
+        if fd >= 0:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
     def read(self) -> bytes | None:
-        if self.map is not None and self.generation == _fork_generation:
-            return self.map[:96]
+        mapped = self.map
+        if mapped is not None and self.generation == _fork_generation:
+            try:
+                return mapped[:96]
+            except ValueError:  # closed by another thread's release
+                return None
         try:
             data = os.pread(self.fd, 96, 0)
         except OSError:
@@ -277,6 +311,8 @@ class SQLiteStateRepository(StateRepository):
         # the header still equals it missed no commit (see _open). Inherited
         # by a forked child, which needs the parent's answer.
         self._clean: tuple[_ShmHeader, bytes] | None = None
+        #: The WAL-index headers this repository's connections use (released at close).
+        self._shm_held: set[_ShmHeader] = set()
         t = self._t
         self._sql_fetch = f"SELECT {_COLUMNS} FROM {t} WHERE key = ?"
         self._sql_fetch_live = (
@@ -355,7 +391,7 @@ class SQLiteStateRepository(StateRepository):
             )
             try:
                 conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-                mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+                mode = self._wal(conn)
                 conn.execute(f"PRAGMA synchronous = {self.synchronous}")
                 # LIKE must be case sensitive: keys are. (It also lets a
                 # prefix pattern use the primary key index.)
@@ -379,6 +415,11 @@ class SQLiteStateRepository(StateRepository):
         # The shm fast path is only sound in WAL mode (rollback mode has no
         # -shm file, so its bytes would never change).
         shm = local.shm = _ShmHeader.open(self.path) if str(mode).lower() == "wal" else None
+        if shm is not None:
+            with self._conns_lock:
+                if shm not in self._shm_held:
+                    self._shm_held.add(shm)
+                    shm.acquire()
         # A new connection's data_version baseline is "now", so on its own it
         # would hide every commit made between the last time this process's
         # HOT copies were validated and this moment (a new thread, a forked
@@ -402,6 +443,27 @@ class SQLiteStateRepository(StateRepository):
                 stale.close()
         log.debug("sqlite: opened connection to %s", self.path)
         return conn
+
+    def _wal(self, conn: sqlite3.Connection) -> str:
+        """Put the file in WAL mode (once per file; later connections find it so).
+
+        Switching needs an exclusive lock and SQLite answers SQLITE_BUSY at
+        once, without its busy handler, when another process is opening the
+        new file at the same moment: retry for up to ``busy_timeout``.
+        """
+        mode = str(conn.execute("PRAGMA journal_mode").fetchone()[0])
+        deadline = time.monotonic() + self.busy_timeout
+        while mode.lower() != "wal":
+            try:
+                mode = str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+            except sqlite3.OperationalError as exc:
+                if getattr(exc, "sqlite_errorcode", 5) & 0xFF != 5 or time.monotonic() > deadline:
+                    raise
+                time.sleep(0.01)
+            else:
+                if mode.lower() != "wal":  # e.g. a read-only file: stay in its mode
+                    break
+        return mode
 
     def _create_file(self) -> None:
         folder = os.path.dirname(self.path)
@@ -849,10 +911,14 @@ class SQLiteStateRepository(StateRepository):
         self._drop_inherited()
         with self._conns_lock:
             conns, self._conns = self._conns, []
+            held, self._shm_held = self._shm_held, set()
+            self._clean = None
             self._epoch += 1
         for _, _, conn in conns:
             with contextlib.suppress(sqlite3.Error):
                 conn.close()
+        for header in held:
+            header.release()
 
     def __repr__(self) -> str:
         return f"<SQLiteStateRepository {str(Path(self.path))!r} table={self.table} tier={self.tier}>"
