@@ -13,7 +13,7 @@ import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -26,12 +26,16 @@ def measure(
     ops: int = 1,
     rounds: int = 7,
     setup: Callable[[], object] | None = None,
+    before: Mapping[str, Callable[[], object]] | None = None,
 ) -> dict[str, dict[str, float]]:
     """Time each case ``rounds`` times, alternating cases within every round.
 
     :param cases: name -> callable doing ``ops`` operations per call.
     :param ops: operations per call (to report per-operation cost and rate).
     :param setup: run before every timed call (not timed).
+    :param before: name -> run before every timed call of that case only (not
+        timed), for cases that need fresh state each round (a store to sweep,
+        an empty store to restore into).
     :returns: name -> {"median_s", "best_s", "per_op_us", "ops_per_s"}.
     """
     samples: dict[str, list[float]] = {name: [] for name in cases}
@@ -39,6 +43,8 @@ def measure(
         for name, fn in cases.items():
             if setup is not None:
                 setup()
+            if before is not None and name in before:
+                before[name]()
             start = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - start)

@@ -28,9 +28,9 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from . import codec
-from .errors import BackendError, BatchError, SerializationError
-from .keys import MAX_KEY_BYTES
-from .record import STUB, Entry, Metadata, Tier, is_value, make_stub
+from .errors import BackendError, BatchError, InvalidKeyError, SerializationError
+from .keys import MAX_KEY_BYTES, validate_key
+from .record import STUB, Entry, Metadata, Record, Tier, is_value, make_stub
 from .repositories.base import Items, StateRepository
 
 __all__ = [
@@ -40,6 +40,7 @@ __all__ = [
     "is_payload_name",
     "parse_payload_name",
     "payload_name",
+    "user_key",
 ]
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,18 @@ def is_payload_name(name: str, version: int) -> bool:
             and _HEX.issuperset(name[1:65]) and name[66:] == f"{version:016x}")
 
 
+def user_key(key: object) -> str:
+    """``key`` if it may be used by an application: valid, and not reserved.
+
+    :raises InvalidKeyError: invalid (see :func:`tiered_state.keys.validate_key`),
+        or starting with :data:`RESERVED_PREFIX`.
+    """
+    key = validate_key(key)
+    if key[:1] == "_" and key.startswith(RESERVED_PREFIX):
+        raise InvalidKeyError(f"keys starting with {RESERVED_PREFIX!r} are reserved")
+    return key
+
+
 @dataclass(frozen=True, slots=True)
 class Resolved:
     """A key's current value as a read sees it: the entry (payload = the value's
@@ -88,6 +101,21 @@ class Resolved:
 
     entry: Entry
     tier: Tier
+
+    def record(self) -> Record:
+        """The :class:`~tiered_state.record.Record` a caller gets (the value decoded)."""
+        md = self.entry.metadata
+        return Record(
+            key=self.entry.key,
+            value=codec.decode(self.entry.payload),
+            version=md["version"],
+            checksum=md["checksum"],
+            size_bytes=md["size_bytes"],
+            created_at=md["created_at"],
+            updated_at=md["updated_at"],
+            expires_at=md["expires_at"],
+            tier=self.tier,
+        )
 
 
 class Catalog:

@@ -38,7 +38,7 @@ from typing import Any
 from . import codec
 from .access import AccessTracker
 from .cache import CacheStore, LocalCache
-from .catalog import RESERVED_PREFIX, Catalog, Resolved
+from .catalog import RESERVED_PREFIX, Catalog, Resolved, user_key
 from .errors import (
     BackendError,
     BackendUnavailableError,
@@ -50,7 +50,7 @@ from .errors import (
     SerializationError,
 )
 from .hot import HOT_DIRTY, HotGuard, SharedHot, hot_guard
-from .keys import validate_key, validate_keys, validate_pattern
+from .keys import validate_keys, validate_pattern
 from .metrics import InstrumentedRepository, MetricsCollector, as_collector
 from .policy import TieringPolicy
 from .record import Entry, Metadata, Record, Tier, VersionClock, make_metadata, make_tombstone
@@ -80,29 +80,6 @@ def _check_ttl(ttl: float | None) -> float | None:
     if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0:
         raise ConfigurationError(f"ttl must be a positive number of seconds or None, not {ttl!r}")
     return float(ttl)
-
-
-def _user_key(key: object) -> str:
-    key = validate_key(key)
-    if key[:1] == "_" and key.startswith(RESERVED_PREFIX):
-        raise InvalidKeyError(f"keys starting with {RESERVED_PREFIX!r} are reserved")
-    return key
-
-
-def _to_record(found: Resolved) -> Record:
-    entry = found.entry
-    md = entry.metadata
-    return Record(
-        key=entry.key,
-        value=codec.decode(entry.payload),
-        version=md["version"],
-        checksum=md["checksum"],
-        size_bytes=md["size_bytes"],
-        created_at=md["created_at"],
-        updated_at=md["updated_at"],
-        expires_at=md["expires_at"],
-        tier=found.tier,
-    )
 
 
 class _TooSlow(Exception):
@@ -534,7 +511,7 @@ class StateManager:
         :raises IntegrityError: no copy passes its checksum.
         :raises BackendUnavailableError: the catalog is down (and HOT had no copy).
         """
-        key = _user_key(key)
+        key = user_key(key)
         found = self._resolve([key], True).get(key)
         if found is None:
             return default
@@ -543,16 +520,16 @@ class StateManager:
 
     def get_record(self, key: str) -> Record | None:
         """The value with its metadata and the tier it came from, or None."""
-        key = _user_key(key)
+        key = user_key(key)
         found = self._resolve([key], True).get(key)
         if found is None:
             return None
         self._access.note(key)
-        return _to_record(found)
+        return found.record()
 
     def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
         """Values of the keys found (missing keys omitted), one bulk read per tier."""
-        wanted = list(dict.fromkeys(_user_key(k) for k in validate_keys(keys)))
+        wanted = list(dict.fromkeys(user_key(k) for k in validate_keys(keys)))
         if not wanted:
             return {}
         found = self._resolve(wanted, True)
@@ -597,7 +574,7 @@ class StateManager:
                 on_error(key, error)
             for key in chunk:
                 if key in found:
-                    yield _to_record(found[key])
+                    yield found[key].record()
 
     # ------------------------------------------------------------ writes
     def set(
@@ -623,7 +600,7 @@ class StateManager:
         :raises ConflictError: ``if_version`` did not match.
         :raises BackendUnavailableError: the catalog is down (nothing stored).
         """
-        key = _user_key(key)
+        key = user_key(key)
         ttl = _check_ttl(ttl)
         if if_version is not None and (
             isinstance(if_version, bool) or not isinstance(if_version, int) or if_version < 0
@@ -654,7 +631,7 @@ class StateManager:
             raise ConfigurationError("set_many takes a mapping of key -> value")
         ttl = _check_ttl(ttl)
         target = self._target(tier)
-        intents = [_Intent(_user_key(k), codec.encode(v)) for k, v in items.items()]
+        intents = [_Intent(user_key(k), codec.encode(v)) for k, v in items.items()]
         if not intents:
             return {}
         try:
@@ -670,12 +647,12 @@ class StateManager:
 
     def delete(self, key: str) -> bool:
         """Delete ``key``. True if this call deleted it (it existed and no one else deleted it first)."""
-        key = _user_key(key)
+        key = user_key(key)
         return key in self._delete([key])
 
     def delete_many(self, keys: Iterable[str]) -> int:
         """Delete many keys with one conditional bulk write; how many this call deleted."""
-        wanted = list(dict.fromkeys(_user_key(k) for k in validate_keys(keys)))
+        wanted = list(dict.fromkeys(user_key(k) for k in validate_keys(keys)))
         return len(self._delete(wanted)) if wanted else 0
 
     def _delete(self, keys: list[str]) -> KeySet:
@@ -725,7 +702,7 @@ class StateManager:
             by_tier: dict[Tier, list[_Intent]] = {}
             for record in chunk:
                 try:
-                    key = _user_key(record.key)
+                    key = user_key(record.key)
                     payload = codec.encode(record.value)
                     md = make_metadata(payload, int(record.version), now=record.updated_at,
                                        created_at=record.created_at)
@@ -758,7 +735,7 @@ class StateManager:
         :returns: True if ``to`` now holds the current version, False if the
             key is absent (or a write replaced it meanwhile).
         """
-        key = _user_key(key)
+        key = user_key(key)
         target = Tier.parse(to)
         if target not in self._repos:
             raise ConfigurationError(f"tier {target.value!r} is not configured")
@@ -796,7 +773,7 @@ class StateManager:
         :returns: True if moved (or already only at or below ``to``), False if
             absent or a newer write came in meanwhile.
         """
-        key = _user_key(key)
+        key = user_key(key)
         target = Tier.parse(to)
         repo = self._repos.get(target)
         if repo is None:
