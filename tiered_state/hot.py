@@ -31,6 +31,7 @@ import logging
 import os
 import threading
 import time
+import weakref
 from collections.abc import Callable, Mapping
 
 from . import codec
@@ -158,8 +159,7 @@ class PrivateHot(HotGuard):
         self._changed = catalog.repo.changed_by_others
         # The baseline: the tier is empty now, so nothing it holds can be stale.
         self._changed()
-        if hasattr(os, "register_at_fork"):
-            os.register_at_fork(after_in_child=self._after_fork)
+        _PRIVATE.add(self)
 
     def _after_fork(self) -> None:
         # A thread of the parent may have held the lock, or been mid-write.
@@ -414,6 +414,20 @@ class SharedHot(HotGuard):
         if self._down_until is not None and not self.usable():
             return
         self._guarded(lambda: self.repo.delete_many_if_version(versions))
+
+
+#: Every PrivateHot of this process, for the fork hook (weakly: a guard goes
+#: with its manager; os.register_at_fork cannot unregister a callback).
+_PRIVATE: weakref.WeakSet[PrivateHot] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for guard in list(_PRIVATE):
+        guard._after_fork()
+
+
+if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
+    os.register_at_fork(after_in_child=_after_fork_in_child)
 
 
 def hot_guard(repo: StateRepository, catalog: Catalog, hot_ttl: float | None,
