@@ -22,6 +22,7 @@ from tiered_state.config import ENV_STATSD, open_repository
 from tiered_state.errors import BackendError, BackendUnavailableError, ConfigurationError
 from tiered_state.metrics import (
     InMemoryMetrics,
+    InstrumentedRepository,
     MetricsCollector,
     NullMetrics,
     StatsdMetrics,
@@ -29,7 +30,6 @@ from tiered_state.metrics import (
     metrics_from_env,
     parse_address,
 )
-from tiered_state.metrics import InstrumentedRepository
 from tiered_state.repositories.base import StateRepository
 from tiered_state.repositories.memory_repository import MemoryStateRepository
 
