@@ -200,6 +200,9 @@ def main() -> int:
         if time.monotonic() > deadline or (n % 20 == 0 and os.path.exists(stop)):
             break
         step(config, state, log, rng)
+    counters = state.stats()["manager"]
+    with open(os.path.join(config["logs"], f"{role}-{process}.stats"), "w") as f:
+        json.dump({k: counters[k] for k in ("hot_flushes", "tier_errors", "integrity_errors")}, f)
     state.close()
     return 0
 

@@ -198,9 +198,13 @@ def check(logs: Path, kills: int, label: str) -> None:
     assert bad == [], f"{label}: corrupt data was served or found: {bad[:5]}"
     assert len(ops) > 100, f"{label}: too few operations ran ({len(ops)}); see {logs}"
     report = check_history(ops, time_limit=max(120.0, SECONDS * 3))
+    totals: dict[str, int] = {}
+    for path in logs.glob("*.stats"):  # processes that stopped cleanly
+        for name, n in json.loads(path.read_text()).items():
+            totals[name] = totals.get(name, 0) + n
     summary = (f"{label}: {report.ops_checked} operations ({report.info_ops} indeterminate), "
                f"{kills} SIGKILLs, {report.keys_checked} key histories checked in "
-               f"{report.seconds:.1f}s")
+               f"{report.seconds:.1f}s; counters of the processes that stopped cleanly: {totals}")
     print(summary)
     if not report.ok:
         lines = [summary, "NOT LINEARIZABLE:"]

@@ -743,6 +743,27 @@ def test_hot_only_store_reports_an_outage() -> None:
         state.delete("k")
 
 
+def test_a_demote_never_reopens_the_door_to_a_stale_fill(tmp_path: Path) -> None:
+    """A reader that read the catalog before a write may try to copy what it
+    read into a shared HOT afterwards; the writer's placeholder or copy blocks
+    it. A demote that then removes the HOT copy must keep blocking it."""
+    with tiered_state.open(tmp_path) as base:
+        shared = _Failing(MemoryStateRepository())
+        shared.shared = True  # behaves like redis: shared, volatile  # type: ignore[misc]
+        reader = StateManager(shared, base.repositories[WARM])
+        writer = StateManager(shared, base.repositories[WARM])
+        writer.set("k", "old", tier="warm")
+        guard = reader._hot
+        assert guard is not None
+        token = guard.token()
+        stale = base.repositories[WARM].fetch_record("k")  # the reader's catalog read
+        assert stale is not None
+        writer.set("k", "new")  # placeholder, commit, copy in HOT
+        assert writer.demote("k", to="warm") is True  # no copy above WARM now
+        assert guard.fill({"k": stale}, token) == 0  # the late fill is refused...
+        assert reader.get("k") == "new" and writer.get("k") == "new"  # ...so nobody sees "old"
+
+
 def test_partial_partition_staleness_is_bounded(tmp_path: Path) -> None:
     """A process that cannot reach a shared HOT leaves a marker; one that can
     finds it within MARKER_CHECK_INTERVAL and flushes HOT."""

@@ -36,8 +36,8 @@ from collections.abc import Callable, Mapping
 
 from . import codec
 from .catalog import RESERVED_PREFIX, Catalog
-from .errors import BackendUnavailableError
-from .record import Entry, Metadata, make_metadata, make_stub
+from .errors import BackendUnavailableError, IntegrityError
+from .record import STUB, TOMBSTONE, Entry, Metadata, checksum, make_metadata, make_stub
 from .repositories.base import StateRepository
 
 __all__ = ["FILL_DEADLINE", "PLACEHOLDER_SECONDS", "HotGuard", "PrivateHot", "SharedHot", "hot_guard"]
@@ -101,6 +101,12 @@ class HotGuard:
     def lookup_many(self, keys: list[str]) -> dict[str, Entry]:
         raise NotImplementedError
 
+    def payload(self, key: str) -> str | None:
+        """The payload of a copy of ``key`` that may be served, or None: the
+        fast form of :meth:`lookup` for a plain ``get``."""
+        copy = self.lookup(key)
+        return None if copy is None else copy.payload
+
     def token(self) -> float:
         """Taken before a catalog read whose result may be filled into HOT."""
         raise NotImplementedError
@@ -113,8 +119,8 @@ class HotGuard:
         """Before the catalog write of ``key -> new version``."""
         raise NotImplementedError
 
-    def after_write(self, keys: list[str], copies: Mapping[str, Entry]) -> None:
-        """After the catalog write (or its failure) of ``keys``; ``copies`` go into HOT."""
+    def after_write(self, versions: Mapping[str, int], copies: Mapping[str, Entry]) -> None:
+        """After the catalog write (or its failure) of ``versions``; ``copies`` go into HOT."""
         raise NotImplementedError
 
     def drop(self, versions: Mapping[str, int]) -> None:
@@ -126,14 +132,19 @@ class HotGuard:
 
     def _usable_copy(self, entry: Entry | None) -> Entry | None:
         """``entry`` if it is a value that may be served; corrupt copies are dropped."""
-        if entry is None or not entry.live() or entry.kind != "value":
-            return None  # absent, expired, or a placeholder: ask the catalog
-        if entry.valid():
+        if entry is None:
+            return None
+        md = entry.metadata
+        encoding, expires_at = md["encoding"], md["expires_at"]
+        if encoding == STUB or encoding == TOMBSTONE or (
+                expires_at is not None and expires_at <= time.time()):
+            return None  # a placeholder, or expired: ask the catalog
+        if checksum(entry.payload) == md["checksum"]:
             return entry
         self._count("integrity_errors")
         log.error("checksum mismatch for a copy in tier hot (key %r); dropped", entry.key)
         try:
-            self.repo.delete_if_version(entry.key, entry.version)
+            self.drop({entry.key: entry.version})
         except BackendUnavailableError:
             pass
         return None
@@ -157,6 +168,8 @@ class PrivateHot(HotGuard):
         self._generation = 0
         self._in_flight = 0
         self._changed = catalog.repo.changed_by_others
+        #: The memory tier's payload-only read, when the backend has one.
+        self._fetch_payload: Callable[[str], str | None] | None = getattr(repo, "fetch_payload", None)
         # The baseline: the tier is empty now, so nothing it holds can be stale.
         self._changed()
         _PRIVATE.add(self)
@@ -169,14 +182,29 @@ class PrivateHot(HotGuard):
     def _check(self) -> None:
         """Flush every copy if another process (or connection) wrote the catalog."""
         if self._changed():
-            with self._lock:
-                self.repo.clear()
-                self._generation += 1
-            self._count("hot_flushes")
+            self._flush()
+
+    def _flush(self) -> None:
+        with self._lock:
+            self.repo.clear()
+            self._generation += 1
+        self._count("hot_flushes")
 
     def lookup(self, key: str) -> Entry | None:
         self._check()
         return self._usable_copy(self.repo.fetch_record(key))
+
+    def payload(self, key: str) -> str | None:
+        fetch_payload = self._fetch_payload
+        if fetch_payload is None:
+            return super().payload(key)
+        if self._changed():
+            self._flush()
+        try:
+            return fetch_payload(key)
+        except IntegrityError:
+            self._usable_copy(self.repo.fetch_record(key))  # drops it, counts it
+            return None
 
     def lookup_many(self, keys: list[str]) -> dict[str, Entry]:
         self._check()
@@ -210,15 +238,17 @@ class PrivateHot(HotGuard):
             else:
                 self.repo.delete_many(versions)
 
-    def after_write(self, keys: list[str], copies: Mapping[str, Entry]) -> None:
-        stored = self._copies(copies) if copies else {}
+    def after_write(self, versions: Mapping[str, int], copies: Mapping[str, Entry]) -> None:
+        stored = self._copies(copies) if copies else None
         with self._lock:
             self._in_flight -= 1
             self._generation += 1
+            if stored is None:
+                return
             if len(stored) == 1:
                 (key, (payload, md)), = stored.items()
                 self.repo.store_if_newer(key, payload, md)
-            elif stored:
+            else:
                 self.repo.store_many_if_newer(stored)
 
     def drop(self, versions: Mapping[str, int]) -> None:
@@ -366,7 +396,7 @@ class SharedHot(HotGuard):
         now = time.time()
         out = {}
         for key, version in versions.items():
-            # One below the write's own version: it blocks every older copy and
+            # One below the version given: it blocks every older copy and
             # yields to the write's own copy (and to any newer write).
             md = make_metadata("", version - 1, now=now)
             md["hot_until"] = now + PLACEHOLDER_SECONDS  # type: ignore[typeddict-unknown-key]
@@ -398,8 +428,8 @@ class SharedHot(HotGuard):
         if old:
             self.before_write(old)
 
-    def after_write(self, keys: list[str], copies: Mapping[str, Entry]) -> None:
-        for key in keys:
+    def after_write(self, versions: Mapping[str, int], copies: Mapping[str, Entry]) -> None:
+        for key in versions:
             self._placed.pop(key, None)
         if not copies or (self._down_until is not None and not self.usable()):
             return
@@ -411,9 +441,17 @@ class SharedHot(HotGuard):
             self._guarded(lambda: self.repo.store_many_if_newer(items))
 
     def drop(self, versions: Mapping[str, int]) -> None:
+        """Replace the copies of ``key -> version`` by placeholders one version above.
+
+        Never a delete: an empty slot would let a reader that read the
+        catalog before the last write fill its older copy; the placeholder
+        keeps blocking it (and any copy up to this version), and yields to
+        any newer write.
+        """
         if self._down_until is not None and not self.usable():
             return
-        self._guarded(lambda: self.repo.delete_many_if_version(versions))
+        items = self._placeholders({k: v + 2 for k, v in versions.items()})
+        self._guarded(lambda: self.repo.store_many_if_newer(items))
 
 
 #: Every PrivateHot of this process, for the fork hook (weakly: a guard goes

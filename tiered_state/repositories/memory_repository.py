@@ -175,7 +175,15 @@ class MemoryStateRepository(StateRepository):
             self._data.move_to_end(key)
         return Entry(key, item[0], item[1].copy())
 
-    def fetch(self, key: str) -> Any | None:
+    def fetch_payload(self, key: str) -> str | None:
+        """The verified payload of the live value ``key``; None if absent, expired or a stub.
+
+        What :meth:`fetch` returns before decoding, without an Entry or a
+        metadata copy: only the payload leaves the lock. The manager's guard
+        of a private HOT tier reads this way.
+
+        :raises IntegrityError: the payload fails its checksum.
+        """
         validate_key(key)
         with self._lock:
             item = self._data.get(key)
@@ -187,11 +195,14 @@ class MemoryStateRepository(StateRepository):
             self._data.move_to_end(key)
         if not item[4]:
             return None  # a stub: the value is elsewhere
-        # No Entry and no metadata copy: only the payload leaves the lock.
         payload = item[0]
         if checksum(payload) != item[1]["checksum"]:
             raise IntegrityError(f"memory: checksum mismatch for {key!r}", key)
-        return codec.decode(payload)
+        return payload
+
+    def fetch(self, key: str) -> Any | None:
+        payload = self.fetch_payload(key)
+        return None if payload is None else codec.decode(payload)
 
     def fetch_many(self, keys: Iterable[str]) -> dict[str, Entry]:
         keys = [validate_key(k) for k in keys]
