@@ -7,7 +7,10 @@ RSS (``VmHWM`` from ``/proc/self/status`` at exit). Not ``getrusage``: on
 Linux a child's ``ru_maxrss`` keeps the RSS its parent had at ``fork``, which
 would hide the export's own footprint behind the benchmark's. Next to it, in the same rounds, a raw child
 streams the same table with the stdlib (``sqlite3`` cursor + ``json``) into
-the same JSON Lines shape -- the floor for time and memory -- and a child
+the same JSON Lines shape, the same rows the export lists from the catalog
+(live values, in key order, not the store's reserved format record; the
+export also reads each value and checks its checksum, which the raw child
+does not) -- the floor for time and memory -- and a child
 that only starts the command (``--version``) gives the interpreter's own
 footprint.
 
@@ -42,11 +45,15 @@ runpy.run_module("tiered_state", run_name="__main__")
 """
 
 RAW = r"""
-import json, sqlite3, sys
+import json, sqlite3, sys, time
 conn = sqlite3.connect(sys.argv[1])
 out = open(sys.argv[2], "w", encoding="utf-8")
+# What the export lists from the catalog: live values (no stubs, tombstones,
+# expired rows), without the store's own reserved records.
 cur = conn.execute("SELECT key, payload, version, checksum, created_at, updated_at, expires_at"
-                   " FROM tiered_state")
+                   " FROM tiered_state WHERE encoding NOT IN ('stub', 'tombstone')"
+                   " AND (expires_at IS NULL OR expires_at > ?)"
+                   " AND substr(key, 1, 17) != '__tiered_state__:' ORDER BY key", (time.time(),))
 while True:
     rows = cur.fetchmany(500)
     if not rows:

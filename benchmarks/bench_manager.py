@@ -1,54 +1,66 @@
-"""StateManager overhead against its own backends, in the same run.
+"""StateManager overhead over its own backends, in the same run.
 
-Run: ``python -m benchmarks.bench_manager`` (about two minutes). Targets
-(issue 3), each a ratio of medians over alternating rounds:
+Run: ``python -m benchmarks.bench_manager`` (about a minute; the Redis +
+PostgreSQL rows need ``TIERED_STATE_TEST_{REDIS,POSTGRES}_URL``). Every case
+is a ratio of medians over alternating rounds, the manager's public call
+against the same manager's repositories (``state.repositories``) called
+directly:
 
-* a ``get`` served from HOT costs <= 1.5x the HOT backend's own ``fetch``
-  (memory; and Redis when ``TIERED_STATE_TEST_REDIS_URL`` is set);
-* a write-through ``set`` costs <= 1.2x the sum of the two backends' stores
-  (memory + SQLite; Redis + PostgreSQL when both URLs are set). The raw case
-  encodes the value and builds its metadata once, then stores it in both --
-  what a hand-written write-through does;
-* ``sweep`` moves records WARM -> COLD at >= 0.5x the COLD backend's own
-  ``store_many`` throughput (same records, same batch size, files with fsync),
-  with peak memory (tracemalloc) independent of the number of keys: 10,000 vs
-  100,000 idle records (COLD without fsync there, to keep the run short; the
-  memory the sweep holds does not depend on it).
+* ``get`` of a key held in HOT vs the HOT repository's own ``fetch`` (which
+  also verifies the checksum and decodes); target <= 1.5x. Memory, and Redis.
+* ``get`` of a key held in the catalog, HOT switched off, vs the catalog
+  repository's own ``fetch`` (checksum and decode included); no target, it
+  shows what the read path adds. SQLite, and PostgreSQL.
+* ``set`` (tier HOT: the catalog entry plus a HOT copy) against two
+  floors, each encoding the value and building its metadata in the loop:
+
+  - a hand-written write-through: ``catalog.store`` + ``hot.store`` -- what
+    a user would write by hand, with no protection against a concurrent
+    writer or a stale HOT copy; target <= 1.2x (kept from 0.1);
+  - the catalog protocol's own backend calls (docs/design.rst, "The write
+    path"): invalidate HOT (memory: ``delete``; Redis: a placeholder,
+    ``store_if_newer`` of a stub one version below), the conditional entry
+    write ``store_if_newer`` in the catalog, the copy ``store_if_newer`` in
+    HOT. The ratio to it is the manager's own overhead; no target.
+
+The sweep's throughput and memory, formerly here, are targets (f) of
+``bench_catalog``, measured there with the harness's alternating rounds.
 """
 
 from __future__ import annotations
 
-import gc
+import itertools
 import os
 import shutil
 import tempfile
 import time
-import tracemalloc
+import uuid
 from pathlib import Path
 from typing import Any
 
 import tiered_state
-from tiered_state import TieringPolicy, codec
-from tiered_state.record import make_metadata
-from tiered_state.repositories.base import StateRepository, chunked
-from tiered_state.repositories.filesystem_repository import FileSystemStateRepository
+from tiered_state import codec
+from tiered_state.record import VersionClock, make_metadata, make_stub
+from tiered_state.repositories.base import StateRepository
 
 from .harness import measure, print_table, ratio, write_json
 
 KEYS = 2000  # keys per timed call of get / set
-SWEEP_KEYS = 3000  # records per timed sweep round (COLD fsyncs every file)
-SWEEP_ROUNDS = 3
-BATCH = 500
-MEMORY_SIZES = (10_000, 100_000)
 REDIS_URL = os.environ.get("TIERED_STATE_TEST_REDIS_URL", "").strip()
 POSTGRES_URL = os.environ.get("TIERED_STATE_TEST_POSTGRES_URL", "").strip()
+HOT, WARM = tiered_state.Tier.HOT, tiered_state.Tier.WARM
 
 
 def value(i: int, salt: int) -> dict[str, Any]:
     return {"i": i, "salt": salt, "qty": 1.5 * i, "side": "buy", "note": "x" * 64}
 
 
-def row(name: str, results: dict[str, dict[str, float]], raw: str, target: float) -> dict[str, Any]:
+def _with(url: str, option: str) -> str:
+    return url + ("&" if "?" in url else "?") + option
+
+
+def row(name: str, results: dict[str, dict[str, float]], raw: str, target: float | None
+        ) -> dict[str, Any]:
     r = ratio(results, name, raw)
     return {
         "case": name,
@@ -56,188 +68,145 @@ def row(name: str, results: dict[str, dict[str, float]], raw: str, target: float
         "vs": raw,
         "raw_us_per_op": results[raw]["per_op_us"],
         "ratio": r,
-        "target": f"<= {target}",
-        "met": "yes" if r <= target else "NO",
+        "target": f"<= {target}" if target else "-",
+        "met": ("yes" if r <= target else "NO") if target else "-",
     }
 
 
-def bench_get(label: str, state: tiered_state.StateManager) -> tuple[dict[str, Any], dict[str, Any]]:
+def bench_get_hot(label: str, state: tiered_state.StateManager) -> tuple[list[dict[str, Any]], Any]:
     """``state.get`` of keys held in HOT vs the HOT repository's own ``fetch``."""
-    hot = state.repositories[tiered_state.Tier.HOT]
+    hot = state.repositories[HOT]
     keys = [f"bench:get:{i}" for i in range(KEYS)]
     state.set_many({k: value(i, 0) for i, k in enumerate(keys)})
-    assert all(state.get_record(k).tier is tiered_state.Tier.HOT for k in keys[:10])  # type: ignore[union-attr]
+    assert all(state.get_record(k).tier is HOT for k in keys[:10])  # type: ignore[union-attr]
+    get, fetch = state.get, hot.fetch
 
     def ours() -> None:
-        get = state.get
         for k in keys:
             get(k)
 
     def raw() -> None:
-        fetch = hot.fetch
         for k in keys:
             fetch(k)
 
     name, raw_name = f"get from HOT ({label})", f"{label} fetch"
     results = measure({name: ours, raw_name: raw}, ops=KEYS, rounds=9)
-    return row(name, results, raw_name, 1.5), results
+    return [row(name, results, raw_name, 1.5)], results
 
 
-def bench_set(
-    label: str, state: tiered_state.StateManager, hot: StateRepository, warm: StateRepository
-) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Write-through ``state.set`` vs encode + metadata + store in both backends."""
-    keys = [f"bench:set:{i}" for i in range(KEYS)]
-    salt = iter(range(1, 1_000_000))
-    version = iter(range(1, 10**9))
+def bench_get_catalog(label: str, state: tiered_state.StateManager
+                      ) -> tuple[list[dict[str, Any]], Any]:
+    """``state.get`` of keys in the catalog (no HOT) vs the catalog repository's ``fetch``."""
+    catalog = state.repositories[state.catalog_tier]
+    keys = [f"bench:cat:{i}" for i in range(KEYS)]
+    state.set_many({k: value(i, 0) for i, k in enumerate(keys)})
+    get, fetch = state.get, catalog.fetch
 
     def ours() -> None:
-        s = next(salt)
+        for k in keys:
+            get(k)
+
+    def raw() -> None:
+        for k in keys:
+            fetch(k)
+
+    name, raw_name = f"get from the catalog ({label})", f"{label} fetch"
+    results = measure({name: ours, raw_name: raw}, ops=KEYS, rounds=9)
+    return [row(name, results, raw_name, None)], results
+
+
+def bench_set(label: str, state: tiered_state.StateManager) -> tuple[list[dict[str, Any]], Any]:
+    """``state.set`` vs a hand-written write-through and vs the protocol's backend calls."""
+    hot: StateRepository = state.repositories[HOT]
+    catalog: StateRepository = state.repositories[state.catalog_tier]
+    shared = hot.shared  # Redis: placeholders; memory: a delete
+    keys = [f"bench:set:{i}" for i in range(KEYS)]
+    salts = {name: itertools.count(1) for name in ("ours", "store x2", "protocol")}
+    clock = VersionClock()  # versions as the manager makes them (and above its own)
+
+    def ours() -> None:
+        s = next(salts["ours"])
         put = state.set
         for i, k in enumerate(keys):
             put(k, value(i, s))
 
-    def raw() -> None:
-        s = next(salt)
+    def by_hand() -> None:
+        s = next(salts["store x2"])
         for i, k in enumerate(keys):
             payload = codec.encode(value(i, s))
-            md = make_metadata(payload, next(version), now=time.time())
-            warm.store(k, payload, md)
+            md = make_metadata(payload, clock.next(), now=time.time())
+            catalog.store(k, payload, md)
             hot.store(k, payload, md)
 
-    name, raw_name = f"set write-through ({label})", f"{label} store x2"
-    results = measure({name: ours, raw_name: raw}, ops=KEYS, rounds=7)
-    return row(name, results, raw_name, 1.2), results
+    def protocol() -> None:
+        s = next(salts["protocol"])
+        for i, k in enumerate(keys):
+            payload = codec.encode(value(i, s))
+            now = time.time()
+            version = clock.next()
+            md = make_metadata(payload, version, now=now)
+            if shared:
+                stub, stub_md = make_stub(make_metadata("", version - 1, now=now))
+                hot.store_if_newer(k, stub, stub_md)
+            else:
+                hot.delete(k)
+            catalog.store_if_newer(k, payload, md)
+            hot.store_if_newer(k, payload, md)
 
-
-def _idle_store(folder: Path, n: int, *, fsync: bool) -> tiered_state.StateManager:
-    """A store with ``n`` WARM records that are idle for a ``cold_after`` of 0.05 s."""
-    cold = folder.joinpath("cold").as_uri() + ("" if fsync else "?fsync=false")
-    policy = TieringPolicy(cold_after=0.05, batch_size=BATCH)
-    state = tiered_state.open(folder, cold=cold, policy=policy)
-    for chunk in chunked(range(n), 5000):
-        state.set_many({f"idle:{i}": value(i, 0) for i in chunk}, tier="warm")
-    time.sleep(0.1)
-    return state
-
-
-def bench_sweep() -> tuple[dict[str, Any], dict[str, Any]]:
-    """Records moved per second by ``sweep`` vs COLD ``store_many`` of the same records."""
-    times: dict[str, list[float]] = {"sweep": [], "store_many": []}
-    for _ in range(SWEEP_ROUNDS):
-        folder = Path(tempfile.mkdtemp(prefix="bench-sweep-"))
-        try:
-            state = _idle_store(folder / "a", SWEEP_KEYS, fsync=True)
-            warm = state.repositories[tiered_state.Tier.WARM]
-            entries = [e for batch in warm.scan(BATCH, idle_before=time.time()) for e in batch]
-            start = time.perf_counter()
-            report = state.sweep()
-            times["sweep"].append(time.perf_counter() - start)
-            assert report.moved == SWEEP_KEYS and report.failed == 0, report.as_dict()
-            state.close()
-
-            cold = FileSystemStateRepository(folder / "raw")
-            start = time.perf_counter()
-            for chunk in chunked(entries, BATCH):
-                cold.store_many({e.key: (e.payload, e.metadata) for e in chunk})
-            times["store_many"].append(time.perf_counter() - start)
-            cold.close()
-        finally:
-            shutil.rmtree(folder, ignore_errors=True)
-    rate = {k: SWEEP_KEYS / sorted(v)[len(v) // 2] for k, v in times.items()}
-    r = rate["sweep"] / rate["store_many"]
-    result = {
-        "case": f"sweep WARM->COLD ({SWEEP_KEYS} records)",
-        "us_per_op": 1e6 / rate["sweep"],
-        "vs": "file store_many",
-        "raw_us_per_op": 1e6 / rate["store_many"],
-        "ratio": r,
-        "target": ">= 0.5 (throughput)",
-        "met": "yes" if r >= 0.5 else "NO",
-    }
-    return result, {"records_per_s": rate, "seconds": times}
-
-
-def sweep_peak(n: int) -> tuple[int, float]:
-    """Peak traced memory (bytes) of one sweep moving ``n`` idle records, and its seconds."""
-    folder = Path(tempfile.mkdtemp(prefix="bench-sweep-mem-"))
-    try:
-        state = _idle_store(folder, n, fsync=False)
-        gc.collect()
-        tracemalloc.start()
-        start = time.perf_counter()
-        report = state.sweep()
-        seconds = time.perf_counter() - start
-        _, peak = tracemalloc.get_traced_memory()
-        tracemalloc.stop()
-        assert report.moved == n and report.failed == 0, report.as_dict()
-        state.close()
-        return peak, seconds
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    ours()
+    name = f"set ({label})"
+    floor_hand, floor_protocol = f"{label}: store x2 by hand", f"{label}: protocol calls"
+    results = measure({name: ours, floor_hand: by_hand, floor_protocol: protocol}, ops=KEYS,
+                      rounds=7)
+    return [row(name, results, floor_hand, 1.2), row(name, results, floor_protocol, None)], results
 
 
 def main() -> None:
     rows: list[dict[str, Any]] = []
     raw_results: dict[str, Any] = {}
     folder = Path(tempfile.mkdtemp(prefix="bench-manager-"))
+
+    def add(got: tuple[list[dict[str, Any]], Any]) -> None:
+        rows.extend(got[0])
+        raw_results.update(got[1])
+
     try:
-        state = tiered_state.open(folder / "embedded")
-        r, res = bench_get("memory", state)
-        rows.append(r)
-        raw_results.update(res)
-        repos = state.repositories
-        r, res = bench_set("memory+sqlite", state, repos[tiered_state.Tier.HOT],
-                           repos[tiered_state.Tier.WARM])
-        rows.append(r)
-        raw_results.update(res)
-        state.close()
-        if REDIS_URL:
-            prefix = f"bench_manager_{os.getpid()}:"
-            sep = "&" if "?" in REDIS_URL else "?"
-            hot_url = f"{REDIS_URL}{sep}prefix={prefix}"
-            warm_url = (
-                f"{POSTGRES_URL}{'&' if '?' in POSTGRES_URL else '?'}table=bench_manager"
-                if POSTGRES_URL else None
-            )
-            state = tiered_state.open(folder / "server", hot=hot_url, warm=warm_url, cold="none")
+        with tiered_state.open(folder / "embedded") as state:
+            add(bench_get_hot("memory", state))
+            add(bench_set("memory+sqlite", state))
+        with tiered_state.open(folder / "sqlite", hot="none") as state:
+            add(bench_get_catalog("sqlite", state))
+        if REDIS_URL and POSTGRES_URL:
+            tag = uuid.uuid4().hex[:10]
+            table = f"bench_manager_{tag}"
+            state = tiered_state.open(folder / "server", hot=_with(REDIS_URL, f"prefix=bench_manager_{tag}:"),
+                                      warm=_with(POSTGRES_URL, f"table={table}"), cold="none")
             try:
-                r, res = bench_get("redis", state)
-                rows.append(r)
-                raw_results.update(res)
-                if POSTGRES_URL:
-                    repos = state.repositories
-                    r, res = bench_set("redis+postgres", state, repos[tiered_state.Tier.HOT],
-                                       repos[tiered_state.Tier.WARM])
-                    rows.append(r)
-                    raw_results.update(res)
+                add(bench_get_hot("redis", state))
+                add(bench_set("redis+postgres", state))
             finally:
-                for repo in state.repositories.values():
-                    repo.clear()  # an empty bench_manager table stays in PostgreSQL
+                state.repositories[HOT].clear()  # our prefix only
                 state.close()
+            state = tiered_state.open(folder / "pg", hot="none",
+                                      warm=_with(POSTGRES_URL, f"table={table}"), cold="none")
+            try:
+                add(bench_get_catalog("postgres", state))
+            finally:
+                state.close()
+                import psycopg2
+
+                conn = psycopg2.connect(POSTGRES_URL)
+                conn.autocommit = True
+                with conn.cursor() as cur:
+                    cur.execute(f'DROP TABLE IF EXISTS "{table}"')  # created by this run
+                conn.close()
+        else:
+            print("redis+postgres rows skipped: set TIERED_STATE_TEST_{REDIS,POSTGRES}_URL")
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-
-    r, sweep_raw = bench_sweep()
-    rows.append(r)
-    print_table("StateManager vs its own backends (median of alternating rounds)", rows)
-
-    memory_rows = []
-    peaks = {}
-    for n in MEMORY_SIZES:
-        peak, seconds = sweep_peak(n)
-        peaks[n] = peak
-        memory_rows.append({"records": n, "peak_kib": peak / 1024, "seconds": seconds,
-                            "records_per_s": n / seconds})
-    growth = peaks[MEMORY_SIZES[-1]] / peaks[MEMORY_SIZES[0]]
-    for m in memory_rows:
-        m["peak vs smallest"] = m["peak_kib"] * 1024 / peaks[MEMORY_SIZES[0]]
-    print_table(
-        f"sweep peak memory (tracemalloc), target: independent of the key count "
-        f"({MEMORY_SIZES[-1] // MEMORY_SIZES[0]}x the keys -> {growth:.2f}x the peak)",
-        memory_rows,
-    )
-    write_json("manager", {"rows": rows, "raw": raw_results, "sweep": sweep_raw, "memory": memory_rows})
+    print_table("StateManager vs its own backends (median of alternating rounds; ratio = our "
+                "time / the 'vs' case's)", rows)
+    write_json("manager", {"rows": rows, "raw": raw_results})
 
 
 if __name__ == "__main__":

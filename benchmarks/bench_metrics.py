@@ -4,7 +4,8 @@ Run: ``python -m benchmarks.bench_metrics`` (about a minute). A UDP socket
 on loopback stands in for StatsD. Each pair is timed in the same run, rounds alternating:
 
 - ``get`` through a HOT-only manager (memory), metrics off vs on;
-- ``get`` through the embedded default (memory + sqlite + file), key in HOT;
+- ``get`` through the embedded default (memory + sqlite + file), key in HOT
+  (the HOT guard checks SQLite's change signal before serving the copy);
 - the same with a plain ``statsd.StatsClient`` (one UDP packet per call), to
   show what batching saves;
 - ``fetch_record`` on the bare memory repository vs through the
@@ -32,9 +33,8 @@ import statsd
 import tiered_state
 from tiered_state import codec
 from tiered_state.manager import StateManager
-from tiered_state.metrics import StatsdMetrics
+from tiered_state.metrics import InstrumentedRepository, StatsdMetrics
 from tiered_state.record import make_metadata
-from tiered_state.metrics import InstrumentedRepository
 from tiered_state.repositories.memory_repository import MemoryStateRepository
 
 from .harness import measure, print_table, ratio, write_json

@@ -9,6 +9,14 @@ RESP2 parser (``parser_class``), which gives the hiredis speed-up. Targets:
 single store/fetch <= 1.25x raw SET/GET; store_many (10k) and fetch_many
 (10k) >= 0.8x the throughput of a raw pipeline / MGET; keys over 100k keys in
 bounded memory, in SCAN batches.
+
+For the catalog design, one more row without a target: ``store_if_newer``
+(one EVALSHA of the Lua script that compares versions and writes the value
+and metadata keys together) next to a raw ``SET`` -- the write every
+``set`` makes in a Redis HOT tier, twice (placeholder, then copy).
+
+Metadata is parsed with ``orjson`` when it is installed, else ``json``, as
+the library does (``orjson`` is optional and in no extra).
 """
 
 from __future__ import annotations
@@ -20,7 +28,6 @@ import tracemalloc
 import uuid
 from typing import Any
 
-import orjson
 import redis
 from redis.connection import _HiredisParser, _RESP2Parser
 from redis.utils import HIREDIS_AVAILABLE
@@ -30,6 +37,11 @@ from tiered_state.record import make_metadata
 from tiered_state.repositories.redis_repository import RedisStateRepository
 
 from .harness import measure, print_table, ratio, write_json
+
+try:  # optional, as in the library
+    from orjson import loads as _loads
+except ImportError:
+    from json import loads as _loads
 
 URL = os.environ.get("TIERED_STATE_TEST_REDIS_URL", "redis://127.0.0.1:6379/0")
 SINGLE_OPS = 2000
@@ -67,6 +79,12 @@ def run_parser(name: str, parser: type) -> tuple[list[dict[str, Any]], dict[str,
         for _ in range(SINGLE_OPS):
             raw.set(raw_prefix + "single", payload)
 
+    versions = iter(range(10, 10**9))
+
+    def store_if_newer() -> None:
+        for _ in range(SINGLE_OPS):
+            repo.store_if_newer("single-cas", payload, {**metadata, "version": next(versions)})
+
     def raw_set_px() -> None:
         for _ in range(SINGLE_OPS):
             raw.set(raw_prefix + "single-ttl", payload, px=3_600_000)
@@ -102,7 +120,7 @@ def run_parser(name: str, parser: type) -> tuple[list[dict[str, Any]], dict[str,
 
     def raw_mget_meta() -> None:
         got = raw.mget(both)
-        metas = [orjson.loads(m) for m in got[BATCH:]]
+        metas = [_loads(m) for m in got[BATCH:]]
         assert len(metas) == BATCH
 
     store()
@@ -113,6 +131,7 @@ def run_parser(name: str, parser: type) -> tuple[list[dict[str, Any]], dict[str,
     results.update(measure({"store": store, "raw SET": raw_set}, ops=SINGLE_OPS))
     results.update(measure({"store (ttl)": store_ttl, "raw SET PX": raw_set_px}, ops=SINGLE_OPS))
     results.update(measure({"fetch_record": fetch, "raw GET": raw_get}, ops=SINGLE_OPS))
+    results.update(measure({"store_if_newer": store_if_newer, "raw SET (paired)": raw_set}, ops=SINGLE_OPS))
     results.update(measure({"store_many 10k": store_many, "raw pipeline SET 10k": raw_pipeline},
                            ops=BATCH))
     results.update(measure({"fetch_many 10k": fetch_many, "raw MGET 10k": raw_mget,
@@ -122,6 +141,7 @@ def run_parser(name: str, parser: type) -> tuple[list[dict[str, Any]], dict[str,
         ("store", "raw SET", "<= 1.25"),
         ("store (ttl)", "raw SET PX", "<= 1.25"),
         ("fetch_record", "raw GET", "<= 1.25"),
+        ("store_if_newer", "raw SET (paired)", "(info: set() writes)"),
         ("store_many 10k", "raw pipeline SET 10k", "<= 1.25 (>= 0.8x throughput)"),
         ("fetch_many 10k", "raw MGET 10k", "<= 1.25 (>= 0.8x throughput)"),
         ("fetch_many 10k", "raw MGET 2x10k + parse metadata", "(same work by hand)"),

@@ -8,6 +8,7 @@ to stdout as a table and to ``benchmarks/results/<name>.json``.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import platform
 import statistics
@@ -92,6 +93,8 @@ def write_json(name: str, data: dict[str, Any]) -> Path:
     payload = {
         "benchmark": name,
         "python": sys.version.split()[0],
+        # The codec decodes with orjson when it is installed (the [fast] extra).
+        "orjson": importlib.util.find_spec("orjson") is not None,
         "platform": platform.platform(),
         "time": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         **data,
