@@ -201,7 +201,7 @@ class PrivateHot(HotGuard):
         if self._changed():
             self._flush()
         try:
-            return fetch_payload(key)
+            return fetch_payload(key) or None  # "": a placeholder
         except IntegrityError:
             self._usable_copy(self.repo.fetch_record(key))  # drops it, counts it
             return None

@@ -200,6 +200,7 @@ class StateManager:
         #: catalog unreachable now does not stop the manager from being built.
         self._unchecked = True
         self._direct_hot: HotGuard | None = None
+        self._direct_catalog: Callable[[str], str | None] | None = None
         try:
             self._ready()
         except BackendUnavailableError as exc:
@@ -226,6 +227,10 @@ class StateManager:
         self._unchecked = False
         #: HOT when ``get`` may ask it directly (no local cache in front of it).
         self._direct_hot = self._hot if self._cache is None else None
+        #: The catalog's payload-only read, when ``get`` may use it: no local
+        #: cache, no HOT to fill, and a backend that has one.
+        self._direct_catalog = (getattr(self._catalog.repo, "fetch_payload", None)
+                                if self._cache is None and self._hot is None else None)
 
     def _tick_hot(self) -> None:
         try:
@@ -435,7 +440,7 @@ class StateManager:
         refused: dict[str, Entry | None] = {}
         failed: dict[str, BaseException] = {}
         pending = self._unless_held(intents, refused) if below else intents
-        next_version = self._clock.next
+        next_version, next_many = self._clock.next, self._clock.next_many
         give_up = 0.0
         attempt = 0
         while pending:
@@ -451,13 +456,19 @@ class StateManager:
             versions: dict[str, int] = {}
             entries: dict[str, tuple[str, Metadata]] = {}
             payloads: dict[str, tuple[str, Metadata]] = {}
+            # A batch of fresh writes takes its versions under one lock.
+            fresh = iter(next_many(len(pending))) if len(pending) > 1 and all(
+                it.fixed is None and not it.after and not it.expected for it in pending) else None
             for it in pending:
                 payload = it.payload
                 if it.fixed is not None:
                     version, md = it.fixed["version"], it.fixed
                 else:
-                    floor = it.after if it.expected is None or it.after > it.expected else it.expected
-                    version = next_version(floor)
+                    if fresh is not None:
+                        version = next(fresh)
+                    else:
+                        floor = it.after if it.expected is None or it.after > it.expected else it.expected
+                        version = next_version(floor)
                     md = (make_tombstone(version, now=now) if payload is None
                           else make_metadata(payload, version, now=now, ttl=ttl))
                 it.version = versions[it.key] = version
@@ -618,6 +629,22 @@ class StateManager:
         :raises BackendUnavailableError: the catalog is down (and HOT had no copy).
         """
         key = user_key(key)
+        read_catalog = self._direct_catalog
+        if read_catalog is not None:
+            # No HOT to fill: the catalog's payload-only read answers a value
+            # or a miss at once; anything else takes the routine below.
+            try:
+                payload = read_catalog(key)
+            except IntegrityError:
+                payload = ""  # the routine looks for a valid copy below
+            if payload:
+                self._tick(self._catalog_hit)
+                if self._access.enabled:
+                    self._access.note(key)
+                return codec.decode(payload)
+            if payload is None:
+                self._tick("miss")
+                return default
         hot = self._direct_hot
         if hot is not None:
             # The hottest path: a copy HOT may serve, answered without the
@@ -753,15 +780,21 @@ class StateManager:
         ttl = _check_ttl(ttl)
         target = self._target(tier)
         intents = [_Intent(user_key(k), codec.encode(v)) for k, v in items.items()]
-        if not intents:
-            return {}
-        try:
-            committed, _, failed = self._commit(intents, target, ttl)
-        except BatchError:
-            raise
-        except BackendError as exc:
-            raise BatchError("set_many failed", dict.fromkeys((i.key for i in intents), exc),
-                             [], exc.backend) from exc
+        committed: dict[str, int] = {}
+        failed: dict[str, BaseException] = {}
+        # Everything is validated and encoded above; the writes go in chunks
+        # (as restore's do): a smaller working set per conditional write, and
+        # a failure part-way still reports every key.
+        for start in range(0, len(intents), CHUNK):
+            chunk = intents[start:start + CHUNK]
+            try:
+                done, _, errors = self._commit(chunk, target, ttl)
+            except BatchError as exc:
+                done, errors = {}, dict(exc.failed)
+            except BackendError as exc:
+                done, errors = {}, dict.fromkeys((i.key for i in chunk), exc)
+            committed.update(done)
+            failed.update(errors)
         if failed:
             raise BatchError("set_many failed for some keys", failed, sorted(committed))
         return committed

@@ -684,6 +684,11 @@ class InstrumentedRepository(StateRepository):
             for op in set(_OPERATION.values())
         }
         self._fetch_op = self._ops["fetch"]
+        read_payload = getattr(inner, "fetch_payload", None)
+        if read_payload is not None:
+            # The optional fast read, timed like fetch_record (the manager
+            # looks for it, so the wrapper must not hide it).
+            self.fetch_payload = lambda key: self._read(read_payload, key)
         self._errors_name = prefix + "errors_total"
         self._batch_name = prefix + "batch_size"
         self._sampled = collector.sampled_timing

@@ -284,6 +284,18 @@ class VersionClock:
             self._last = version
             return version
 
+    def next_many(self, count: int, after: int = 0) -> list[int]:
+        """``count`` new versions, increasing, each as :meth:`next` would give
+        them one after the other -- under one lock (a batch's versions)."""
+        bits = self.NODE_BITS
+        with self._lock:
+            tick = max(time.time_ns() // 1000, (self._last >> bits) + 1, (after >> bits) + 1)
+            node = self.node
+            versions = [((tick + i) << bits) | node for i in range(count)]
+            if versions:
+                self._last = versions[-1]
+            return versions
+
     def observe(self, version: int) -> None:
         """Note a version seen elsewhere, so later versions exceed it."""
         if version > self._last:

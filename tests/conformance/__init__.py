@@ -411,6 +411,23 @@ class RepositoryConformance:
         # A newer entry is never replaced by an older one, even if "expected" matches.
         assert repository.store_if_version("k", *make("older", 3), expected=9) is False
 
+    def test_optional_fetch_payload(self, repository: StateRepository) -> None:
+        """Where a backend has the optional fast read, it tells the three cases apart."""
+        read = getattr(repository, "fetch_payload", None)
+        if read is None:
+            return  # optional: the manager falls back to fetch_record
+        payload, metadata = make({"a": 1}, 4)
+        repository.store("v", payload, metadata)
+        repository.store("s", *make_stub(metadata, "elsewhere"))
+        repository.store("x", *make("gone", 5, now=time.time() - 10, ttl=1))
+        assert read("v") == payload
+        assert read("s") == ""
+        assert read("x") in ("", None)  # volatile stores may have dropped it already
+        assert read("absent") is None
+        repository.store("bad", codec.encode({"a": 2}), metadata)
+        with pytest.raises(IntegrityError):
+            read("bad")
+
     # ------------------------------------------------------------ batch conditionals
     def test_store_many_if_newer(self, repository: StateRepository) -> None:
         repository.store_many({"a": make("a5", 5), "b": make("b5", 5), "t": make("t", 2)})

@@ -72,6 +72,14 @@ Errors
     raises :class:`~tiered_state.errors.BatchError` naming the failed and the
     succeeded keys. No message contains a value or a password.
 
+Optional: fetch_payload
+    A backend may add ``fetch_payload(key) -> str | None``, the cheap read
+    the manager uses for a plain ``get`` when it has one: the verified
+    payload of the live value stored under ``key``; ``""`` if an entry is
+    stored but is not a live value here (a stub, a tombstone, expired); None
+    if nothing is stored. It raises ``IntegrityError`` for a payload that
+    fails its checksum. memory and sqlite have it.
+
 Threads
     A repository may be shared by threads. Connections lost to a server
     restart are re-established on the next call.

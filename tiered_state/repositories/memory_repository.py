@@ -176,14 +176,8 @@ class MemoryStateRepository(StateRepository):
         return Entry(key, item[0], item[1].copy())
 
     def fetch_payload(self, key: str) -> str | None:
-        """The verified payload of the live value ``key``; None if absent, expired or a stub.
-
-        What :meth:`fetch` returns before decoding, without an Entry or a
-        metadata copy: only the payload leaves the lock. The manager's guard
-        of a private HOT tier reads this way.
-
-        :raises IntegrityError: the payload fails its checksum.
-        """
+        # What fetch returns before decoding, without an Entry or a metadata
+        # copy: only the payload leaves the lock (see "Optional: fetch_payload").
         validate_key(key)
         with self._lock:
             item = self._data.get(key)
@@ -194,7 +188,7 @@ class MemoryStateRepository(StateRepository):
                 return None
             self._data.move_to_end(key)
         if not item[4]:
-            return None  # a stub: the value is elsewhere
+            return ""  # a stub: the value is elsewhere
         payload = item[0]
         if checksum(payload) != item[1]["checksum"]:
             raise IntegrityError(f"memory: checksum mismatch for {key!r}", key)
@@ -202,7 +196,7 @@ class MemoryStateRepository(StateRepository):
 
     def fetch(self, key: str) -> Any | None:
         payload = self.fetch_payload(key)
-        return None if payload is None else codec.decode(payload)
+        return codec.decode(payload) if payload else None
 
     def fetch_many(self, keys: Iterable[str]) -> dict[str, Entry]:
         keys = [validate_key(k) for k in keys]

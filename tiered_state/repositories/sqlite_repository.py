@@ -319,6 +319,7 @@ class SQLiteStateRepository(StateRepository):
         self._shm_held: set[_ShmHeader] = set()
         t = self._t
         self._sql_fetch = f"SELECT {_COLUMNS} FROM {t} WHERE key = ?"
+        self._sql_fetch_payload = f"SELECT payload, checksum, expires_at, encoding FROM {t} WHERE key = ?"
         self._sql_fetch_live = (
             f"SELECT payload, checksum, expires_at FROM {t} WHERE key = ? AND encoding NOT IN {_NOT_VALUE}"
         )
@@ -556,7 +557,9 @@ class SQLiteStateRepository(StateRepository):
             "encoding": encoding,
         })
 
-    def fetch(self, key: str) -> Any | None:
+    def fetch_payload(self, key: str) -> str | None:
+        # The catalog's read for a plain get (see "Optional: fetch_payload"):
+        # four columns, no Entry, no metadata dict.
         validate_key(key)
         local = self._local
         cursor = local.cursor
@@ -566,16 +569,22 @@ class SQLiteStateRepository(StateRepository):
             cursor = local.cursor
             assert cursor is not None
         try:
-            # Stubs and tombstones are filtered by the query: no value here.
-            row = cursor.execute(self._sql_fetch_live, (key,)).fetchone()
+            row = cursor.execute(self._sql_fetch_payload, (key,)).fetchone()
         except sqlite3.Error as exc:
             raise self._translate(exc) from exc
-        if row is None or (row[2] is not None and row[2] <= time.time()):
+        if row is None:
             return None
-        payload = row[0]
-        if checksum(payload) != row[1]:
+        payload, digest, expires_at, encoding = row
+        if encoding == STUB or encoding == TOMBSTONE or (
+                expires_at is not None and expires_at <= time.time()):
+            return ""
+        if checksum(payload) != digest:
             raise IntegrityError(f"sqlite: checksum mismatch for {key!r}", key)
-        return codec.decode(payload)
+        return payload  # type: ignore[no-any-return]
+
+    def fetch(self, key: str) -> Any | None:
+        payload = self.fetch_payload(key)
+        return codec.decode(payload) if payload else None
 
     def fetch_many(self, keys: Iterable[str]) -> dict[str, Entry]:
         keys = list(dict.fromkeys(validate_key(k) for k in keys))
