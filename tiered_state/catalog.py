@@ -260,6 +260,23 @@ class Catalog:
             log.warning("could not repair the catalog row of key %r: %s", bad.key, exc)
 
     # ------------------------------------------------------------ writes
+    def lift(self, values: Mapping[str, Entry]) -> set[str]:
+        """Turn stubs back into the values they stand for, at the same version
+        (a promotion into the catalog); a lost race is simply skipped.
+
+        :returns: the keys whose entry now holds its value.
+        """
+        if not values:
+            return set()
+        try:
+            return self.repo.store_many_if_version(
+                {k: (e.payload, e.metadata) for k, e in values.items()},
+                {k: e.version for k, e in values.items()},
+            )
+        except BackendError as exc:
+            log.warning("promotion to %s skipped: %s", self.tier.value, exc)
+            return set()
+
     def stub_for(self, key: str, payload_md: Metadata) -> tuple[str, Metadata]:
         """The catalog entry of a value whose payload lives below the catalog."""
         return make_stub(payload_md, self.locator(payload_name(key, payload_md["version"])))

@@ -51,7 +51,7 @@ from .errors import (
 )
 from .hot import HOT_DIRTY, HotGuard, SharedHot, hot_guard
 from .keys import validate_keys, validate_pattern
-from .metrics import InstrumentedRepository, MetricsCollector, as_collector
+from .metrics import Counters, InstrumentedRepository, MetricsCollector, as_collector
 from .policy import TieringPolicy
 from .record import (
     STUB,
@@ -73,7 +73,6 @@ __all__ = ["RestoreReport", "StateManager"]
 
 log = logging.getLogger(__name__)
 
-_MISSING: Any = object()
 _ORDER = (Tier.HOT, Tier.WARM, Tier.COLD)
 #: Keys per round trip when a call streams (iter_records, restore).
 CHUNK = 500
@@ -170,13 +169,10 @@ class StateManager:
         if not repos:
             raise ConfigurationError("at least one tier must be configured")
         self._repos = repos
-        self._counters = dict.fromkeys(
+        self._counters = Counters(
             ("hit_hot", "hit_warm", "hit_cold", "miss", "promotions", "demotions",
-             "integrity_errors", "tier_errors", "hot_flushes"), 0
-        )
-        # Counter handles: one C call per count on the read path.
-        self._ticks = ({n: metrics.ticker("state.manager." + n).tick for n in self._counters}
-                       if metrics is not None else {})
+             "integrity_errors", "tier_errors", "hot_flushes"), metrics)
+        self._tick, self._count = self._counters.tick, self._counters.add
         durable = [t for t in _ORDER if t in repos and not repos[t].volatile]
         catalog_tier = durable[0] if durable else next(t for t in _ORDER if t in repos)
         payloads = (Tier.COLD, repos[Tier.COLD]) if (
@@ -231,32 +227,6 @@ class StateManager:
         #: cache, no HOT to fill, and a backend that has one.
         self._direct_catalog = (getattr(self._catalog.repo, "fetch_payload", None)
                                 if self._cache is None and self._hot is None else None)
-
-    def _tick_hot(self) -> None:
-        try:
-            self._ticks["hit_hot"]()
-        except Exception:  # metrics never break state operations
-            log.debug("metrics collector failed", exc_info=True)
-
-    def _tick(self, name: str) -> None:
-        """:meth:`_count` by one, for the read path."""
-        self._counters[name] += 1
-        if self._ticks:
-            try:
-                self._ticks[name]()
-            except Exception:  # metrics never break state operations
-                log.debug("metrics collector failed", exc_info=True)
-
-    def _count(self, name: str, n: int = 1) -> None:
-        self._counters[name] += n
-        if self._ticks and n:
-            try:
-                if n == 1:
-                    self._ticks[name]()
-                else:
-                    self.metrics.incr("state.manager." + name, n)  # type: ignore[union-attr]
-            except Exception:  # metrics never break state operations
-                log.debug("metrics collector failed", exc_info=True)
 
     def _target(self, tier: Tier | str) -> Tier:
         """The configured tier a write aimed at ``tier`` goes to (the next one down if off)."""
@@ -406,20 +376,7 @@ class StateManager:
             self._count("promotions", n)
         elif target is Tier.WARM and self._catalog.payload_tier is not None:
             below = {k: r.entry for k, r in found.items() if r.tier is self._catalog.payload_tier}
-            self._count("promotions", len(self._lift(below)))
-
-    def _lift(self, values: Mapping[str, Entry]) -> KeySet:
-        """Turn stubs back into values in the catalog, at the same version (lost races: skipped)."""
-        if not values:
-            return set()
-        try:
-            return self._catalog.repo.store_many_if_version(
-                {k: (e.payload, e.metadata) for k, e in values.items()},
-                {k: e.version for k, e in values.items()},
-            )
-        except BackendError as exc:
-            log.warning("promotion to %s skipped: %s", self._catalog.tier.value, exc)
-            return set()
+            self._count("promotions", len(self._catalog.lift(below)))
 
     # ------------------------------------------------------------ the write path
     def _commit(self, intents: list[_Intent], target: Tier, ttl: float | None
@@ -652,9 +609,7 @@ class StateManager:
             # miss goes on without asking HOT again.
             payload = hot.payload(key)
             if payload is not None:
-                self._counters["hit_hot"] += 1
-                if self._ticks:
-                    self._tick_hot()
+                self._tick("hit_hot")
                 if self._access.enabled:
                     self._access.note(key)
                 return codec.decode(payload)
@@ -913,7 +868,7 @@ class StateManager:
             return False  # a write came in meanwhile
         if entry.kind == "value":
             return True
-        if self._lift({key: found.entry}):
+        if self._catalog.lift({key: found.entry}):
             self._count("promotions")
             return True
         return False
@@ -990,7 +945,7 @@ class StateManager:
         if catalog is not None and "key_count" in catalog:
             own = self._catalog.repo.fetch_many([FORMAT_KEY, HOT_DIRTY])
             catalog["key_count"] -= sum(1 for e in own.values() if e.live())
-        counters = dict(self._counters)
+        counters = dict(self._counters.values)
         reads = sum(counters[k] for k in ("hit_hot", "hit_warm", "hit_cold", "miss"))
         hot = self._hot
         manager: dict[str, Any] = {

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from .record import Tier
 
 __all__ = [
+    "Counters",
     "InMemoryMetrics",
     "InstrumentedRepository",
     "MetricsCollector",
@@ -638,7 +639,7 @@ class StatsdMetrics(MetricsCollector):
 
 
 # ---------------------------------------------------------------- repositories
-# Which counter each method bumps; extras count with the seed operation they refine.
+# Which counter each method bumps; extras count with the core operation they refine.
 _OPERATION = {
     "fetch": "fetch",
     "fetch_record": "fetch",
@@ -828,3 +829,41 @@ class InstrumentedRepository(StateRepository):
 
     def __repr__(self) -> str:
         return repr(self.inner)
+
+
+class Counters:
+    """The manager's own counters, each also sent to the collector (if any) as
+    ``state.manager.<name>``: one dict increment, plus one C call per count
+    through the collector's ticker when metrics are on.
+
+    :param names: the counters.
+    :param metrics: the collector, or None (then counting costs a dict increment).
+    """
+
+    def __init__(self, names: Iterable[str], metrics: MetricsCollector | None) -> None:
+        self.values = dict.fromkeys(names, 0)
+        self.metrics = metrics
+        self._ticks = ({n: metrics.ticker("state.manager." + n).tick for n in self.values}
+                       if metrics is not None else {})
+
+    def tick(self, name: str) -> None:
+        """Count one (the read path's form)."""
+        self.values[name] += 1
+        if self._ticks:
+            self._send(name, 1)
+
+    def add(self, name: str, n: int = 1) -> None:
+        """Count ``n``."""
+        if n:
+            self.values[name] += n
+            if self._ticks:
+                self._send(name, n)
+
+    def _send(self, name: str, n: int) -> None:
+        try:
+            if n == 1:
+                self._ticks[name]()
+            else:
+                self.metrics.incr("state.manager." + name, n)  # type: ignore[union-attr]
+        except Exception:  # metrics never break state operations
+            log.debug("metrics collector failed", exc_info=True)

@@ -84,7 +84,8 @@ Threads
     A repository may be shared by threads. Connections lost to a server
     restart are re-established on the next call.
 
-The seven methods of the seed design, the conditional writes, :meth:`fetch_record`
+The seven core methods (fetch, store, delete, keys, stats, store_many,
+delete_many), the conditional writes, :meth:`fetch_record`
 and :meth:`iter_keys` are abstract. The rest have generic implementations
 built on them; a backend overrides them where its store has a native, faster
 way.
