@@ -14,7 +14,7 @@ does not) -- the floor for time and memory -- and a child
 that only starts the command (``--version``) gives the interpreter's own
 footprint.
 
-Target (issue 8): export of 100k records with flat memory -- the 100k peak
+Target: export of 100k records with flat memory -- the 100k peak
 RSS within a few MB of the 10k one (it streams in chunks of ``cli.CHUNK``).
 """
 

@@ -8,7 +8,7 @@ embedded store users would otherwise pick. Rounds alternate the cases; every
 write stores a value different from the key's previous one (an identical
 rewrite would let SQLite skip work).
 
-Targets (issue 2): sqlite store >= 2x faster than ``Cache.set``, sqlite fetch
+Targets: sqlite store >= 2x faster than ``Cache.set``, sqlite fetch
 >= 1x ``Cache.get``; a 10,000-record ``store_many`` >= 20x faster than 10,000
 single stores; memory fetch <= 1.5x ``json.loads`` + a dict lookup.
 

@@ -11,7 +11,7 @@ on loopback stands in for StatsD. Each pair is timed in the same run, rounds alt
 - ``fetch_record`` on the bare memory repository vs through the
   ``InstrumentedRepository`` hook.
 
-Target (issue 7): StatsdMetrics on costs <= 1.10x metrics off for a
+Target: StatsdMetrics on costs <= 1.10x metrics off for a
 memory-tier ``get``, judged on the least-disturbed (minimum) CPU time per
 call; the median is shown beside it, and the wall-clock ratio too, though on
 a loaded machine wall time mostly measures the scheduler. The StatsD collectors are warmed for two flush

@@ -3,7 +3,7 @@
 Run: ``python -m benchmarks.bench_postgres`` with ``TIERED_STATE_TEST_POSTGRES_URL``
 set (default ``postgresql://postgres@127.0.0.1:5432/test``).
 
-Targets (issue 5): ``store_many`` of 10k records at >= 0.8x the throughput of
+Targets: ``store_many`` of 10k records at >= 0.8x the throughput of
 raw ``execute_values``; a single ``fetch`` <= 1.25x a raw point SELECT;
 ``iter_keys`` over 100k rows in bounded memory (tracemalloc peak for 10k keys
 vs 100k keys).
