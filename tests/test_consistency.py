@@ -377,3 +377,52 @@ def test_iter_records_streams_from_the_first_page(tmp_path: Path) -> None:
         assert sum(fetched) <= 500  # one page, not the whole store
         rest = list(records)
         assert len(rest) == 2999 and [r.key for r in rest][:2] == ["r00001", "r00002"]
+
+
+# -------------------------------------------------------------------- opening a new store
+def test_format_check_sees_data_written_after_the_record(tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Process B reads "no format record", process A (which recorded the format
+    first) writes data, then B finds the data: B must read the record again,
+    not call the store a 0.1 store."""
+    import importlib
+
+    upgrade = importlib.import_module("tiered_state.upgrade")  # the module, not the function
+
+    with _open(tmp_path) as first:
+        first.set("k", 1)  # the record exists, and data
+    real = upgrade._stored_format
+    monkeypatch.setattr(upgrade, "_stored_format", lambda catalog: _first_none(real, catalog))
+    with _open(tmp_path) as second:
+        assert second.get("k") == 1
+
+
+_SEEN: set[int] = set()
+
+
+def _first_none(real: Any, catalog: Any) -> Any:
+    """The first read of this catalog sees no record (as if it came a moment earlier)."""
+    if id(catalog) not in _SEEN:
+        _SEEN.add(id(catalog))
+        return None
+    return real(catalog)
+
+
+def _open_and_write(path: str, barrier: Any, n: int, results: Any) -> None:
+    barrier.wait(timeout=BOUND)
+    try:
+        with _open(Path(path)) as state:
+            state.set(f"p{n}", n)
+        results.put(None)
+    except Exception as exc:  # reported to the parent
+        results.put(repr(exc))
+
+
+def test_processes_opening_a_new_store_at_once(tmp_path: Path) -> None:
+    for round_ in range(5):
+        path = tmp_path / f"store{round_}"
+        barrier, results = CTX.Barrier(4), CTX.Queue()
+        procs = [_start(_open_and_write, str(path), barrier, n, results) for n in range(4)]
+        errors = [results.get(timeout=BOUND + 10) for _ in procs]
+        _join(*procs)
+        assert errors == [None] * 4

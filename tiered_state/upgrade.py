@@ -89,13 +89,21 @@ def check_format(catalog: Catalog) -> None:
             f"this store is in format {found}, written by a newer tiered-state; upgrade tiered-state",
             found,
         )
-    if found is not None or _holds_data(catalog.repo) or _holds_data(catalog.payload_repo):
+    if found is None and (_holds_data(catalog.repo) or _holds_data(catalog.payload_repo)):
+        # This version records the format before it writes any data, so data
+        # seen now with no record seen a moment ago may be another process
+        # opening the same new store: read the record again after the data.
+        found = _stored_format(catalog)
+        if found == FORMAT:
+            return
         raise StoreFormatError(
             "this store was written by tiered-state 0.1 and must be upgraded once: "
             "run `tiered-state upgrade` with the same --path/--hot/--warm/--cold "
             "(it is safe to interrupt and run again)",
             found,
         )
+    if found is not None:
+        raise StoreFormatError(f"this store records an unknown format {found!r}", found)
     _mark(catalog)
 
 
