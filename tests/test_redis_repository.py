@@ -317,14 +317,35 @@ def test_unreachable_server_is_backend_unavailable() -> None:
             call()
 
 
-def test_other_driver_errors_are_backend_errors(repository: RedisStateRepository, raw: redis.Redis,
-                                                prefix: str) -> None:
-    raw.hset(f"{prefix}{META_MARK}wrongtype", "a", "b")  # GET on a hash: WRONGTYPE
+def test_metadata_of_another_type_reads_as_absent_and_is_replaced(
+        repository: RedisStateRepository, raw: redis.Redis, prefix: str) -> None:
+    """A key another tool turned into a hash is not a record: reads skip it,
+    and a conditional write replaces it instead of failing on WRONGTYPE."""
+    raw.hset(f"{prefix}{META_MARK}wrongtype", "a", "b")
     raw.set(f"{prefix}wrongtype", b"1")
-    with pytest.raises(BackendError) as info:
-        repository.store_if_version("wrongtype", *make(1), expected=0)
-    assert not isinstance(info.value, BackendUnavailableError)
-    assert isinstance(info.value.__cause__, redis.exceptions.ResponseError)
+    assert repository.fetch_record("wrongtype") is None
+    assert repository.fetch_many(["wrongtype"]) == {}
+    assert repository.store_if_newer("wrongtype", *make(1, version=3)) is True
+    assert repository.fetch("wrongtype") == 1
+    raw.hset(f"{prefix}{META_MARK}w2", "a", "b")
+    raw.set(f"{prefix}w2", b"1")
+    assert repository.store_many_if_version({"w2": make(2, version=4)}, {"w2": 0}) == {"w2"}
+
+
+def test_other_driver_errors_are_backend_errors(private_redis: str) -> None:
+    """Out of memory is not an outage: a BackendError, not BackendUnavailableError."""
+    with RedisStateRepository(private_redis, prefix="oom:") as repo:
+        repo.client.config_set("maxmemory", "1")
+        repo.client.config_set("maxmemory-policy", "noeviction")
+        try:
+            for call in (lambda: repo.store("k", *make(1)),
+                         lambda: repo.store_if_version("k", *make(1), expected=0)):
+                with pytest.raises(BackendError) as info:
+                    call()
+                assert not isinstance(info.value, BackendUnavailableError)
+                assert isinstance(info.value.__cause__, redis.exceptions.ResponseError)
+        finally:
+            repo.client.config_set("maxmemory", "0")
 
 
 @pytest.fixture
@@ -525,28 +546,79 @@ def test_batches_take_one_round_trip(repository: RedisStateRepository,
         assert round_trips[0] - before == 1
 
 
-def test_conditional_batch_reports_failed_and_written_keys(
-    repository: RedisStateRepository, raw: redis.Redis, prefix: str
-) -> None:
+def test_conditional_batch_reports_failed_and_written_keys(private_redis: str) -> None:
+    """One script call of a batch refused by the server (an ACL that denies
+    one key): the keys of that call are failed, the others written."""
+    prefix = "acl:"
     keys = [f"k{i:04d}" for i in range(2 * CHUNK)]
-    repository.store_many({k: make(k, 5) for k in keys})
-    bad = keys[CHUNK + 10]  # in the second script call
-    raw.delete(f"{prefix}{META_MARK}{bad}")
-    raw.hset(f"{prefix}{META_MARK}{bad}", "a", "b")  # GET on it fails: WRONGTYPE
-    items = {k: make(k, 6 if i % 2 else 4) for i, k in enumerate(keys)}
-    with pytest.raises(BatchError) as info:
-        repository.store_many_if_newer(items)
-    second = set(keys[CHUNK:])
-    assert set(info.value.failed) == second
-    assert isinstance(info.value.failed[bad], redis.exceptions.ResponseError)
-    # written keys only: the refused ones (even indexes) are in neither list
-    assert set(info.value.succeeded) == {k for i, k in enumerate(keys[:CHUNK]) if i % 2}
-    assert repository.fetch(keys[1]) == keys[1] and repository.fetch_record(keys[1]).version == 6  # type: ignore[union-attr]
-    with pytest.raises(BatchError) as info:
-        repository.delete_many_if_version({k: 6 for k in keys})
-    assert set(info.value.failed) == second
-    assert set(info.value.succeeded) == {k for i, k in enumerate(keys[:CHUNK]) if i % 2}
-    raw.delete(f"{prefix}{META_MARK}{bad}")
+    bad = keys[CHUNK + 10]  # k0510, in the second script call
+    admin = redis.Redis.from_url(private_redis)
+    # Every key but k0510 (ACL patterns cannot deny, so they enumerate the rest).
+    allowed = ["k0[0-4]*", "k050*", "k051[1-9]", "k05[2-9]*", "k0[6-9]*"]
+    admin.execute_command("ACL", "SETUSER", "limited", "on", "nopass", "+@all",
+                          *[f"~{p}{mark}{pattern}" for pattern in allowed for p, mark in
+                            ((prefix, ""), (prefix, META_MARK))])
+    url = private_redis.replace("redis://", "redis://limited:@")
+    try:
+        with RedisStateRepository(private_redis, prefix=prefix) as full:
+            full.store_many({k: make(k, 5) for k in keys})
+        with RedisStateRepository(url, prefix=prefix) as repository:
+            items = {k: make(k, 6 if i % 2 else 4) for i, k in enumerate(keys)}
+            with pytest.raises(BatchError) as info:
+                repository.store_many_if_newer(items)
+            second = set(keys[CHUNK:])
+            assert set(info.value.failed) == second
+            assert isinstance(info.value.failed[bad], redis.exceptions.ResponseError)
+            # written keys only: the refused ones (even indexes) are in neither list
+            assert set(info.value.succeeded) == {k for i, k in enumerate(keys[:CHUNK]) if i % 2}
+            entry = repository.fetch_record(keys[1])
+            assert entry is not None and entry.version == 6 and repository.fetch(keys[1]) == keys[1]
+            with pytest.raises(BatchError) as info:
+                repository.delete_many_if_version({k: 6 for k in keys})
+            assert set(info.value.failed) == second
+            assert set(info.value.succeeded) == {k for i, k in enumerate(keys[:CHUNK]) if i % 2}
+    finally:
+        admin.execute_command("ACL", "DELUSER", "limited")
+        admin.close()
+
+
+# ---------------------------------------------------------------- the HOT epoch
+def test_fenced_reads_and_fills_follow_the_epoch(repository: RedisStateRepository) -> None:
+    repository.store("k", *make("v", version=5))
+    assert repository.fetch_record_in_epoch("k", "e1") == (False, None)  # no epoch yet
+    assert repository.fetch_many_in_epoch(["k"], "e1") is None
+    assert repository.store_many_if_newer_in_epoch({"k": make("w", version=6)}, "e1") is None
+    assert repository.reset_epoch("e1") == 1  # the flush took the record
+    assert repository.epoch_state()[1] == "e1"
+    assert repository.store_many_if_newer_in_epoch({"k": make("w", version=6)}, "e1") == {"k"}
+    same, entry = repository.fetch_record_in_epoch("k", "e1")
+    assert same and entry is not None and entry.version == 6
+    assert set(repository.fetch_many_in_epoch(["k", "absent"], "e1") or {}) == {"k"}
+    # Not newer: refused, epoch or not.
+    assert repository.store_many_if_newer_in_epoch({"k": make("x", version=6)}, "e1") == set()
+    # A fill under the old epoch after a flush is refused, and changes nothing.
+    repository.reset_epoch("e2")
+    assert repository.store_many_if_newer_in_epoch({"k": make("old", version=7)}, "e1") is None
+    assert repository.fetch_record("k") is None
+    assert repository.keys() == []  # the epoch key is not a record
+
+
+def test_a_new_connection_to_another_server_drops_the_epoch(
+        repository: RedisStateRepository) -> None:
+    """What a restart or a failover looks like to the client: its next
+    connection reaches a server with another run id. The epoch goes before
+    that connection answers anything, so a restored snapshot's epoch key
+    (the right token on old data) is never believed."""
+    repository.reset_epoch("e1")
+    server, epoch = repository.epoch_state()
+    assert epoch == "e1" and server
+    repository.trust_server(server)
+    repository.client.connection_pool.disconnect()  # same server: the epoch stays
+    assert repository.fetch_record_in_epoch("k", "e1") == (True, None)
+    repository.trust_server("0" * 40)  # as if the server had restarted
+    repository.client.connection_pool.disconnect()
+    assert repository.fetch_record_in_epoch("k", "e1") == (False, None)
+    assert repository.epoch_state()[1] is None
 
 
 @pytest.fixture

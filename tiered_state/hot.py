@@ -29,23 +29,31 @@ from __future__ import annotations
 
 import logging
 import os
+import secrets
 import threading
 import time
 import weakref
 from collections.abc import Callable, Mapping
+from typing import Any, TypeVar
 
 from . import codec
 from .catalog import RESERVED_PREFIX, Catalog
-from .errors import BackendUnavailableError, IntegrityError
+from .errors import BackendError, BackendUnavailableError, IntegrityError, TieredStateError
 from .record import STUB, TOMBSTONE, Entry, Metadata, checksum, make_metadata, make_stub
 from .repositories.base import StateRepository
 
-__all__ = ["FILL_DEADLINE", "PLACEHOLDER_SECONDS", "HotGuard", "PrivateHot", "SharedHot", "hot_guard"]
+__all__ = ["FILL_DEADLINE", "HOT_KEYS", "PLACEHOLDER_SECONDS", "HotGuard", "PrivateHot", "SharedHot",
+           "Ticket", "hot_guard"]
 
 log = logging.getLogger(__name__)
 
-#: The catalog key of the "HOT may be stale" marker.
+#: The catalog key of the write-around marker: until when some process
+#: wrote around a HOT it could not reach.
 HOT_DIRTY = RESERVED_PREFIX + "hot-dirty"
+#: The catalog key of the HOT epoch and the server it was started on.
+HOT_EPOCH = RESERVED_PREFIX + "hot-epoch"
+#: The guard's own catalog records (not user keys).
+HOT_KEYS = (HOT_DIRTY, HOT_EPOCH)
 #: How long a shared HOT keeps a writer's placeholder. It must outlive the
 #: writer's catalog write plus :data:`FILL_DEADLINE`: a reader that read the
 #: catalog before the write committed could otherwise fill its older copy.
@@ -59,12 +67,32 @@ _REPLACE_AFTER = PLACEHOLDER_SECONDS - 2 * FILL_DEADLINE
 #: How long a HOT that failed with BackendUnavailableError is skipped before
 #: the next attempt: a dead Redis costs one timeout per interval, not per call.
 RETRY_INTERVAL = 1.0
-#: How often a process that sees a shared HOT healthy looks for another
-#: process's "HOT is stale" marker: the staleness bound when processes
-#: disagree on whether HOT is reachable (a partial partition).
-MARKER_CHECK_INTERVAL = 1.0
+#: The default trust window (TieringPolicy.hot_trust_window): how long a
+#: process serves from a shared HOT after its last look at the marker, and
+#: so how long a write that cannot reach HOT waits before it commits.
+DEFAULT_TRUST_WINDOW = 0.1
+#: How long one write around HOT keeps the marker in force. Longer than a
+#: write takes (the manager gives up on a write after 10 s); a write that
+#: outlasts it marks again before it answers.
+WRITE_AROUND_SECONDS = 15.0
 
 Counter = Callable[[str], None]
+_T = TypeVar("_T")
+
+
+class Ticket:
+    """One write as the guard saw it, from :meth:`HotGuard.before_write` to
+    :meth:`HotGuard.after_write`."""
+
+    __slots__ = ("around_until", "epoch", "placed", "versions")
+
+    def __init__(self, versions: Mapping[str, int]) -> None:
+        self.versions = versions
+        #: When its placeholders went in (monotonic), and under which epoch.
+        self.placed: float | None = None
+        self.epoch: str | None = None
+        #: Set if it went around HOT: until when the marker covers it.
+        self.around_until: float | None = None
 
 
 class HotGuard:
@@ -115,19 +143,20 @@ class HotGuard:
         """Copy catalog values into HOT if that is still safe; how many were copied."""
         raise NotImplementedError
 
-    def before_write(self, versions: Mapping[str, int]) -> None:
+    def before_write(self, versions: Mapping[str, int]) -> Ticket:
         """Before the catalog write of ``key -> new version``."""
         raise NotImplementedError
 
-    def after_write(self, versions: Mapping[str, int], copies: Mapping[str, Entry]) -> None:
-        """After the catalog write (or its failure) of ``versions``; ``copies`` go into HOT."""
+    def after_write(self, ticket: Ticket, copies: Mapping[str, Entry]) -> None:
+        """After the catalog write (or its failure) of the ticket's versions;
+        ``copies`` go into HOT."""
         raise NotImplementedError
 
     def drop(self, versions: Mapping[str, int]) -> None:
         """Remove the copies of ``key -> version`` (a demote: no copy above the target)."""
         raise NotImplementedError
 
-    def refresh_if_old(self, versions: Mapping[str, int]) -> None:
+    def refresh_if_old(self, ticket: Ticket) -> None:
         """Called right before the catalog write (see :class:`SharedHot`)."""
 
     def _usable_copy(self, entry: Entry | None) -> Entry | None:
@@ -229,7 +258,7 @@ class PrivateHot(HotGuard):
                 return int(self.repo.store_if_newer(key, payload, md))
             return len(self.repo.store_many_if_newer(copies))
 
-    def before_write(self, versions: Mapping[str, int]) -> None:
+    def before_write(self, versions: Mapping[str, int]) -> Ticket:
         with self._lock:
             self._in_flight += 1
             self._generation += 1
@@ -237,8 +266,9 @@ class PrivateHot(HotGuard):
                 self.repo.delete(next(iter(versions)))
             else:
                 self.repo.delete_many(versions)
+        return Ticket(versions)
 
-    def after_write(self, versions: Mapping[str, int], copies: Mapping[str, Entry]) -> None:
+    def after_write(self, ticket: Ticket, copies: Mapping[str, Entry]) -> None:
         stored = self._copies(copies) if copies else None
         with self._lock:
             self._in_flight -= 1
@@ -252,122 +282,209 @@ class PrivateHot(HotGuard):
                 self.repo.store_many_if_newer(stored)
 
     def drop(self, versions: Mapping[str, int]) -> None:
+        # Whatever version the copy has: one older than ``versions`` is stale
+        # anyway (another process wrote), and the generation keeps a fill
+        # that read before this from putting anything back.
         with self._lock:
             self._generation += 1
-            self.repo.delete_many_if_version(versions)
+            self.repo.delete_many(versions)
 
 
 class SharedHot(HotGuard):
     """The guard of a HOT shared by processes (redis://).
 
-    Placeholders make rule 2 hold across processes; the marker in the catalog
-    makes rule 3 hold after an outage, for this process and for processes
-    started later. A HOT that fails with :class:`BackendUnavailableError` is
-    skipped for :data:`RETRY_INTERVAL`: reads go to the catalog, writes still
-    succeed there.
+    Three mechanisms, each for one way a copy could go stale:
+
+    * **Placeholders** (rule 2): a writer that reaches HOT blocks every fill
+      of an older copy of its keys until its own copy replaces them.
+    * **The write-around marker** (rule 3, partial partitions): a writer that
+      cannot reach HOT records in the catalog that HOT is being written
+      around, until ``until``, and waits out the trust window before its
+      catalog write. Every process trusts HOT only for the trust window after
+      its last look at the marker, so by the time that write commits no
+      process serves a copy from HOT; they read the catalog until the marker
+      has lapsed and whoever sees it lapsed has flushed HOT.
+    * **The epoch** (rule 3, what happened to the server): every flush starts
+      a new epoch; reads see the epoch with the copies and copies go in only
+      under the epoch their reader checked; a server other than the one the
+      epoch was checked on (a restart from a snapshot, a failover) or an
+      epoch that vanished (FLUSHALL) means a flush before HOT is used again.
+      Backends without epochs (any shared HOT but Redis) get the first two.
+
+    A HOT call that fails -- unreachable, out of memory, read-only, any
+    server error -- makes HOT skipped for :data:`RETRY_INTERVAL` from that
+    failure; the next call after it tries again. Writes meanwhile go around
+    HOT (above) and succeed on the catalog.
     """
 
     def __init__(self, repo: StateRepository, catalog: Catalog, hot_ttl: float | None,
-                 count: Counter) -> None:
+                 count: Counter, trust_window: float = DEFAULT_TRUST_WINDOW) -> None:
         super().__init__(repo, catalog, hot_ttl, count)
-        self._down_until: float | None = None
-        self._next_marker_check = 0.0
-        self._placed: dict[str, float] = {}
+        self.trust_window = trust_window
+        self._lock = threading.Lock()
+        #: Set by a failed HOT call: HOT is skipped until ``_retry_at``.
+        self._down = False
+        self._retry_at = 0.0
+        #: HOT may serve copies until then (monotonic) without a new look at the marker.
+        self._trusted_until = 0.0
+        #: The epoch this process checked; None: check before HOT is used.
+        self._epoch: str | None = None
+        self._fenced = callable(getattr(repo, "reset_epoch", None))
+        #: The write-around marker as this process last wrote it: (since, until).
+        self._marker: tuple[float, float] | None = None
         try:
-            self._recover()
-        except BackendUnavailableError as exc:
+            self._check()
+        except TieredStateError as exc:
             self.failed(exc)
 
     # -- health
     @property
     def down(self) -> bool:
-        return self._down_until is not None
+        return self._down
 
     def usable(self) -> bool:
-        until = self._down_until
-        if until is None:
-            return True
-        if time.monotonic() < until:
-            return False
-        # Time to try again: HOT must first be brought to a state that cannot
-        # serve stale copies.
-        try:
-            self._recover()
-        except BackendUnavailableError as exc:
-            self.failed(exc)
-            return False
-        self._down_until = None
-        log.warning("tier hot is reachable again")
-        return True
+        return not self._down or time.monotonic() >= self._retry_at
 
     def failed(self, exc: BaseException) -> None:
-        if self._down_until is None:
-            log.warning("tier hot unreachable, skipping it for %.1fs: %s", RETRY_INTERVAL, exc)
-        self._down_until = time.monotonic() + RETRY_INTERVAL
+        """A HOT call failed: skip HOT for RETRY_INTERVAL from now, not from a later skip."""
+        if not self._down:
+            log.warning("tier hot failed, skipping it for %.1fs: %s", RETRY_INTERVAL, exc)
+        self._down = True
+        self._retry_at = time.monotonic() + RETRY_INTERVAL
+        self._trusted_until = 0.0
         self._count("tier_errors")
 
-    def _guarded(self, call: Callable[[], object]) -> object | None:
+    def _reached(self) -> None:
+        if self._down:
+            self._down = False
+            log.warning("tier hot is reachable again")
+
+    def _guarded(self, call: Callable[[], _T]) -> _T | None:
         try:
-            return call()
-        except BackendUnavailableError as exc:
+            result = call()
+        except TieredStateError as exc:
             self.failed(exc)
             return None
+        self._reached()
+        return result
 
-    # -- the marker
-    def _recover(self) -> None:
-        """Flush HOT if some process marked it stale while it was unreachable."""
-        repo = self.catalog.repo
-        marker = repo.fetch_record(HOT_DIRTY)
-        self._next_marker_check = time.monotonic() + MARKER_CHECK_INTERVAL
-        if marker is None:
-            return
-        flushed = self.repo.clear()
-        self._count("hot_flushes")
-        log.warning("tier hot was written around during an outage: flushed %d copies", flushed)
-        repo.delete_if_version(HOT_DIRTY, marker.version)
-
-    def _mark_stale(self, exc: BaseException) -> None:
-        """HOT could not be invalidated: record it in the catalog before the write.
-
-        Recorded for every write that skips HOT, not once per outage: another
-        process may have flushed HOT and removed an earlier marker meanwhile.
-        Raises if the catalog is down too; the write then fails, as it must.
-        """
-        self.failed(exc)
-        payload = codec.encode({"since": time.time(), "pid": os.getpid()})
-        version = (time.time_ns() // 1000) << 10
-        self.catalog.repo.store(HOT_DIRTY, payload, make_metadata(payload, version, now=time.time()))
-
-    # -- reads
-    def _fresh(self) -> bool:
-        if self._down_until is not None and not self.usable():
+    # -- trust: the marker and the epoch
+    def _serving(self) -> bool:
+        """May HOT serve copies now? Looks at the marker once per trust window."""
+        if time.monotonic() < self._trusted_until:
+            return True
+        if not self.usable():
             return False
-        if time.monotonic() >= self._next_marker_check:
-            # A process that could not reach HOT (while this one can) leaves
-            # a marker in the catalog.
-            try:
-                self._recover()
-            except BackendUnavailableError as exc:
-                self.failed(exc)
-                return False
+        try:
+            return self._check()
+        except TieredStateError as exc:
+            self.failed(exc)
+            return False
+
+    def _check(self) -> bool:
+        """Look at the marker and the epoch; flush HOT if either says so."""
+        started = time.monotonic()
+        try:
+            marker = self.catalog.repo.fetch_record(HOT_DIRTY)
+        except TieredStateError:
+            return False  # the catalog did not answer; the caller's read will say so
+        with self._lock:
+            if self._fenced and self._epoch is None:
+                self._adopt_epoch()
+            if marker is not None:
+                if _marker_until(marker) > time.time():
+                    return False  # still written around: read the catalog
+                self._flush("HOT was written around while a process could not reach it")
+                self.catalog.repo.delete_if_version(HOT_DIRTY, marker.version)
+        self._reached()
+        self._trusted_until = started + self.trust_window
         return True
 
+    def _adopt_epoch(self, flush: bool = False) -> None:
+        """Make sure the server's copies are the ones every writer kept current.
+
+        The catalog records the epoch and the server it was started on. Both
+        match what the server says (and no ``flush`` is asked for): adopt it.
+        Otherwise -- a restart, a failover, a FLUSHALL, a first run -- flush
+        HOT and start a new epoch. Processes doing that at once agree through
+        the conditional write of the record: a loser looks again.
+        """
+        repo: Any = self.repo
+        catalog = self.catalog.repo
+        for _ in range(5):
+            recorded = catalog.fetch_record(HOT_EPOCH)
+            server, stored = repo.epoch_state()
+            repo.trust_server(server)
+            if not flush and recorded is not None and stored is not None and recorded.live() \
+                    and codec.decode(recorded.payload) == {"server": server, "epoch": stored}:
+                self._epoch = stored
+                return
+            epoch = secrets.token_hex(8)
+            flushed = repo.reset_epoch(epoch)
+            self._count("hot_flushes")
+            if recorded is not None and not flush:
+                log.warning("tier hot: flushed %d copies that may have missed invalidations "
+                            "(the server restarted or changed, or was flushed)", flushed)
+            flush = False
+            payload = codec.encode({"server": server, "epoch": epoch})
+            if catalog.store_if_version(HOT_EPOCH, payload, _reserved_metadata(payload),
+                                        recorded.version if recorded is not None else 0):
+                self._epoch = epoch
+                return
+        raise BackendError("tier hot: processes kept flushing it at once; trying again later",
+                           self.repo.backend)
+
+    def _flush(self, why: str) -> None:
+        log.warning("tier hot flushed: %s", why)
+        if self._fenced:
+            self._epoch = None
+            self._adopt_epoch(flush=True)
+        else:
+            self.repo.clear()
+            self._count("hot_flushes")
+
+    def _moved_on(self) -> None:
+        """A read or fill found another epoch: check again before the next use."""
+        self._epoch = None
+        self._trusted_until = 0.0
+
+    # -- reads
     def lookup(self, key: str) -> Entry | None:
-        if not self._fresh():
+        if not self._serving():
             return None
+        epoch = self._epoch
+        repo: Any = self.repo
         try:
-            entry = self.repo.fetch_record(key)
-        except BackendUnavailableError as exc:
+            if epoch is None:
+                if self._fenced:
+                    return None
+                entry = repo.fetch_record(key)
+            else:
+                same, entry = repo.fetch_record_in_epoch(key, epoch)
+                if not same:
+                    self._moved_on()
+                    return None
+        except TieredStateError as exc:
             self.failed(exc)
             return None
         return self._usable_copy(entry)
 
     def lookup_many(self, keys: list[str]) -> dict[str, Entry]:
-        if not self._fresh():
+        if not self._serving():
             return {}
+        epoch = self._epoch
+        repo: Any = self.repo
         try:
-            found = self.repo.fetch_many(keys)
-        except BackendUnavailableError as exc:
+            if epoch is None:
+                if self._fenced:
+                    return {}
+                found = repo.fetch_many(keys)
+            else:
+                found = repo.fetch_many_in_epoch(keys, epoch)
+                if found is None:
+                    self._moved_on()
+                    return {}
+        except TieredStateError as exc:
             self.failed(exc)
             return {}
         out = {}
@@ -381,15 +498,25 @@ class SharedHot(HotGuard):
         return time.monotonic()
 
     def fill(self, entries: Mapping[str, Entry], token: float) -> int:
-        if time.monotonic() - token > FILL_DEADLINE or (self._down_until is not None
-                                                         and not self.usable()):
+        if time.monotonic() - token > FILL_DEADLINE or not self.usable():
             return 0
-        copies = self._copies(entries)
-        if len(copies) == 1:
-            (key, (payload, md)), = copies.items()
-            return int(bool(self._guarded(lambda: self.repo.store_if_newer(key, payload, md))))
-        stored = self._guarded(lambda: self.repo.store_many_if_newer(copies))
-        return len(stored) if isinstance(stored, set) else 0
+        return self._put(self._copies(entries))
+
+    def _put(self, items: dict[str, tuple[str, Metadata]]) -> int:
+        """Store copies if newer, under the epoch this process checked."""
+        epoch = self._epoch
+        repo: Any = self.repo
+        if epoch is None:
+            if self._fenced:
+                return 0
+            stored = self._guarded(lambda: repo.store_many_if_newer(items))
+            return len(stored) if stored is not None else 0
+        stored = self._guarded(lambda: repo.store_many_if_newer_in_epoch(items, epoch))
+        if stored is None:
+            if not self._down:
+                self._moved_on()
+            return 0
+        return len(stored)
 
     # -- writes
     def _placeholders(self, versions: Mapping[str, int]) -> dict[str, tuple[str, Metadata]]:
@@ -403,42 +530,80 @@ class SharedHot(HotGuard):
             out[key] = make_stub(md)
         return out
 
-    def before_write(self, versions: Mapping[str, int]) -> None:
-        if self._down_until is not None and not self.usable():
-            self._mark_stale(BackendUnavailableError("skipped while unreachable", "hot"))
-            return
-        items = self._placeholders(versions)
+    def _place(self, ticket: Ticket) -> bool:
+        """Put the write's placeholders in; False if HOT failed (or is skipped)."""
+        if not self.usable():
+            return False
+        items = self._placeholders(ticket.versions)
         try:
             if len(items) == 1:
                 (key, (payload, md)), = items.items()
                 self.repo.store_if_newer(key, payload, md)
             else:
                 self.repo.store_many_if_newer(items)
-        except BackendUnavailableError as exc:
-            self._mark_stale(exc)
-            return
-        placed = time.monotonic()
-        for key in versions:
-            self._placed[key] = placed
+        except TieredStateError as exc:
+            self.failed(exc)
+            return False
+        self._reached()
+        ticket.placed = time.monotonic()
+        ticket.epoch = self._epoch
+        return True
 
-    def refresh_if_old(self, versions: Mapping[str, int]) -> None:
-        """Re-place placeholders that may expire before the commit's readers are done."""
-        now = time.monotonic()
-        old = {k: v for k, v in versions.items() if now - self._placed.get(k, now) > _REPLACE_AFTER}
-        if old:
-            self.before_write(old)
+    def before_write(self, versions: Mapping[str, int]) -> Ticket:
+        ticket = Ticket(versions)
+        if not self._place(ticket):
+            self._write_around(ticket)
+        return ticket
 
-    def after_write(self, versions: Mapping[str, int], copies: Mapping[str, Entry]) -> None:
-        for key in versions:
-            self._placed.pop(key, None)
-        if not copies or (self._down_until is not None and not self.usable()):
+    def _write_around(self, ticket: Ticket) -> None:
+        """HOT cannot be invalidated: make every process stop serving it first.
+
+        Records (or extends) the marker in the catalog, then waits until
+        every process's trust window that began before the marker was
+        visible has ended. Raises if the catalog is down: the write then
+        fails, as it must.
+        """
+        self._trusted_until = 0.0
+        now = time.time()
+        marker = self._marker
+        if marker is None or marker[1] - now < WRITE_AROUND_SECONDS / 2:
+            current = self.catalog.repo.fetch_record(HOT_DIRTY)
+            since, until = now, now + WRITE_AROUND_SECONDS
+            if current is not None and _marker_until(current) > now:
+                # Still in force: keep its start (readers saw it from then).
+                since = _marker_since(current)
+                until = max(until, _marker_until(current))
+            payload = codec.encode({"since": since, "until": until, "pid": os.getpid()})
+            self.catalog.repo.store(HOT_DIRTY, payload, _reserved_metadata(payload))
+            if since == now:
+                since = time.time()  # visible from when the write returned
+            marker = self._marker = (since, until)
+            self._count("hot_write_arounds")
+        ticket.around_until = marker[1]
+        # Another process's clock may be a little off: the margin covers it.
+        wait = marker[0] + self.trust_window * 1.5 - time.time()
+        if wait > 0:
+            time.sleep(min(wait, self.trust_window * 1.5))
+
+    def refresh_if_old(self, ticket: Ticket) -> None:
+        """Right before the catalog write: placeholders that may expire before
+        the commit's readers are done, or that a flush since removed, go in again."""
+        if ticket.placed is None:
             return
-        items = self._copies(copies)
-        if len(items) == 1:
-            (key, (payload, md)), = items.items()
-            self._guarded(lambda: self.repo.store_if_newer(key, payload, md))
-        else:
-            self._guarded(lambda: self.repo.store_many_if_newer(items))
+        if time.monotonic() - ticket.placed > _REPLACE_AFTER or ticket.epoch != self._epoch:
+            if not self._place(ticket):
+                self._write_around(ticket)
+
+    def after_write(self, ticket: Ticket, copies: Mapping[str, Entry]) -> None:
+        if ticket.around_until is not None:
+            if time.time() > ticket.around_until:
+                # The commit outlasted the marker: it may have lapsed and HOT
+                # been flushed before the commit. Mark again before answering.
+                self._marker = None
+                self._write_around(ticket)
+            return
+        if copies and self.usable():
+            self._put(self._copies(copies))
 
     def drop(self, versions: Mapping[str, int]) -> None:
         """Replace the copies of ``key -> version`` by placeholders one version above.
@@ -448,10 +613,35 @@ class SharedHot(HotGuard):
         keeps blocking it (and any copy up to this version), and yields to
         any newer write.
         """
-        if self._down_until is not None and not self.usable():
+        if not self.usable():
             return
         items = self._placeholders({k: v + 2 for k, v in versions.items()})
         self._guarded(lambda: self.repo.store_many_if_newer(items))
+
+
+def _reserved_metadata(payload: str) -> Metadata:
+    """Metadata for a record of the guard's own in the catalog: a version
+    from the clock (these records are written unconditionally or compared
+    by their own version, never ordered against user writes)."""
+    now = time.time()
+    return make_metadata(payload, (time.time_ns() // 1000) << 10, now=now)
+
+
+def _marker_field(marker: Entry, name: str) -> float:
+    try:
+        value = codec.decode(marker.payload).get(name)
+        return float(value) if value is not None else 0.0
+    except (TieredStateError, AttributeError, TypeError, ValueError):
+        return 0.0
+
+
+def _marker_until(marker: Entry) -> float:
+    """Until when the marker says HOT is written around (0.0: an older marker, lapsed)."""
+    return _marker_field(marker, "until") if marker.live() else 0.0
+
+
+def _marker_since(marker: Entry) -> float:
+    return _marker_field(marker, "since")
 
 
 #: Every PrivateHot of this process, for the fork hook (weakly: a guard goes
@@ -469,8 +659,8 @@ if hasattr(os, "register_at_fork"):  # pragma: no branch - POSIX
 
 
 def hot_guard(repo: StateRepository, catalog: Catalog, hot_ttl: float | None,
-              count: Counter) -> HotGuard:
+              count: Counter, trust_window: float = DEFAULT_TRUST_WINDOW) -> HotGuard:
     """The guard for a HOT repository in front of ``catalog``."""
     if repo.shared:
-        return SharedHot(repo, catalog, hot_ttl, count)
+        return SharedHot(repo, catalog, hot_ttl, count, trust_window)
     return PrivateHot(repo, catalog, hot_ttl, count)

@@ -49,7 +49,7 @@ from .errors import (
     InvalidKeyError,
     SerializationError,
 )
-from .hot import HOT_DIRTY, HotGuard, SharedHot, hot_guard
+from .hot import HOT_KEYS, HotGuard, SharedHot, hot_guard
 from .keys import validate_keys, validate_pattern
 from .metrics import Counters, InstrumentedRepository, MetricsCollector, as_collector
 from .policy import TieringPolicy
@@ -171,7 +171,7 @@ class StateManager:
         self._repos = repos
         self._counters = Counters(
             ("hit_hot", "hit_warm", "hit_cold", "miss", "promotions", "demotions",
-             "integrity_errors", "tier_errors", "hot_flushes"), metrics)
+             "integrity_errors", "tier_errors", "hot_flushes", "hot_write_arounds"), metrics)
         self._tick, self._count = self._counters.tick, self._counters.add
         durable = [t for t in _ORDER if t in repos and not repos[t].volatile]
         catalog_tier = durable[0] if durable else next(t for t in _ORDER if t in repos)
@@ -180,7 +180,8 @@ class StateManager:
         self._catalog = catalog = Catalog(catalog_tier, repos[catalog_tier], payloads)
         self._hot: HotGuard | None = None
         if Tier.HOT in repos and catalog_tier is not Tier.HOT:
-            self._hot = hot_guard(repos[Tier.HOT], catalog, self.policy.hot_ttl, self._count)
+            self._hot = hot_guard(repos[Tier.HOT], catalog, self.policy.hot_ttl, self._count,
+                                  self.policy.hot_trust_window)
         self._clock = VersionClock()
         self._catalog_hit = _HIT[catalog_tier]
         #: A read that finds a value in the catalog copies it up (to HOT).
@@ -441,15 +442,14 @@ class StateManager:
             copies: dict[str, Entry] = {}
             done: KeySet = set()
             errors: dict[str, BaseException] = {}
-            if hot is not None:
-                hot.before_write(versions)
+            ticket = hot.before_write(versions) if hot is not None else None
             try:
                 if payloads:
                     errors = catalog.store_payloads(payloads)
                     if time.monotonic() - started > GARBAGE_GRACE / 2:
                         raise _TooSlow  # the sweep may count these payloads as garbage already
-                if hot is not None:
-                    hot.refresh_if_old(versions)
+                if ticket is not None:
+                    hot.refresh_if_old(ticket)  # type: ignore[union-attr]
                 if time.monotonic() - started > self._fresh_for:
                     # The key may have been deleted and its tombstone purged
                     # since these versions were made: they could go backwards.
@@ -466,8 +466,8 @@ class StateManager:
             except _TooSlow:
                 continue
             finally:
-                if hot is not None:
-                    hot.after_write(versions, copies)
+                if ticket is not None:
+                    hot.after_write(ticket, copies)  # type: ignore[union-attr]
                 if cache is not None:
                     cache.discard(versions)
             if len(done) == len(pending):
@@ -943,7 +943,7 @@ class StateManager:
                 tiers[tier.value] = {"backend": repo.backend, "tier": tier.value, "error": str(exc)}
         catalog = tiers.get(self._catalog.tier.value)
         if catalog is not None and "key_count" in catalog:
-            own = self._catalog.repo.fetch_many([FORMAT_KEY, HOT_DIRTY])
+            own = self._catalog.repo.fetch_many([FORMAT_KEY, *HOT_KEYS])
             catalog["key_count"] -= sum(1 for e in own.values() if e.live())
         counters = dict(self._counters.values)
         reads = sum(counters[k] for k in ("hit_hot", "hit_warm", "hit_cold", "miss"))

@@ -42,6 +42,15 @@ class TieringPolicy:
         was already under way when the key was deleted cannot land with an
         older version; writes that take longer than half of this start over
         with a new version. 0 purges at once (and gives that up).
+    :param hot_trust_window: seconds a process serves copies from a shared
+        HOT (Redis) after its last look at the catalog's write-around
+        marker. A process that cannot reach Redis while others can writes
+        around it: it records the marker and waits this long before its
+        write commits, so no process serves an older copy afterwards. The
+        trade: each process pays one catalog read per window while it reads
+        from HOT, and each write made while Redis is unreachable pays up to
+        this wait (once per outage per process, not per write, when writes
+        keep coming).
     """
 
     hot_ttl: float | None = 3600
@@ -51,9 +60,13 @@ class TieringPolicy:
     hot_max_bytes: int | None = None
     batch_size: int = 500
     purge_after: float = 300.0
+    hot_trust_window: float = 0.1
 
     def __post_init__(self) -> None:
         _check_seconds("hot_ttl", self.hot_ttl)
+        _check_seconds("hot_trust_window", self.hot_trust_window)
+        if self.hot_trust_window is None:
+            raise ConfigurationError("hot_trust_window must be a positive number of seconds")
         _check_seconds("cold_after", self.cold_after)
         if (isinstance(self.purge_after, bool) or not isinstance(self.purge_after, (int, float))
                 or not self.purge_after >= 0):

@@ -34,6 +34,9 @@ Both keys are written in one atomic command (``MSET``, or a Lua script when
 they carry a TTL) with the same ``PX``, read with one ``MGET``, and deleted
 together; a record whose two keys are not both there reads as absent.
 
+One more key, ``<prefix>\\x1fepoch``, holds the HOT epoch when the manager
+uses this store as a shared HOT (see "the HOT epoch" below).
+
 Volatile: records expire natively at ``min(expires_at, hot_until)`` (``PX``),
 and an already expired record is never stored (any older copy is deleted
 instead) -- so a tombstone, born expired, leaves nothing here, and the
@@ -89,6 +92,9 @@ DEFAULT_CONNECT_TIMEOUT = 0.5
 #: Marker between the prefix and a key for metadata keys (a control
 #: character, so no valid key can start with it).
 META_MARK = "\x1fmeta:"
+#: The key (after the prefix) of the HOT epoch; a control character again,
+#: so it is never a record key.
+EPOCH_MARK = "\x1fepoch"
 #: Records per MGET / MSET / Lua call, and keys per SCAN batch.
 CHUNK = 500
 SCAN_COUNT = 1000
@@ -144,9 +150,11 @@ local function vcmp(a, b)
 end
 -- The stored version of the record at KEYS[k], KEYS[k + 1]; '0' if there is
 -- none (or only half of one, which reads as absent too).
+-- Metadata that is not a string (another tool wrote the key) or not ours
+-- reads as absent too, so the next write replaces it instead of failing.
 local function stored(k)
-  local m = redis.call('GET', KEYS[k + 1])
-  if not m or redis.call('EXISTS', KEYS[k]) == 0 then return '0' end
+  local m = redis.pcall('GET', KEYS[k + 1])
+  if type(m) ~= 'string' or redis.call('EXISTS', KEYS[k]) == 0 then return '0' end
   return string.match(m, '"version":(%d+)') or '0'
 end
 -- px: "0" no expiry, "-1" already expired (the write leaves nothing), else ms.
@@ -161,6 +169,19 @@ local function put(k, v, m, px)
     redis.call('UNLINK', KEYS[k], KEYS[k + 1])
   end
 end
+-- The first n records of KEYS / ARGV (payload, metadata, px, version), each
+-- stored if its version is above the stored one; their 1-based indexes.
+local function store_if_newer(n)
+  local done = {}
+  for i = 1, n do
+    local k, a = 2 * i - 1, 4 * i - 4
+    if vcmp(stored(k), ARGV[a + 4]) < 0 then
+      put(k, ARGV[a + 1], ARGV[a + 2], ARGV[a + 3])
+      done[#done + 1] = i
+    end
+  end
+  return done
+end
 """
 # ARGV = payload, metadata, px per record; returns how many were written.
 _LUA_STORE = _LUA_LIB + """
@@ -172,15 +193,15 @@ return #KEYS / 2
 # ARGV = payload, metadata, px, version per record; each script returns the
 # 1-based indexes of the records it wrote or deleted.
 _LUA_STORE_IF_NEWER = _LUA_LIB + """
-local done = {}
-for i = 1, #KEYS / 2 do
-  local k, a = 2 * i - 1, 4 * i - 4
-  if vcmp(stored(k), ARGV[a + 4]) < 0 then
-    put(k, ARGV[a + 1], ARGV[a + 2], ARGV[a + 3])
-    done[#done + 1] = i
-  end
-end
-return done
+return store_if_newer(#KEYS / 2)
+"""
+# The same, fenced by the HOT epoch: KEYS end with the epoch key and ARGV
+# with the epoch the caller read under; a different epoch (HOT was flushed
+# since, or this server is not the one the caller checked) writes nothing
+# and returns -1.
+_LUA_STORE_IF_NEWER_IN_EPOCH = _LUA_LIB + """
+if redis.call('GET', KEYS[#KEYS]) ~= ARGV[#ARGV] then return -1 end
+return store_if_newer((#KEYS - 1) / 2)
 """
 # ARGV = payload, metadata, px, version, expected per record. Redis drops an
 # expired record itself and a tombstone is never kept (it is born expired),
@@ -225,6 +246,25 @@ _ESCAPED = re.compile(r"\\.", re.DOTALL)
 def _escape_glob(text: str) -> str:
     """``text`` as a Redis MATCH glob that matches exactly itself."""
     return _GLOB_SPECIAL.sub(r"\\\1", text)
+
+
+class _EpochChanged(Exception):
+    """A fenced script found another HOT epoch than its caller's."""
+
+
+_RUN_ID = re.compile(rb"run_id:([0-9a-fA-F]+)")
+
+
+def _run_id(info: bytes | str) -> str:
+    """The ``run_id`` in the text of ``INFO server``."""
+    found = _RUN_ID.search(info if isinstance(info, bytes) else info.encode("utf-8"))
+    return found.group(1).decode("ascii") if found else ""
+
+
+def _same_epoch(stored: bytes | str | None, epoch: str) -> bool:
+    if stored is None:
+        return False
+    return (stored.decode("utf-8", "replace") if isinstance(stored, bytes) else stored) == epoch
 
 
 def _valid(key: str) -> bool:
@@ -323,11 +363,16 @@ class RedisStateRepository(StateRepository):
         self.default_ttl = default_ttl
         self._value_prefix = prefix.encode("utf-8")
         self._meta_prefix = (prefix + META_MARK).encode("utf-8")
+        self._epoch_key = (prefix + EPOCH_MARK).encode("utf-8")
+        #: The run id of the server the HOT guard checked its epoch on
+        #: (None: no guard uses this repository as a shared HOT).
+        self._server: str | None = None
         self._glob_prefix = _escape_glob(prefix)
         self._owns_client = isinstance(client, str)
         # Any: redis-py's command methods are untyped.
         self._client: Any
         if isinstance(client, str):
+            redis_options.setdefault("redis_connect_func", self._on_connect)
             self._client = self._connect(
                 client, socket_timeout, socket_connect_timeout, redis_options
             )
@@ -335,11 +380,14 @@ class RedisStateRepository(StateRepository):
             if redis_options:
                 raise ConfigurationError("redis options only apply when opening from a URL")
             self._client = client
+            client.connection_pool.connection_kwargs.setdefault("redis_connect_func",
+                                                                self._on_connect)
         self._location = self._describe(self._client)
         self._guards: dict[str, _Translate] = {}
         register = self._client.register_script
         self._store_script = register(_LUA_STORE)
         self._store_if_newer_script = register(_LUA_STORE_IF_NEWER)
+        self._store_if_newer_in_epoch_script = register(_LUA_STORE_IF_NEWER_IN_EPOCH)
         self._store_if_version_script = register(_LUA_STORE_IF_VERSION)
         self._delete_if_version_script = register(_LUA_DELETE_IF_VERSION)
         self._delete_script = register(_LUA_DELETE)
@@ -711,16 +759,24 @@ class RedisStateRepository(StateRepository):
 
     # ------------------------------------------------------------ native extras
     def fetch_many(self, keys: Iterable[str]) -> dict[str, Entry]:
+        found = self._fetch_many(keys, None)
+        assert found is not None  # unfenced reads always answer
+        return found
+
+    def _fetch_many(self, keys: Iterable[str], epoch: str | None) -> dict[str, Entry] | None:
+        """MGET the records; with ``epoch``, each MGET also reads the epoch key,
+        and the answer is None if any of them found another epoch."""
         unique = list(dict.fromkeys(validate_key(k) for k in keys))
         if not unique:
             return {}
         vp, mp = self._value_prefix, self._meta_prefix
+        fence = () if epoch is None else (self._epoch_key,)
         chunks = list(chunked(unique, CHUNK))
         with self._errors("fetch_many"):
             pipe = self._client.pipeline(transaction=False) if len(chunks) > 1 else None
             replies = []
             for chunk in chunks:
-                args: list[bytes] = []
+                args: list[bytes] = [*fence]
                 for k in chunk:
                     raw = k.encode("utf-8")
                     args += (vp + raw, mp + raw)
@@ -730,6 +786,10 @@ class RedisStateRepository(StateRepository):
                     pipe.execute_command("MGET", *args)
             if pipe is not None:
                 replies = pipe.execute()
+        if epoch is not None:
+            if any(not _same_epoch(values[0], epoch) for values in replies):
+                return None
+            replies = [values[1:] for values in replies]
         out: dict[str, Entry] = {}
         loads = _loads
         for chunk, values in zip(chunks, replies):
@@ -797,16 +857,23 @@ class RedisStateRepository(StateRepository):
                                       rows)
 
     def _conditional_many(
-        self, action: str, script: Any, rows: list[tuple[str, tuple[Any, ...]]]
+        self, action: str, script: Any, rows: list[tuple[str, tuple[Any, ...]]],
+        epoch: str | None = None,
     ) -> set[str]:
         """Run a conditional script over ``(key, its ARGV)`` rows: CHUNK records
         per call, PIPELINE_RECORDS records per round trip (one, for any batch the
         manager sends). Returns the keys the script wrote or deleted.
 
+        With ``epoch`` (a fenced script), a call that found another epoch
+        answers -1 and its records are refused (:class:`_EpochChanged`).
+
         :raises BatchError: some calls failed; ``.failed`` names their keys,
             ``.succeeded`` the keys written or deleted (a refused key is in neither).
         """
         vp, mp = self._value_prefix, self._meta_prefix
+        fence: tuple[tuple[bytes, ...], tuple[str, ...]] = ((), ()) if epoch is None else (
+            (self._epoch_key,), (epoch,))
+        moved_on = False
         done: set[str] = set()
         failed: dict[str, BaseException] = {}
         parts = list(chunked(rows, PIPELINE_RECORDS))
@@ -820,7 +887,7 @@ class RedisStateRepository(StateRepository):
                     raw = key.encode("utf-8")
                     keys += (vp + raw, mp + raw)
                     args += argv
-                calls.append((script, keys, args))
+                calls.append((script, keys + list(fence[0]), args + list(fence[1])))
             try:
                 replies = self._send(action, calls)
             except BackendError as exc:
@@ -832,23 +899,114 @@ class RedisStateRepository(StateRepository):
             for chunk, reply in zip(chunks, replies):
                 if isinstance(reply, Exception):
                     failed.update((k, reply) for k, _ in chunk)
+                elif reply == -1:
+                    moved_on = True
                 else:
                     done.update(chunk[i - 1][0] for i in reply)
         if failed:
             raise self._batch_failed(action, failed, done)
+        if moved_on:
+            raise _EpochChanged
         return done
+
+    # ------------------------------------------------------------ the HOT epoch
+    # A shared HOT must never serve or take in a copy that may have missed an
+    # invalidation: after a flush (FLUSHALL, or the guard's own after an
+    # outage), a server restarted from an old snapshot, a failover to a
+    # replica. The guard keeps an *epoch*: a random token stored under the
+    # prefix and recorded, with the server's run id, in the catalog. Reads
+    # fetch the epoch key with the records, copies go in only under the epoch
+    # their reader checked, and a flush deletes the epoch key first. A new
+    # connection to a server other than the one the guard checked deletes
+    # the epoch key before it carries any command (:meth:`_on_connect`), so a
+    # restored snapshot's epoch key -- the right token, on the wrong data --
+    # is never believed.
+    def _on_connect(self, connection: Any) -> None:
+        connection.on_connect()
+        trusted = self._server
+        if trusted is None:
+            return
+        connection.send_command("INFO", "server")
+        server = _run_id(connection.read_response())
+        if server == trusted:
+            return
+        log.warning("redis at %s is another server than before (a restart or a failover): "
+                    "its copies are not trusted until the next check", self._location)
+        connection.send_command("DEL", self._epoch_key)
+        try:
+            connection.read_response()
+        except self._redis.exceptions.ResponseError as exc:  # a replica: READONLY
+            raise self._redis.exceptions.ConnectionError(
+                f"cannot reset the HOT epoch on a changed server ({type(exc).__name__})") from None
+
+    def epoch_state(self) -> tuple[str, str | None]:
+        """The server's run id and the epoch stored under the prefix (None: none)."""
+        with self._errors("epoch"):
+            pipe = self._client.pipeline(transaction=False)
+            pipe.execute_command("INFO", "server")
+            pipe.execute_command("GET", self._epoch_key)
+            info, epoch = pipe.execute()
+        if isinstance(epoch, bytes):
+            epoch = epoch.decode("utf-8", "replace")
+        return str(info.get("run_id", "")), epoch
+
+    def trust_server(self, server: str) -> None:
+        """From now on, a new connection to any server but ``server`` resets the epoch."""
+        self._server = server
+
+    def reset_epoch(self, epoch: str) -> int:
+        """Flush the prefix and start ``epoch``; returns how many records went.
+
+        The old epoch key goes first, so every fenced write still under way
+        is refused from that moment, before any record is deleted.
+        """
+        with self._errors("reset_epoch"):
+            self._client.execute_command("DEL", self._epoch_key)
+        flushed = self.clear()
+        with self._errors("reset_epoch"):
+            self._client.execute_command("SET", self._epoch_key, epoch)
+        return flushed
+
+    def fetch_record_in_epoch(self, key: str, epoch: str) -> tuple[bool, Entry | None]:
+        """``(True, fetch_record(key))`` if the stored epoch is ``epoch``, else ``(False, None)``."""
+        raw = validate_key(key).encode("utf-8")
+        with self._errors("fetch"):
+            stored, payload, meta = self._client.execute_command(
+                "MGET", self._epoch_key, self._value_prefix + raw, self._meta_prefix + raw
+            )
+        if not _same_epoch(stored, epoch):
+            return False, None
+        return True, self._entry(key, payload, meta)
+
+    def fetch_many_in_epoch(self, keys: Iterable[str], epoch: str) -> dict[str, Entry] | None:
+        """``fetch_many(keys)`` if the stored epoch is ``epoch``, else None."""
+        return self._fetch_many(keys, epoch)
+
+    def store_many_if_newer_in_epoch(self, items: Items, epoch: str) -> set[str] | None:
+        """``store_many_if_newer(items)`` if the stored epoch is ``epoch``, else None
+        (records of an earlier chunk may have gone in before the epoch moved on:
+        whatever moved it flushed them, or will)."""
+        for key in items:
+            validate_key(key)
+        now = time.time()
+        rows = [(key, self._store_args(payload, md, now)) for key, (payload, md) in items.items()]
+        try:
+            return self._conditional_many("store_many_if_newer", self._store_if_newer_in_epoch_script,
+                                          rows, epoch)
+        except _EpochChanged:
+            return None
 
     def clear(self) -> int:
         """Delete every record under this prefix (other prefixes are untouched)."""
         glob = self._glob_prefix + "*"
         start = len(self._value_prefix)
-        mark = META_MARK.encode("utf-8")
         total = 0
         with self._errors("clear"):
             for chunk in chunked(self._client.scan_iter(match=glob, count=SCAN_COUNT), SCAN_COUNT):
                 raws = [r if isinstance(r, bytes) else r.encode("utf-8") for r in chunk]
-                values = [r for r in raws if not r[start:].startswith(mark)]
-                metas = [r for r in raws if r[start:].startswith(mark)]
+                # Metadata keys and the epoch key start with a control character.
+                values = [r for r in raws if r[start:start + 1] != b"\x1f"]
+                metas = [r for r in raws if r[start:start + 1] == b"\x1f"]
                 pipe = self._client.pipeline(transaction=False)
                 if values:
                     pipe.execute_command("UNLINK", *values)
