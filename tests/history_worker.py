@@ -9,6 +9,10 @@ returns, each flushed at once, so an operation cut short by SIGKILL is left
 with an invoke and no result -- indeterminate. Times are
 ``time.monotonic_ns()``, one clock for every process on the machine.
 
+CONFIG_JSON is this process's own: a test may give each process other tier
+URLs (its own proxy in front of Redis, so one process can be cut off while
+the others are not).
+
 Every loop is bounded: the process stops at the deadline in its config, when
 the stop file appears, or after ``max_ops`` operations.
 """
@@ -43,6 +47,7 @@ class Log:
         self.file = open(path, "a", encoding="utf-8", buffering=1)
         self.process = process
         self.next_id = 0
+        self.last = ""
 
     def invoke(self, f: str, keys: list[str], **fields: Any) -> int:
         self.next_id += 1
@@ -50,6 +55,7 @@ class Log:
         return self.next_id
 
     def done(self, op: int, result: str, **fields: Any) -> None:
+        self.last = result
         self._write({"e": result, "id": op, **fields})
 
     def _write(self, event: dict[str, Any]) -> None:
@@ -163,6 +169,7 @@ def run_sweeper(config: dict[str, Any], state: tiered_state.StateManager, log: L
         state.sweep()
     except TieredStateError as exc:
         print(f"sweeper: {exc!r}", file=sys.stderr)
+        time.sleep(config.get("error_pause", 0.0))
     time.sleep(rng.uniform(0.0, 0.05))
 
 
@@ -181,6 +188,7 @@ def run_migrator(config: dict[str, Any], state: tiered_state.StateManager, log: 
             state.promote(key, to="warm")
     except TieredStateError as exc:
         print(f"migrator: {move} {key}: {exc!r}", file=sys.stderr)
+        time.sleep(config.get("error_pause", 0.0))
 
 
 ROLES = {"worker": run_worker, "sweeper": run_sweeper, "migrator": run_migrator}
@@ -196,13 +204,22 @@ def main() -> int:
     step = ROLES[role]
     deadline = time.monotonic() + float(config["seconds"])
     stop = config["stop_file"]
+    # After an operation that failed with an error, wait this long: a client
+    # that retries a dead server in a tight loop only floods the history with
+    # indeterminate operations (and a restarting server with connections).
+    error_pause = float(config.get("error_pause", 0.0))
     for n in range(int(config.get("max_ops", 10**7))):
         if time.monotonic() > deadline or (n % 20 == 0 and os.path.exists(stop)):
             break
         step(config, state, log, rng)
+        if error_pause and log.last == "info":
+            log.last = ""
+            time.sleep(error_pause)
     counters = state.stats()["manager"]
     with open(os.path.join(config["logs"], f"{role}-{process}.stats"), "w") as f:
-        json.dump({k: counters[k] for k in ("hot_flushes", "tier_errors", "integrity_errors")}, f)
+        # Every plain counter (hits per tier, flushes, errors...), for the summaries.
+        json.dump({k: v for k, v in counters.items()
+                   if isinstance(v, int) and not isinstance(v, bool)}, f)
     state.close()
     return 0
 

@@ -1,4 +1,4 @@
-"""Test helpers: free ports, server URLs from the environment, a TCP proxy to cut.
+"""Test helpers: free ports, server URLs from the environment, TCP proxies to cut.
 
 Server URLs come from ``TIERED_STATE_TEST_{REDIS,POSTGRES,S3}_URL``. Unset:
 the test is skipped with the reason. Set but unreachable: the test fails --
@@ -149,8 +149,75 @@ class TCPProxy:
         self._drop_all()
         self._mode = "forward"
 
+    @property
+    def mode(self) -> str:
+        """``forward``, ``cut`` or ``blackhole``."""
+        return self._mode
+
     def close(self) -> None:
+        """Stop forwarding and listening. Idempotent."""
+        if self._stop.is_set():
+            return
         self._stop.set()
         self._drop_all()
         self._listener.close()
         self._thread.join(timeout=2)
+
+    def __enter__(self) -> TCPProxy:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class ProxyGroup:
+    """One :class:`TCPProxy` per client in front of one server, by name.
+
+    Each client (a worker process, a manager) is given its own proxy's
+    address, so a test can cut every path to the server (a full partition)
+    or only one client's (a partial partition: that client cannot reach the
+    server while the others still can).
+    """
+
+    def __init__(self, target_host: str, target_port: int, names: list[str]) -> None:
+        self.proxies: dict[str, TCPProxy] = {}
+        try:
+            for name in names:
+                self.proxies[name] = TCPProxy(target_host, target_port)
+        except BaseException:
+            self.close()
+            raise
+
+    def __getitem__(self, name: str) -> TCPProxy:
+        return self.proxies[name]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.proxies)
+
+    def address(self, name: str) -> str:
+        return self.proxies[name].address
+
+    def cut(self, *names: str) -> None:
+        """Cut the named proxies (every one if none is named)."""
+        for name in names or tuple(self.proxies):
+            self.proxies[name].cut()
+
+    def blackhole(self, *names: str) -> None:
+        for name in names or tuple(self.proxies):
+            self.proxies[name].blackhole()
+
+    def restore(self, *names: str) -> None:
+        """Forward again through the named proxies (every one if none is named)."""
+        for name in names or tuple(self.proxies):
+            self.proxies[name].restore()
+
+    def close(self) -> None:
+        for proxy in self.proxies.values():
+            proxy.close()
+
+    def __enter__(self) -> ProxyGroup:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

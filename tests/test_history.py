@@ -42,38 +42,48 @@ WORKERS = 3
 class Cluster:
     """The processes of one run: start, kill, restart, stop -- every wait bounded."""
 
-    def __init__(self, config: dict[str, Any], logs: Path, seed: int) -> None:
+    def __init__(self, config: dict[str, Any], logs: Path, seed: int,
+                 seconds: float = SECONDS) -> None:
         self.config = config
         self.logs = logs
         self.rng = random.Random(seed)
+        self.seconds = seconds
         self.next_process = 1
         self.procs: dict[int, tuple[str, subprocess.Popen[bytes]]] = {}
+        #: Per-process config overrides (e.g. the process's own proxy URL for
+        #: HOT): a killed process's successor inherits its predecessor's.
+        self.overrides: dict[int, dict[str, Any]] = {}
         self.kills = 0
         self.stop_file = logs / "stop"
         env = dict(os.environ)
         env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
         self.env = env
 
-    def start(self, role: str) -> None:
+    def start(self, role: str, overrides: dict[str, Any] | None = None) -> int:
+        """Start a process of ``role``; ``overrides`` replace entries of the shared config."""
         process = self.next_process
         self.next_process += 1
-        config = {**self.config, "process": process, "seed": self.rng.randrange(2**32),
-                  "logs": str(self.logs), "stop_file": str(self.stop_file),
-                  "seconds": SECONDS + 30}
+        config = {**self.config, **(overrides or {}), "process": process,
+                  "seed": self.rng.randrange(2**32), "logs": str(self.logs),
+                  "stop_file": str(self.stop_file), "seconds": self.seconds + 30}
+        self.overrides[process] = dict(overrides or {})
         err = open(self.logs / f"{role}-{process}.stderr", "wb")
         proc = subprocess.Popen([sys.executable, "-m", "tests.history_worker", role,
                                  json.dumps(config)], env=self.env, stderr=err,
                                 stdout=subprocess.DEVNULL)
         err.close()
         self.procs[process] = (role, proc)
+        return process
 
-    def kill_one(self) -> None:
+    def kill_one(self) -> str:
+        """SIGKILL a random process and start its successor; which one (for logs)."""
         process = self.rng.choice(sorted(self.procs))
         role, proc = self.procs.pop(process)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
         self.kills += 1
-        self.start(role)
+        self.start(role, self.overrides.get(process))
+        return f"{role} {process}"
 
     def stop(self) -> list[str]:
         """Stop every process; the stderr of those that did not exit cleanly."""

@@ -10,7 +10,6 @@ successful ``set`` -- in this process or a new one.
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 import time
@@ -24,7 +23,8 @@ from tiered_state.errors import BackendUnavailableError
 from tiered_state.record import Tier
 
 from .conformance import make
-from .support import TCPProxy, free_port, wait_for_port
+from .servers import PrivateRedis as RedisServer
+from .support import TCPProxy
 
 redis = pytest.importorskip("redis")
 
@@ -36,43 +36,6 @@ SOCKET_TIMEOUT = 0.5
 CONNECT_TIMEOUT = 0.25
 SLACK = 0.5
 TIMEOUTS = f"socket_timeout={SOCKET_TIMEOUT}&socket_connect_timeout={CONNECT_TIMEOUT}"
-
-
-class RedisServer:
-    """A throw-away redis-server this test owns (no persistence)."""
-
-    def __init__(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            pytest.skip("redis-server is not installed")
-        self.binary = binary
-        self.port = free_port()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.start()
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-             "--appendonly", "no"],
-            stdout=subprocess.DEVNULL,
-        )
-        wait_for_port("127.0.0.1", self.port, 10)
-
-    def stop(self) -> None:
-        if self.proc is not None:
-            self.proc.kill()
-            self.proc.wait()
-            self.proc = None
-
-    def raw_get(self, name: str) -> bytes | None:
-        """GET straight from the server, around the proxy."""
-        with redis.Redis(port=self.port, socket_timeout=2) as client:
-            value: bytes | None = client.get(name)
-            return value
-
-    def restart(self) -> None:
-        self.stop()
-        self.start()
 
 
 @pytest.fixture

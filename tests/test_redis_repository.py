@@ -120,9 +120,25 @@ def test_half_written_record_reads_as_absent(repository: RedisStateRepository, r
     raw.set(f"{prefix}by-hand", b'{"x":1}')  # another tool wrote a value, no metadata
     assert repository.fetch_record("by-hand") is None
     assert repository.fetch_many(["by-hand"]) == {}
-    raw.set(f"{prefix}{META_MARK}garbled", b"not json")
-    raw.set(f"{prefix}garbled", b"1")
-    assert repository.fetch_record("garbled") is None
+
+
+
+def test_unreadable_metadata_reads_as_a_corrupt_record(repository: RedisStateRepository,
+                                                       raw: redis.Redis, prefix: str) -> None:
+    """Not as absent: the manager must count it and use another copy, and any
+    write replaces it."""
+    for n, meta in enumerate((b"not json", b'{"version": 5}', b'{"version": "5", "checksum": 1}',
+                              b"[1, 2]")):
+        key = f"garbled{n}"
+        raw.set(f"{prefix}{META_MARK}{key}", meta)
+        raw.set(f"{prefix}{key}", b"1")
+        entry = repository.fetch_record(key)
+        assert entry is not None and not entry.valid() and entry.version == 0
+        assert not repository.fetch_many([key])[key].valid()
+        with pytest.raises(IntegrityError):
+            repository.fetch(key)
+        assert repository.store_if_newer(key, *make(2, version=1)) is True
+        assert repository.fetch(key) == 2
 
 
 def test_corrupt_payload_fails_its_checksum(repository: RedisStateRepository, raw: redis.Redis,

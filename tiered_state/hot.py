@@ -71,10 +71,11 @@ RETRY_INTERVAL = 1.0
 #: process serves from a shared HOT after its last look at the marker, and
 #: so how long a write that cannot reach HOT waits before it commits.
 DEFAULT_TRUST_WINDOW = 0.1
-#: How long one write around HOT keeps the marker in force. Longer than a
-#: write takes (the manager gives up on a write after 10 s); a write that
-#: outlasts it marks again before it answers.
-WRITE_AROUND_SECONDS = 15.0
+#: How long one write around HOT keeps the marker in force: longer than one
+#: attempt of a write takes from its marker to its commit (a write that
+#: outlasts it marks again before it answers), and how long after the last
+#: such write every process reads the catalog instead of HOT.
+WRITE_AROUND_SECONDS = 5.0
 
 Counter = Callable[[str], None]
 _T = TypeVar("_T")
@@ -327,6 +328,8 @@ class SharedHot(HotGuard):
         self._retry_at = 0.0
         #: HOT may serve copies until then (monotonic) without a new look at the marker.
         self._trusted_until = 0.0
+        #: While the marker is in force: when to look at it again.
+        self._next_look = 0.0
         #: The epoch this process checked; None: check before HOT is used.
         self._epoch: str | None = None
         self._fenced = callable(getattr(repo, "reset_epoch", None))
@@ -371,9 +374,10 @@ class SharedHot(HotGuard):
     # -- trust: the marker and the epoch
     def _serving(self) -> bool:
         """May HOT serve copies now? Looks at the marker once per trust window."""
-        if time.monotonic() < self._trusted_until:
+        now = time.monotonic()
+        if now < self._trusted_until:
             return True
-        if not self.usable():
+        if now < self._next_look or not self.usable():
             return False
         try:
             return self._check()
@@ -393,7 +397,9 @@ class SharedHot(HotGuard):
                 self._adopt_epoch()
             if marker is not None:
                 if _marker_until(marker) > time.time():
-                    return False  # still written around: read the catalog
+                    # Still written around: read the catalog, look again in a window.
+                    self._next_look = started + self.trust_window
+                    return False
                 self._flush("HOT was written around while a process could not reach it")
                 self.catalog.repo.delete_if_version(HOT_DIRTY, marker.version)
         self._reached()

@@ -261,6 +261,22 @@ def _run_id(info: bytes | str) -> str:
     return found.group(1).decode("ascii") if found else ""
 
 
+_META_NAMES = frozenset(_META_FIELDS)
+
+
+def _is_metadata(value: Any) -> bool:
+    """Metadata this module wrote: every field there, version an int, checksum a str."""
+    return (type(value) is dict and _META_NAMES <= value.keys()
+            and type(value["version"]) is int and type(value["checksum"]) is str)
+
+
+def _corrupt_metadata() -> Metadata:
+    """Metadata for a copy whose own metadata cannot be read: no payload matches
+    its checksum, and its version is below every real one."""
+    return {"checksum": "", "size_bytes": 0, "version": 0, "created_at": 0.0,
+            "updated_at": 0.0, "expires_at": None, "encoding": "json"}
+
+
 def _same_epoch(stored: bytes | str | None, epoch: str) -> bool:
     if stored is None:
         return False
@@ -531,18 +547,20 @@ class RedisStateRepository(StateRepository):
     ) -> Entry | None:
         if payload is None or meta is None:
             return None  # half a record: expiring right now, or written by hand
-        try:
-            metadata = _loads(meta)
-            if "version" not in metadata:
-                raise KeyError("version")  # a JSON object, but not metadata we wrote
-        except (ValueError, TypeError, KeyError):
-            log.warning("redis: unreadable metadata for a key under prefix %r; treated as absent",
-                        self.prefix)
-            return None
         if isinstance(payload, bytes):
             # "replace" keeps a corrupted payload readable as text; its
             # checksum then fails and the manager uses another copy.
             payload = payload.decode("utf-8", "replace")
+        try:
+            metadata = _loads(meta)
+            if not _is_metadata(metadata):
+                raise ValueError("not metadata this library wrote")
+        except (ValueError, TypeError):
+            # A corrupt record, not an absent one: it fails its checksum, so
+            # the manager counts it, uses the catalog and replaces this copy
+            # (version 0 yields to any write).
+            log.warning("redis: unreadable metadata for a key under prefix %r", self.prefix)
+            return Entry(key, payload, _corrupt_metadata())
         return Entry(key, payload, metadata)
 
     # ------------------------------------------------------------ the seven
@@ -804,7 +822,7 @@ class RedisStateRepository(StateRepository):
                         metadata = loads(meta)
                     except ValueError:
                         metadata = None
-                    if type(metadata) is dict and "version" in metadata:
+                    if _is_metadata(metadata):
                         out[key] = Entry(key, payload.decode("utf-8", "replace"), metadata)  # type: ignore[arg-type]
                         continue
                 found = self._entry(key, payload, meta)
