@@ -467,3 +467,52 @@ def test_false_deadlock_from_the_kernel_is_retried(tmp_path: Path, monkeypatch: 
     repo = FileSystemStateRepository(tmp_path / "cold")
     assert repo.store_if_version("k", *make("v", 5), expected=0) is True
     assert repo.fetch("k") == "v" and calls["n"] >= 3
+
+
+# ---------------------------------------------------------------- damaged headers
+def test_fetch_many_reports_an_unreadable_file_and_reads_the_rest(
+    repo: FileSystemStateRepository,
+) -> None:
+    repo.store_many({"bad": make(1, 3), "good": make(2, 4)})
+    (path,) = [p for p in files_under(Path(repo.root)) if p.name == "bad"]
+    path.write_bytes(b"garbage without a header")
+    with pytest.raises(BatchError) as info:
+        repo.fetch_many(["bad", "good", "absent"])
+    assert set(info.value.failed) == {"bad"} and info.value.succeeded == ["good"]
+    assert isinstance(info.value.failed["bad"], IntegrityError)
+    assert repo.keys() == ["good"] and repo.keys("bad") == [] and repo.stats()["key_count"] == 1
+
+
+@pytest.mark.parametrize("edit", [
+    (b'"checksum":', b'"checksuo":'),  # a field's name: no KeyError, an IntegrityError
+    (b'"version":3', b'"version":2'),  # a value: the metadata checksum catches it
+    (b'"key":"k"', b'"key":"j"'),  # the key: not "absent", an IntegrityError
+    (b'"body":"json"', b'"body":"jsoo"'),
+    (b'"meta":"', b'"meta":"0'),
+])
+def test_a_damaged_header_is_an_integrity_error(
+    repo: FileSystemStateRepository, edit: tuple[bytes, bytes]
+) -> None:
+    repo.store("k", *make({"a": 1}, 3))
+    (path,) = [p for p in files_under(Path(repo.root)) if p.name == "k"]
+    data = path.read_bytes()
+    assert edit[0] in data
+    path.write_bytes(data.replace(edit[0], edit[1], 1))
+    with pytest.raises(IntegrityError) as info:
+        repo.fetch_record("k")
+    assert info.value.key == "k"
+    with pytest.raises(IntegrityError):
+        repo.fetch("k")
+    with pytest.raises(IntegrityError):
+        repo.store_if_newer("k", *make({"a": 2}, 4))  # a version it cannot read is no version
+    assert repo.keys() == [] and repo.stats()["key_count"] == 0
+
+
+def test_headers_carry_a_metadata_checksum(repo: FileSystemStateRepository) -> None:
+    from tiered_state.record import metadata_checksum
+
+    payload, metadata = make({"a": 1}, 3)
+    repo.store("k", payload, metadata)
+    (path,) = [p for p in files_under(Path(repo.root)) if p.name == "k"]
+    header = json.loads(path.read_bytes().split(b"\n", 1)[0])
+    assert header["meta"] == metadata_checksum("k", metadata, "json")

@@ -481,3 +481,30 @@ def test_errors_never_leak_raw_botocore(repository: S3StateRepository) -> None:
             call()
         assert "InternalError" in str(info.value)
         assert not isinstance(info.value, BackendUnavailableError)
+
+
+# ---------------------------------------------------------------- damaged metadata
+def test_object_metadata_carries_a_checksum_that_reads_check(repository: S3StateRepository) -> None:
+    from tiered_state.errors import IntegrityError
+    from tiered_state.record import metadata_checksum
+
+    payload, metadata = make({"a": 1}, 3)
+    repository.store("k", payload, metadata)
+    repository.store("other", *make("fine", 4))
+    stored = raw_object(repository, "k")
+    meta = dict(stored["Metadata"])
+    assert meta["metadata-checksum"] == metadata_checksum("k", metadata, "json")
+    name = repository._base + repository._name("k")
+    damaged = {**meta, "version": "2"}
+    repository._client.put_object(Bucket=repository.bucket, Key=name,
+                                  Body=stored["Body"].read(), Metadata=damaged)
+    with pytest.raises(IntegrityError) as info:
+        repository.fetch_record("k")
+    assert info.value.key == "k"
+    with pytest.raises(BatchError) as batch:
+        repository.fetch_many(["k", "other"])
+    assert isinstance(batch.value.failed["k"], IntegrityError)
+    assert batch.value.succeeded == ["other"]
+    assert sorted(repository.keys()) == ["k", "other"]  # listings never read metadata here
+    # A conditional write finds no version it can trust to keep.
+    assert not repository.delete_if_version("k", 2)

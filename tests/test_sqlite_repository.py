@@ -602,3 +602,299 @@ def test_a_rebuilt_empty_wal_index_is_never_a_proof(repo: SQLiteStateRepository)
     assert repo.changed_by_others() is False
     assert repo.changed_by_others() is False
     assert repo._clean is clean
+
+
+# ---------------------------------------------------------------- hostile bytes
+SECRET = "s3cr3t-payload"
+
+
+def write_raw_payload(path: str, key: str, raw: bytes, *, as_blob: bool = False) -> None:
+    """Put ``raw`` in ``key``'s payload column behind the repository's back."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        value = "?" if as_blob else "CAST(? AS TEXT)"
+        conn.execute(f"UPDATE tiered_state SET payload = {value} WHERE key = ?", (raw, key))
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("as_blob", [False, True], ids=["text", "blob"])
+def test_undecodable_payload_is_an_integrity_error_without_the_stored_bytes(
+    repo: SQLiteStateRepository, as_blob: bool
+) -> None:
+    repo.store("bad", *make({"v": SECRET}, 3))
+    repo.store("good", *make("fine", 4))
+    write_raw_payload(repo.path, "bad", b'{"v":"' + SECRET.encode() + b'\xff\xfe"}', as_blob=as_blob)
+    for read in (repo.fetch, repo.fetch_payload):
+        with pytest.raises(IntegrityError) as info:
+            read("bad")
+        assert SECRET not in str(info.value) and info.value.key == "bad"
+    entry = repo.fetch_record("bad")
+    assert entry is not None and entry.version == 3 and not entry.valid()
+    # Batch reads and listings carry on past the bad row: it is there, and fails its check.
+    many = repo.fetch_many(["bad", "good"])
+    assert not many["bad"].valid() and many["good"].valid() and many["good"].payload == '"fine"'
+    assert repo.keys() == ["bad", "good"]
+    scanned = [e for batch in repo.scan(10, idle_before=time.time() + 1) for e in batch]
+    assert sorted(e.key for e in scanned) == ["bad", "good"]
+    assert repo.stats()["key_count"] == 2
+    # The connection is left fit for writing: no read is left open on it.
+    repo.store("good", *make("again", 5))
+    assert repo.fetch("good") == "again"
+
+
+def test_undecodable_key_and_checksum_columns_are_read(repo: SQLiteStateRepository) -> None:
+    repo.store("k", *make({"v": 1}, 3))
+    conn = sqlite3.connect(repo.path, isolation_level=None)
+    try:
+        conn.execute("UPDATE tiered_state SET checksum = CAST(X'61FF62' AS TEXT)")
+        conn.execute("INSERT INTO tiered_state SELECT CAST(X'6BFF' AS TEXT), payload, checksum,"
+                     " size_bytes, version, created_at, updated_at, last_accessed, expires_at,"
+                     " encoding FROM tiered_state")
+    finally:
+        conn.close()
+    with pytest.raises(IntegrityError):
+        repo.fetch("k")
+    entry = repo.fetch_record("k")
+    assert entry is not None and not entry.valid()
+    # A key that is not UTF-8 is no key the library wrote: listings skip it.
+    assert repo.keys() == ["k"] and list(repo.iter_all_keys()) == ["k"]
+    assert set(repo.fetch_many(["k"])) == {"k"}
+    scanned = [e.key for batch in repo.scan(10, idle_before=time.time() + 1) for e in batch]
+    assert scanned == ["k"]
+
+
+def test_a_failed_read_leaves_no_snapshot_open(repo: SQLiteStateRepository) -> None:
+    """A read that fails part-way must not keep its statement (and so an old
+    snapshot) open: later reads would be stale, and a write on the
+    connection would fail at once with SQLITE_BUSY instead of waiting."""
+    repo.store_many({f"k{i}": make(i, 2) for i in range(5)})
+    write_raw_payload(repo.path, "k2", b"\xff")
+    repo.fetch_many([f"k{i}" for i in range(5)])
+    other = sqlite3.connect(repo.path, isolation_level=None)
+    try:
+        other.execute("UPDATE tiered_state SET version = 9 WHERE key = 'k0'")
+    finally:
+        other.close()
+    entry = repo.fetch_record("k0")
+    assert entry is not None and entry.version == 9
+    assert repo.store_if_version("k0", *make("new", 10), expected=9)
+
+
+# ---------------------------------------------------------------- write locks
+def test_every_write_waits_for_the_lock_instead_of_failing(tmp_path: Path) -> None:
+    """A writer holding the lock for a while delays every kind of write; none fails."""
+    repo = SQLiteStateRepository(tmp_path / "w.db", busy_timeout=5)
+    repo.store("k", *make(1, 1))
+    writes = [
+        lambda: repo.store("a", *make(1, 1)),
+        lambda: repo.store_many({"b": make(1, 1), "c": make(1, 1)}),
+        lambda: repo.store_if_newer("k", *make(2, 2)),
+        lambda: repo.store_if_version("k", *make(3, 3), expected=2),
+        lambda: repo.store_many_if_newer({"d": make(1, 1)}),
+        lambda: repo.store_many_if_version({"k": make(4, 4)}, {"k": 3}),
+        lambda: repo.delete("a"),
+        lambda: repo.delete_if_version("b", 1),
+        lambda: repo.delete_many_if_version({"c": 1}),
+        lambda: repo.delete_many(["d"]),
+        lambda: repo.touch_many(["k"], time.time()),
+    ]
+    for write in writes:
+        blocker = sqlite3.connect(repo.path, isolation_level=None, check_same_thread=False)
+        blocker.execute("BEGIN IMMEDIATE")
+        release = threading.Timer(0.2, lambda b=blocker: (b.execute("COMMIT"), b.close()))
+        release.start()
+        try:
+            write()
+        finally:
+            release.join(timeout=10)
+    entry = repo.fetch_record("k")
+    assert entry is not None and entry.version == 4
+    assert repo.keys() == ["k"]
+    repo.close()
+
+
+def _busy() -> sqlite3.OperationalError:
+    exc = sqlite3.OperationalError("database is locked")
+    exc.sqlite_errorcode = 5  # type: ignore[attr-defined]
+    exc.sqlite_errorname = "SQLITE_BUSY"  # type: ignore[attr-defined]
+    return exc
+
+
+def test_a_write_refused_at_once_is_retried_until_the_busy_timeout(tmp_path: Path) -> None:
+    """SQLite answers some SQLITE_BUSY without waiting (the WAL switch, a stale
+    snapshot): such a write is tried again, never failed before busy_timeout."""
+    repo = SQLiteStateRepository(tmp_path / "r.db", busy_timeout=0.5)
+    refusals = iter([_busy(), _busy(), None])
+
+    def refused_twice(conn: sqlite3.Connection) -> int:
+        error = next(refusals)
+        if error is not None:
+            raise error
+        return conn.execute("SELECT 7").fetchone()[0]  # type: ignore[no-any-return]
+
+    assert repo._write(refused_twice) == 7
+
+    def always_refused(conn: sqlite3.Connection) -> None:
+        raise _busy()
+
+    started = time.monotonic()
+    with pytest.raises(BackendError) as info:
+        repo._write(always_refused, transaction=True)
+    assert 0.4 <= time.monotonic() - started < 2.0
+    assert "SQLITE_BUSY" in str(info.value)
+    # The connection's own busy timeout is back to the configured one.
+    assert repo._conn().execute("PRAGMA busy_timeout").fetchone()[0] == 500
+    assert not repo._conn().in_transaction
+    repo.close()
+
+
+def test_a_new_file_opened_by_many_connections_at_once(tmp_path: Path) -> None:
+    """WAL switch and schema creation race on a new file: every opener waits, none fails."""
+    path = tmp_path / "new.db"
+    errors: list[BaseException] = []
+    start = threading.Barrier(8, timeout=10)
+
+    def opener() -> None:
+        try:
+            with SQLiteStateRepository(path) as r:
+                start.wait()
+                r.store(f"k{threading.get_ident()}", *make(1, 1))
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=opener) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    assert errors == []
+    with SQLiteStateRepository(path) as r:
+        assert len(r.keys()) == 8
+
+
+def _other_process_can_leave_wal(path: str) -> bool:
+    """True if another process can switch ``path`` out of WAL mode at once,
+    which it can only while no other connection has the file open."""
+    result = run_python(
+        """
+        import sqlite3, sys
+        conn = sqlite3.connect(sys.argv[1], timeout=0, isolation_level=None)
+        try:
+            print(conn.execute("PRAGMA journal_mode = DELETE").fetchone()[0])
+        except sqlite3.OperationalError:
+            print("locked")
+        """,
+        path,
+    )
+    return result.stdout.strip() == "delete"
+
+
+def test_creating_the_file_never_drops_another_connections_locks(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Closing any descriptor of a file drops every POSIX lock the process
+    holds on it: a repository creating the file while another connection of
+    this process already uses it must not open (and close) the file itself.
+    (Without its lock, that connection looks absent to other processes, which
+    then delete the WAL or rebuild its index under it.)"""
+    path = tmp_path / "race.db"
+    holder = sqlite3.connect(path, isolation_level=None)
+    try:
+        holder.execute("PRAGMA journal_mode = WAL")
+        holder.execute("CREATE TABLE t (x)")
+        holder.execute("INSERT INTO t VALUES (1)")
+        assert not _other_process_can_leave_wal(str(path))
+        # The file appears between the existence check and the creation.
+        monkeypatch.setattr(os.path, "exists", lambda p: False)
+        SQLiteStateRepository(path)._create_file()
+        monkeypatch.undo()
+        assert not _other_process_can_leave_wal(str(path)), "the holder's lock was dropped"
+        assert holder.execute("SELECT x FROM t").fetchall() == [(1,)]
+    finally:
+        holder.close()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".new")]
+
+
+def test_new_file_gets_0600_without_leftovers(tmp_path: Path) -> None:
+    repo = SQLiteStateRepository(tmp_path / "sub" / "fresh.db")
+    repo.store("k", *make(1, 1))
+    assert stat.S_IMODE((tmp_path / "sub" / "fresh.db").stat().st_mode) == 0o600
+    assert sorted(p.name for p in (tmp_path / "sub").iterdir() if not p.name.startswith("fresh.db"))\
+        == []
+    repo.close()
+
+
+MULTIPROCESS_WORKER = """
+    import random, sys, threading, time, traceback
+    import tiered_state
+
+    path, seed, start = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    errors = []
+    opened = threading.Barrier(5, timeout=60)
+    shared = None
+
+    def work(thread):
+        rng = random.Random(seed * 10 + thread)
+        state = None
+        try:
+            while time.time() < start:  # every opener of the new store at once
+                time.sleep(0.001)
+            # Half the threads open stores of their own, half share the process's.
+            state = tiered_state.open(path) if thread % 2 == 0 else None
+            opened.wait()
+            state = state or shared
+            for i in range(300):
+                key = f"k{rng.randrange(30)}"
+                op = rng.random()
+                if op < 0.35:
+                    state.set(key, {"t": thread, "i": i}, tier=rng.choice(["hot", "warm", "cold"]))
+                elif op < 0.65:
+                    state.get(key)
+                elif op < 0.75:
+                    state.set_many({key: i, f"k{rng.randrange(30)}": i}, tier="warm")
+                elif op < 0.85:
+                    state.get_many([key, f"k{rng.randrange(30)}"])
+                elif op < 0.95:
+                    state.delete(key)
+                else:
+                    state.keys("k*")
+        except BaseException:
+            errors.append(traceback.format_exc())
+        finally:
+            if state is not None and state is not shared:
+                state.close()
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in threads:
+        t.start()
+    while time.time() < start:
+        time.sleep(0.001)
+    try:
+        shared = tiered_state.open(path)
+    finally:
+        opened.wait()
+    for t in threads:
+        t.join(timeout=120)
+    shared.close()
+    print("".join(errors[:2]) or "ok")
+"""
+
+
+def test_two_processes_with_four_threads_each_never_see_sqlite_busy(tmp_path: Path) -> None:
+    """2 processes x 4 threads write and read one new embedded store at once:
+    every write waits for the lock (none fails with SQLITE_BUSY) and nothing
+    else goes wrong either."""
+    path = str(tmp_path / "store")
+    start = time.time() + 1.0
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", textwrap.dedent(MULTIPROCESS_WORKER), path, str(seed), str(start)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for seed in range(2)
+    ]
+    for proc in procs:
+        out, err = proc.communicate(timeout=180)
+        assert proc.returncode == 0, err[-2000:]
+        assert out.strip() == "ok", out[-3000:]

@@ -28,7 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from . import codec
-from .errors import BackendError, BatchError, InvalidKeyError, SerializationError
+from .errors import BackendError, BatchError, IntegrityError, InvalidKeyError, SerializationError
 from .keys import MAX_KEY_BYTES, validate_key
 from .record import STUB, Entry, Metadata, Record, Tier, is_value, make_stub
 from .repositories.base import Items, StateRepository
@@ -164,9 +164,11 @@ class Catalog:
         """The values of live catalog entries: values as they are, stubs with
         their payloads read and checked against the stub.
 
-        A value whose payload fails its checksum is replaced by a valid copy
-        of the same version below the catalog if there is one (and the
-        catalog row repaired); otherwise the key is reported corrupt.
+        A value whose payload fails its checksum (or is not text at all) is
+        replaced by a valid copy of the same version below the catalog if
+        there is one (and the catalog row repaired); otherwise the key is
+        reported corrupt. A payload below that cannot even be read (its
+        header fails its own check) counts as missing, for its key alone.
 
         A stub whose payload is missing or wrong is read again: a writer (or
         the sweep) that replaced the entry since it was read may have dropped
@@ -232,9 +234,31 @@ class Catalog:
             return {}
         if len(wanted) == 1:
             (name, key), = wanted.items()
-            entry = repo.fetch_record(name)
+            try:
+                entry = repo.fetch_record(name)
+            except IntegrityError as exc:
+                log.error("payload %r cannot be read: %s", name, exc)
+                return {}
             return {} if entry is None else {key: entry}
-        return {wanted[n]: e for n, e in repo.fetch_many(list(wanted)).items()}
+        return {wanted[n]: e for n, e in self._readable(list(wanted)).items()}
+
+    def _readable(self, names: list[str]) -> dict[str, Entry]:
+        """The payload entries stored under ``names``, absent ones left out --
+        and unreadable ones too (logged): a payload whose stored form fails
+        its own integrity check is as good as missing, and must not keep the
+        rest of a batch from being read.
+        """
+        repo = self.payload_repo
+        assert repo is not None
+        try:
+            return repo.fetch_many(names)
+        except BatchError as exc:
+            unreadable = {n: e for n, e in exc.failed.items() if isinstance(e, IntegrityError)}
+            if len(unreadable) < len(exc.failed):
+                raise
+        for name, error in sorted(unreadable.items()):
+            log.error("payload %r cannot be read: %s", name, error)
+        return repo.fetch_many([n for n in names if n not in unreadable])
 
     @staticmethod
     def _matching(stub: Entry, payload: Entry | None) -> Entry | None:
@@ -311,10 +335,9 @@ class Catalog:
 
     def verify_payloads(self, items: Items) -> set[str]:
         """The keys whose payload is stored below the catalog exactly as given."""
-        repo = self.payload_repo
-        assert repo is not None
+        assert self.payload_repo is not None
         names = {payload_name(k, md["version"]): k for k, (_, md) in items.items()}
-        copies = repo.fetch_many(list(names))
+        copies = self._readable(list(names))
         good: set[str] = set()
         for name, key in names.items():
             copy = copies.get(name)

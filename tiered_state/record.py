@@ -13,6 +13,13 @@ A repository stores a *payload* (the encoded value, see :mod:`.codec`) with a
 ``encoding``    ``json`` (``json+zlib`` where a backend compressed it)
 ==============  =========================================================
 
+The payload checksum covers the payload only. A backend that keeps the
+metadata apart from the payload (a cold file's header line, an S3 object's
+headers) stores a checksum of the metadata too (:func:`metadata_checksum`)
+and checks what it reads back with :func:`stored_metadata`, so damaged
+metadata is an ``IntegrityError``, never a wrong version or expiry; a
+compressed body is inflated with :func:`inflate`, bounded by ``size_bytes``.
+
 A copy the manager puts in a *volatile* tier (memory, redis) may carry one
 more key, ``hot_until`` (epoch seconds): the policy's ``hot_ttl`` for that
 copy. A volatile backend drops the copy at ``min(expires_at, hot_until)`` but
@@ -40,9 +47,12 @@ Entries
 from __future__ import annotations
 
 import hashlib
+import json
 import secrets
 import threading
 import time
+import zlib
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, TypedDict
@@ -59,11 +69,14 @@ __all__ = [
     "Tier",
     "VersionClock",
     "checksum",
+    "inflate",
     "is_value",
     "live_value",
     "make_metadata",
     "make_stub",
     "make_tombstone",
+    "metadata_checksum",
+    "stored_metadata",
 ]
 
 #: ``metadata["encoding"]`` of the two kinds of entry that are not values.
@@ -117,9 +130,121 @@ class Metadata(TypedDict):
     encoding: str
 
 
-def checksum(payload: str) -> str:
-    """Hex SHA-256 of the payload's UTF-8 bytes."""
-    return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+def checksum(payload: str) -> str | None:
+    """Hex SHA-256 of the payload's UTF-8 bytes.
+
+    None for a payload that is not text at all -- bytes, or a string with a
+    lone surrogate, which only a store edited behind the library's back can
+    hold -- so that it matches no stored checksum and reads as corrupt.
+    """
+    try:
+        return hashlib.sha256(payload.encode("utf-8")).hexdigest()
+    except (AttributeError, UnicodeEncodeError):
+        return None
+
+
+def metadata_checksum(key: str, metadata: Metadata, packing: str) -> str:
+    """Hex SHA-256 of ``key``, every field of ``metadata`` and ``packing``.
+
+    For backends that keep the metadata apart from the payload (a file's
+    header line, an S3 object's ``x-amz-meta-*`` headers): the payload
+    checksum covers the payload only, so without this a damaged version,
+    expiry or encoding would be served as if it were true. ``packing`` is how
+    the body is stored (``json``, ``json+zlib``). Numbers are hashed in one
+    canonical form, so metadata that went through text (S3 headers) and
+    metadata that did not (JSON) give the same digest.
+
+    :raises TypeError, ValueError: a field of the wrong type (see
+        :func:`stored_metadata`, which checks them first).
+    """
+    expires_at = metadata["expires_at"]
+    fields = [
+        key,
+        metadata["checksum"],
+        int(metadata["size_bytes"]),
+        int(metadata["version"]),
+        float(metadata["created_at"]),
+        float(metadata["updated_at"]),
+        None if expires_at is None else float(expires_at),
+        metadata["encoding"],
+        packing,
+    ]
+    return hashlib.sha256(_CANONICAL.encode(fields).encode("utf-8")).hexdigest()
+
+
+# Built once: json.dumps with options builds an encoder on every call.
+_CANONICAL = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+
+
+def stored_metadata(key: str, fields: Mapping[str, Any], digest: str | None, packing: str
+                    ) -> Metadata:
+    """The metadata a backend read back for ``key``, checked.
+
+    Every field must have its type (``bool`` is not an int here) and, when
+    the record carries a metadata checksum (``digest``; records written
+    before it existed have none), match it. This is the one test a backend
+    that stores metadata apart from its payload applies before trusting it.
+
+    :raises IntegrityError: a field is missing or of the wrong type, or the
+        metadata fails its checksum. The message names no stored value.
+    """
+    try:
+        metadata: Metadata = {
+            "checksum": fields["checksum"],
+            "size_bytes": fields["size_bytes"],
+            "version": fields["version"],
+            "created_at": fields["created_at"],
+            "updated_at": fields["updated_at"],
+            "expires_at": fields["expires_at"],
+            "encoding": fields["encoding"],
+        }
+    except KeyError as exc:
+        raise IntegrityError(f"unreadable metadata for {key!r}", key) from exc
+    # Exact types (the ones JSON and int()/float() give): bool is no int.
+    size, version, expires_at = metadata["size_bytes"], metadata["version"], metadata["expires_at"]
+    if not (type(metadata["checksum"]) is str and type(metadata["encoding"]) is str
+            and type(size) is int and size >= 0 and type(version) is int and version >= 0
+            and type(metadata["created_at"]) in _NUMBERS
+            and type(metadata["updated_at"]) in _NUMBERS
+            and (expires_at is None or type(expires_at) in _NUMBERS)):
+        raise IntegrityError(f"unreadable metadata for {key!r}", key)
+    if digest is not None and digest != metadata_checksum(key, metadata, packing):
+        raise IntegrityError(f"metadata checksum mismatch for {key!r}", key)
+    return metadata
+
+
+_NUMBERS = (float, int)
+
+
+#: Bytes an inflated body may exceed its recorded ``size_bytes`` by before it
+#: is refused. A value inflates to exactly its size; a stub's locator (whose
+#: ``size_bytes`` is its value's) is at most a couple of KiB.
+INFLATE_MARGIN = 64 * 1024
+
+
+def inflate(body: bytes, size_bytes: int, key: str) -> str:
+    """A zlib-packed body's text, never inflating more than ``size_bytes``
+    plus :data:`INFLATE_MARGIN` bytes: a small body that claims to hold a
+    huge payload (a decompression bomb, or damage) cannot exhaust memory.
+
+    :raises IntegrityError: the body is not a complete zlib stream of UTF-8
+        text within that bound.
+    """
+    limit = max(size_bytes, 0) + INFLATE_MARGIN
+    inflater = zlib.decompressobj()
+    try:
+        data = inflater.decompress(body, limit + 1)
+        complete = inflater.eof and not inflater.unused_data
+    except zlib.error as exc:
+        raise IntegrityError(f"corrupt compressed payload for {key!r}", key) from exc
+    if len(data) > limit:
+        raise IntegrityError(f"compressed payload for {key!r} inflates past its recorded size", key)
+    if not complete:
+        raise IntegrityError(f"truncated or overlong compressed payload for {key!r}", key)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise IntegrityError(f"corrupt compressed payload for {key!r}", key) from exc
 
 
 def make_metadata(

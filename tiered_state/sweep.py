@@ -12,7 +12,10 @@ conditional write that loses any race:
 * **move** -- WARM values idle for ``cold_after`` go COLD: copy the payload
   below the catalog, read it back and check it, then turn the entry into a
   stub *of the same version* (the migration commit); a write that came in
-  meanwhile makes that commit fail and the copy is garbage.
+  meanwhile makes that commit fail and the copy is garbage. A value that
+  fails its checksum is first replaced by a valid copy of its version below
+  the catalog, if there is one (and then moved); if not, it is left alone,
+  logged and counted in ``failed`` -- the sweep goes on with the rest.
 """
 
 from __future__ import annotations
@@ -75,9 +78,13 @@ class SweepReport:
         }
 
     def _fail(self, keys: Any, why: str) -> None:
+        keys = list(keys)
         for key in keys:
             self.failed += 1
             self.errors[key] = why
+        if keys:
+            shown = ", ".join(repr(k) for k in keys[:5]) + (", ..." if len(keys) > 5 else "")
+            log.error("sweep: %d record(s) failed (%s): %s", len(keys), shown, why)
 
 
 class Sweeper:
@@ -159,11 +166,23 @@ class Sweeper:
         """
         catalog = self.catalog
         items = {}
+        damaged = {}
         for entry in idle:
             if entry.valid():
                 items[entry.key] = (entry.payload, entry.metadata)
             else:
-                report._fail((entry.key,), "checksum mismatch in the catalog; not moved")
+                damaged[entry.key] = entry
+        if damaged:
+            # The catalog repairs a damaged value from a valid copy of its
+            # version below, where there is one; that copy is then moved.
+            try:
+                repaired, corrupt = catalog.resolve(damaged, time.time())
+            except BackendError as exc:
+                report._fail(damaged, f"checksum mismatch in the catalog, not repaired: {exc}")
+            else:
+                for key, found in repaired.items():
+                    items[key] = (found.entry.payload, found.entry.metadata)
+                report._fail(corrupt, "checksum mismatch in the catalog and no valid copy; not moved")
         if not items:
             return 0
         try:

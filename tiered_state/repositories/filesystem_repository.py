@@ -18,9 +18,19 @@ merge two keys); a name that would exceed 200 bytes becomes ``~`` + the
 key's SHA-256 instead, and the key is read back from the file. No name can be
 ``.``, ``..`` or contain ``/``, so no key reaches outside its fan-out folder.
 
-File format: one line of JSON (the key, the metadata and ``body``: ``json`` or
-``json+zlib``), a newline, then the payload bytes. Metadata is returned as it
-was stored; ``body`` only says how the bytes on disk are packed.
+File format: one line of JSON (the key, the metadata, ``body``: ``json`` or
+``json+zlib``, and ``meta``: the SHA-256 of all of these, see
+:func:`tiered_state.record.metadata_checksum`), a newline, then the payload
+bytes. Metadata is returned as it was stored; ``body`` only says how the
+bytes on disk are packed. The payload's own checksum covers the payload
+only, so ``meta`` is what keeps a damaged header from passing a wrong
+version, expiry or key off as true: a header that does not parse, lacks a
+field, has a field of the wrong type or fails ``meta`` makes the read raise
+``IntegrityError`` (listings skip the file with a warning). Files written
+before ``meta`` existed (the same header without it) are read as they are.
+A compressed body is never inflated past the recorded ``size_bytes`` plus
+:data:`~tiered_state.record.INFLATE_MARGIN` (a decompression bomb is an
+``IntegrityError``, not an exhausted memory).
 
 Values, stubs and tombstones are all stored this way, verbatim (a tombstone
 is a header and an empty body); only :meth:`~FileSystemStateRepository.fetch`,
@@ -61,7 +71,7 @@ from .. import codec
 from ..config import parse_bool, parse_number, query_options
 from ..errors import BackendError, BackendUnavailableError, ConfigurationError, IntegrityError
 from ..keys import compile_pattern, is_literal, literal_prefix, validate_key, validate_pattern
-from ..record import TOMBSTONE, Entry, Metadata, live_value
+from ..record import TOMBSTONE, Entry, Metadata, inflate, live_value, metadata_checksum, stored_metadata
 from .base import Items, StateRepository
 
 __all__ = ["FileSystemStateRepository"]
@@ -80,8 +90,15 @@ _UNAVAILABLE = {
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 _READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
 
-#: The header of a stored file (the metadata, ``key`` and ``body``).
+#: The header of a stored file (the metadata, ``key``, ``body`` and ``meta``),
+#: checked by :meth:`FileSystemStateRepository._parse_header`.
 Header = dict[str, Any]
+#: The fields of a header; ``meta`` (the metadata checksum) is absent in files
+#: written before it existed.
+_FIELDS = frozenset({"key", "checksum", "size_bytes", "version", "created_at", "updated_at",
+                     "expires_at", "encoding", "body"})
+_FIELDS_WITH_DIGEST = _FIELDS | {"meta"}
+_PACKINGS = (codec.ENCODING, codec.ZLIB_ENCODING)
 #: A conditional write's test, on the header of what is stored (None: nothing).
 Condition = Callable[[Header | None], bool]
 
@@ -281,19 +298,35 @@ class FileSystemStateRepository(StateRepository):
             "expires_at": metadata["expires_at"],
             "encoding": metadata["encoding"],
             "body": packing,
+            "meta": metadata_checksum(key, metadata, packing),
         }
         return json.dumps(header, ensure_ascii=False, separators=(",", ":")).encode("utf-8") + b"\n" + body
 
     @staticmethod
-    def _parse_header(key: str | None, data: bytes) -> tuple[dict[str, Any], int]:
+    def _parse_header(key: str | None, data: bytes) -> tuple[Header, int]:
+        """The checked header of a stored file, and where its body starts.
+
+        The one place a header is trusted: exactly the fields this module
+        writes, each of its type, and the metadata checksum ``meta`` matching
+        (when the file has one). ``key`` (None for a hashed name being listed)
+        only names the file in the error.
+
+        :raises IntegrityError: anything else -- never a KeyError or a
+            TypeError from a damaged header further on.
+        """
         end = data.find(b"\n")
         try:
             if end < 0:
                 raise ValueError("no header line")
             header = json.loads(data[:end])
-            if not isinstance(header, dict) or not isinstance(header.get("key"), str):
-                raise ValueError("bad header")
-        except ValueError as exc:
+            if not isinstance(header, dict) or header.keys() not in (_FIELDS, _FIELDS_WITH_DIGEST):
+                raise ValueError("not a header")
+            stored_key, packing, digest = header["key"], header["body"], header.get("meta", None)
+            if not isinstance(stored_key, str) or packing not in _PACKINGS \
+                    or not isinstance(digest, (str, type(None))):
+                raise ValueError("not a header")
+            stored_metadata(stored_key, header, digest, packing)
+        except (ValueError, IntegrityError) as exc:  # JSON and UTF-8 errors are ValueErrors
             raise IntegrityError(f"filesystem: unreadable file for {key!r}", key) from exc
         return header, end + 1
 
@@ -322,11 +355,8 @@ class FileSystemStateRepository(StateRepository):
         if header["key"] != key:
             return None  # a hashed name's (astronomically unlikely) collision
         body = data[start:]
-        if header.get("body") == codec.ZLIB_ENCODING:
-            try:
-                payload = codec.decompress(body)
-            except Exception as exc:
-                raise IntegrityError(f"filesystem: corrupt compressed file for {key!r}", key) from exc
+        if header["body"] == codec.ZLIB_ENCODING:
+            payload = inflate(body, header["size_bytes"], key)
         else:
             try:
                 payload = body.decode("utf-8")
@@ -448,10 +478,17 @@ class FileSystemStateRepository(StateRepository):
     def fetch_many(self, keys: Iterable[str]) -> dict[str, Entry]:
         keys = [validate_key(k) for k in keys]
         out: dict[str, Entry] = {}
+        unreadable: dict[str, BaseException] = {}
         for key in keys:
-            entry = self.fetch_record(key)
+            try:
+                entry = self.fetch_record(key)
+            except IntegrityError as exc:
+                unreadable[key] = exc  # the other keys are still read
+                continue
             if entry is not None:
                 out[key] = entry
+        if unreadable:
+            raise self._batch_failed("fetch_many", unreadable, out)
         return out
 
     def _store_one(self, key: str, value: str, metadata: Metadata, condition: Condition | None) -> bool:
@@ -635,8 +672,16 @@ class FileSystemStateRepository(StateRepository):
         validate_pattern(pattern)
         if is_literal(pattern):
             key = literal_prefix(pattern)
-            entry = self.fetch_record(key)
-            if entry is not None and not (live and not entry.live()):
+            fan, name, _ = _locate(key)
+            with self._errors():
+                fan_fd = self._open_fan(fan, create=False)
+                if fan_fd is None:
+                    return
+                try:
+                    header = self._header(fan_fd, name, key)
+                finally:
+                    os.close(fan_fd)
+            if header is not None and not (live and not _live(header, time.time())):
                 yield key
             return
         match = compile_pattern(pattern).match

@@ -24,8 +24,18 @@ Storage format
     ``version``, ``created-at``, ``updated-at``, ``expires-at`` (absent when
     the entry does not expire) and ``encoding`` (the entry's: ``json``,
     ``stub`` or ``tombstone``, with ``+zlib`` appended when the body is
-    compressed). Values, stubs and tombstones are stored the same way,
-    verbatim; a tombstone is an empty body.
+    compressed) and ``metadata-checksum``: the SHA-256 of the key, all of
+    these and how the body is packed (see
+    :func:`tiered_state.record.metadata_checksum`). The payload's checksum
+    covers the payload only; this one keeps damaged headers from passing a
+    wrong version, expiry or key off as true -- a read of such an object
+    raises ``IntegrityError``, and listings and conditional writes treat its
+    metadata as unreadable. Objects written before it existed carry none and
+    are read as they are. Values, stubs and tombstones are stored the same
+    way, verbatim; a tombstone is an empty body. A compressed body is never
+    inflated past the recorded ``size-bytes`` plus
+    :data:`~tiered_state.record.INFLATE_MARGIN`: a decompression bomb is an
+    ``IntegrityError``.
 
     ``<name>`` is the key with every character outside ``A-Za-z0-9-_.*'()``
     and printable non-ASCII percent-encoded (UTF-8, upper-case hex), plus a
@@ -83,10 +93,11 @@ from ..errors import (
     BackendError,
     BackendUnavailableError,
     ConfigurationError,
+    IntegrityError,
     InvalidKeyError,
 )
 from ..keys import compile_pattern, is_literal, literal_prefix, validate_key, validate_pattern
-from ..record import TOMBSTONE, Entry, Metadata, live_value
+from ..record import TOMBSTONE, Entry, Metadata, inflate, live_value, metadata_checksum, stored_metadata
 from .base import Items, StateRepository, chunked
 
 __all__ = ["S3StateRepository"]
@@ -111,6 +122,8 @@ _MARKER = "!e"
 _AFTER_SPECIAL = '"'
 _TTL_TAG = "tiered-state-ttl=1"
 _ZLIB_SUFFIX = "+zlib"
+#: The object metadata field holding the metadata checksum.
+_DIGEST = "metadata-checksum"
 
 # Characters AWS lists as safe in object keys, minus "!" (our marker prefix).
 _SAFE_ASCII = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.*'()")
@@ -445,7 +458,19 @@ class S3StateRepository(StateRepository):
                     return None
                 raise
         meta = response.get("Metadata", {})
-        return _Head(response.get("ETag", ""), _parse_metadata(meta), _meta_key(meta))
+        stored_key = _meta_key(meta)  # hashed names only
+        key = stored_key if name.startswith(_HASHED) else decode_name(name)
+        metadata = None
+        if key is not None:
+            try:
+                metadata = _parse_metadata(meta, key)
+            except IntegrityError:
+                # Taken as metadata that is not ours: reading the object
+                # raises, a conditional write finds nothing to keep.
+                log.warning("s3: object %s has metadata that fails its checksum",
+                            self._object(name))
+                stored_key = None  # nor is its key to be trusted
+        return _Head(response.get("ETag", ""), metadata, stored_key)
 
     def _get(self, key: str, name: str) -> Entry | None:
         with self._errors("GET"):
@@ -458,30 +483,35 @@ class S3StateRepository(StateRepository):
                     return None
                 raise
         meta = response.get("Metadata", {})
-        if name.startswith(_HASHED) and _meta_key(meta) not in (None, key):
+        if _DIGEST not in meta and name.startswith(_HASHED) and _meta_key(meta) not in (None, key):
             return None  # a different key with the same hash: not ours
-        metadata = _parse_metadata(meta)
-        encoding = meta.get("encoding", "json")
-        try:
-            data = zlib.decompress(body) if encoding.endswith(_ZLIB_SUFFIX) else body
-            payload = data.decode("utf-8")
-        except (zlib.error, UnicodeDecodeError):
-            payload = ""  # fails its checksum: the manager treats it as corrupt
+        # With a metadata checksum, the object is this key's exactly if it
+        # matches (it covers the key); a mismatch raises IntegrityError.
+        metadata = _parse_metadata(meta, key)
         if metadata is None:
             # Not written by tiered-state (or metadata lost): an invalid copy.
             metadata = {"checksum": "", "size_bytes": len(body), "version": 0,
                         "created_at": 0.0, "updated_at": 0.0, "expires_at": None,
                         "encoding": "json"}
+            return Entry(key, "", metadata)
+        if meta.get("encoding", "json").endswith(_ZLIB_SUFFIX):
+            payload = inflate(body, metadata["size_bytes"], key)
+        else:
+            try:
+                payload = body.decode("utf-8")
+            except UnicodeDecodeError:
+                payload = ""  # fails its checksum: the manager treats it as corrupt
         return Entry(key, payload, metadata)
 
     def _put(self, key: str, name: str, payload: str, metadata: Metadata, **condition: str) -> None:
         """PUT one record (its TTL marker first); raises translated errors."""
         body = payload.encode("utf-8")
         encoding = metadata.get("encoding") or "json"
+        packing = "json"
         if self.compression and len(body) >= self.compress_min_bytes:
             packed = zlib.compress(body, 6)
             if len(packed) < len(body):
-                body, encoding = packed, encoding + _ZLIB_SUFFIX
+                body, encoding, packing = packed, encoding + _ZLIB_SUFFIX, "json" + _ZLIB_SUFFIX
         meta = {
             "checksum": metadata["checksum"],
             "size-bytes": str(metadata["size_bytes"]),
@@ -489,6 +519,7 @@ class S3StateRepository(StateRepository):
             "created-at": repr(float(metadata["created_at"])),
             "updated-at": repr(float(metadata["updated_at"])),
             "encoding": encoding,
+            _DIGEST: metadata_checksum(key, metadata, packing),
         }
         expires_at = metadata.get("expires_at")
         kwargs: dict[str, Any] = {
@@ -564,14 +595,18 @@ class S3StateRepository(StateRepository):
     def _map(
         self, fn: Callable[[str], _T], keys: list[str]
     ) -> tuple[dict[str, _T], dict[str, BaseException]]:
-        """Run ``fn(key)`` for every key on the shared pool; (results, failures)."""
+        """Run ``fn(key)`` for every key on the shared pool; (results, failures).
+
+        A storage failure or an unreadable record is a failure of its key;
+        any other exception is a bug and is raised.
+        """
         results: dict[str, _T] = {}
         failures: dict[str, BaseException] = {}
         if len(keys) <= 1:  # not worth a thread hop
             for key in keys:
                 try:
                     results[key] = fn(key)
-                except BackendError as exc:
+                except (BackendError, IntegrityError) as exc:
                     failures[key] = exc
             return results, failures
         pool = self._executor()
@@ -580,8 +615,8 @@ class S3StateRepository(StateRepository):
             error = future.exception()
             if error is None:
                 results[key] = future.result()
-            elif isinstance(error, (BackendError, ConfigurationError)):
-                failures[key] = error
+            elif isinstance(error, (BackendError, ConfigurationError, IntegrityError)):
+                failures[key] = error  # an unreadable record fails for its key alone
             else:  # a bug, not a storage failure: do not hide it in a BatchError
                 raise error
         return results, failures
@@ -1001,23 +1036,37 @@ def _meta_key(meta: Mapping[str, str]) -> str | None:
         return None
 
 
-def _parse_metadata(meta: Mapping[str, str]) -> Metadata | None:
-    """Object metadata -> :class:`Metadata` (the entry's encoding, without the
-    body's ``+zlib``); None if it is not ours."""
+def _parse_metadata(meta: Mapping[str, str], key: str) -> Metadata | None:
+    """``key``'s object metadata -> :class:`Metadata` (the entry's encoding,
+    without the body's ``+zlib``).
+
+    The one place object metadata is trusted. An object with a metadata
+    checksum must parse and match it; one without (written before it
+    existed) is taken as it parses.
+
+    :returns: None for metadata without a checksum that does not parse (not ours).
+    :raises IntegrityError: metadata with a checksum that does not parse or
+        does not match it.
+    """
+    digest = meta.get(_DIGEST)
+    packed = meta.get("encoding", "json")
+    packing = "json" + _ZLIB_SUFFIX if packed.endswith(_ZLIB_SUFFIX) else "json"
     try:
         expires = meta.get("expires-at")
-        encoding = meta.get("encoding", "json")
-        return {
+        fields = {
             "checksum": meta["checksum"],
             "size_bytes": int(meta["size-bytes"]),
             "version": int(meta["version"]),
             "created_at": float(meta["created-at"]),
             "updated_at": float(meta["updated-at"]),
             "expires_at": float(expires) if expires else None,
-            "encoding": encoding.removesuffix(_ZLIB_SUFFIX),
+            "encoding": packed.removesuffix(_ZLIB_SUFFIX),
         }
-    except (KeyError, ValueError):
-        return None
+    except (KeyError, ValueError) as exc:
+        if digest is None:
+            return None
+        raise IntegrityError(f"s3: unreadable metadata for {key!r}", key) from exc
+    return stored_metadata(key, fields, digest, packing)
 
 
 def _live(metadata: Metadata, now: float) -> bool:

@@ -20,13 +20,29 @@ deleted (see :mod:`.base`). ``last_accessed`` is the later of the write time
 and the last :meth:`touch_many`, so the sweep's idle test is one pass.
 
 Concurrency: one connection per thread (reopened after ``fork`` and after
-:meth:`close`), several processes may share the file. Multi-statement writes
-run in ``BEGIN IMMEDIATE`` transactions, so two writers never deadlock on a
-lock upgrade. The single-key conditional writes are single statements; their
-batch forms run the same statement once per key inside one ``BEGIN
-IMMEDIATE`` transaction, which holds the database's write lock, so every key
-is decided atomically and the rowcount of each statement says exactly which
-keys were written.
+:meth:`close`), several processes may share the file. Every write takes the
+write lock when it starts, never part-way through: multi-statement writes run
+in ``BEGIN IMMEDIATE`` transactions, and the single-key writes are single
+statements in autocommit mode, which take the lock at their first step. No
+write runs on a connection with a read still open (every read is stepped to
+its end, or its statement dropped when it fails), so none is a read
+transaction upgraded to a write -- the case where SQLite answers SQLITE_BUSY
+at once instead of waiting. Every write waits for the lock up to
+``busy_timeout`` in all; a SQLITE_BUSY that comes back sooner (the WAL
+switch, which never calls the busy handler, or any other early refusal) is
+retried until then (see :meth:`SQLiteStateRepository._write`). The batch
+conditional writes run the single-key statement once per key inside one
+transaction, which holds the write lock, so every key is decided atomically
+and the rowcount of each statement says exactly which keys were written.
+
+Hostile bytes: a TEXT column holding bytes that are not UTF-8 (or a BLOB),
+which only a writer going behind the library's back can store, is read with
+the bad bytes kept as lone surrogates (see
+:meth:`SQLiteStateRepository._rows`): the row then fails its checksum like
+any corrupt one -- an ``IntegrityError`` that shows none of the stored text,
+or a copy below the catalog served instead -- and batch reads, listings and
+the sweep go on past it. A row whose *key* is not UTF-8 is no key the library
+wrote: listings and the sweep skip it, with a warning.
 
 Change signal: :meth:`changed_by_others` compares the WAL-index header (the
 first bytes of ``<db>-shm``, rewritten by every commit) with the header this
@@ -40,6 +56,7 @@ can be trusted).
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import mmap
 import os
@@ -47,9 +64,9 @@ import re
 import sqlite3
 import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from .. import codec
 from ..config import parse_number, query_options
@@ -62,6 +79,8 @@ __all__ = ["SQLiteStateRepository"]
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
+
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}\Z")
 #: Keys per statement in ``IN (...)`` lists; SQLite before 3.32 allowed 999 parameters.
@@ -69,8 +88,8 @@ _CHUNK = 500
 #: Rows per keyset page in iter_keys / scan: bounded memory however big the table.
 _PAGE = 1000
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS {t} (
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS {t} (
     key           TEXT PRIMARY KEY NOT NULL,
     payload       TEXT NOT NULL,
     checksum      TEXT NOT NULL,
@@ -81,9 +100,9 @@ CREATE TABLE IF NOT EXISTS {t} (
     last_accessed REAL NOT NULL,
     expires_at    REAL,
     encoding      TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS {i}_expires ON {t} (expires_at, key) WHERE expires_at IS NOT NULL;
-"""
+)""",
+    "CREATE INDEX IF NOT EXISTS {i}_expires ON {t} (expires_at, key) WHERE expires_at IS NOT NULL",
+)
 # No index on last_accessed: every write moves it, which made a single store
 # 1.7x as expensive (40 us vs 23 us); the sweep's idle walk reads the table in
 # key order instead -- one pass per sweep, a batch job.
@@ -103,6 +122,31 @@ _SET_ALL = (
 
 #: ``encoding`` of the entries that hold no value (see :mod:`tiered_state.record`).
 _NOT_VALUE = f"('{STUB}', '{TOMBSTONE}')"
+
+#: How sqlite3 starts the message of a TEXT value that is not UTF-8 (the
+#: message goes on to quote the value, so it is never shown).
+_UNDECODABLE = "Could not decode to UTF-8"
+_SQLITE_BUSY = 5
+
+
+def _undecodable(exc: BaseException) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and str(exc).startswith(_UNDECODABLE)
+
+
+def _lenient_text(data: bytes) -> str:
+    # The bad bytes become lone surrogates: such a payload matches no
+    # checksum (record.checksum) and such a key is no valid key.
+    return data.decode("utf-8", "surrogateescape")
+
+
+def _is_text(value: Any) -> bool:
+    """True for a str that is valid UTF-8 (no lone surrogate)."""
+    try:
+        value.encode("utf-8")
+    except (AttributeError, UnicodeEncodeError):
+        return False
+    return True
+
 
 # SQLite's primary result codes that mean "the file cannot be used at all".
 _UNAVAILABLE_CODES = {10, 13, 14, 26}  # IOERR, FULL, CANTOPEN, NOTADB
@@ -165,7 +209,17 @@ class _ShmHeader:
         self.map: mmap.mmap | None = mmap.mmap(fd, 96, access=mmap.ACCESS_READ)
 
     @classmethod
-    def open(cls, db_path: str) -> _ShmHeader | None:
+    def open(cls, db_path: str, held: set[_ShmHeader]) -> _ShmHeader | None:
+        """The reader of ``db_path``'s WAL-index header, counted as used by the
+        repository whose set of headers ``held`` is (once per repository).
+
+        Found (or made) and counted under one lock: a header found and
+        counted in two steps could be released by another repository of this
+        process in between, and closing its descriptor would drop the locks
+        SQLite holds on ``-shm`` for this process's live connections -- other
+        processes would then take the WAL index as abandoned and rebuild it
+        under them (I/O errors, SIGBUS).
+        """
         path = db_path + "-shm"
         try:
             st = os.stat(path)
@@ -175,22 +229,20 @@ class _ShmHeader:
             return None
         with cls._registry_lock:
             header = cls._registry.get(path)
-            if header is not None and header.ino == st.st_ino:
-                return header
-            try:
-                fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-            except OSError:
-                return None
-            try:
-                header = cls(fd, os.fstat(fd).st_ino, path)
-            except (OSError, ValueError):
-                return None  # fd deliberately left open (see the class docstring)
-            cls._registry[path] = header
+            if header is None or header.ino != st.st_ino:
+                try:
+                    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                except OSError:
+                    return None
+                try:
+                    header = cls(fd, os.fstat(fd).st_ino, path)
+                except (OSError, ValueError):
+                    return None  # fd deliberately left open (see the class docstring)
+                cls._registry[path] = header
+            if header not in held:
+                held.add(header)
+                header.users += 1
             return header
-
-    def acquire(self) -> None:
-        with _ShmHeader._registry_lock:
-            self.users += 1
 
     def release(self) -> None:
         """One repository is done with it; the last one closes the descriptor.
@@ -402,11 +454,9 @@ class SQLiteStateRepository(StateRepository):
                 # prefix pattern use the primary key index.)
                 conn.execute("PRAGMA case_sensitive_like = ON")
                 if not self._schema_ready:
-                    conn.executescript(
-                        "BEGIN IMMEDIATE;"
-                        + _SCHEMA.format(t=self._t, i=self.table)
-                        + "COMMIT;"
-                    )
+                    schema = [sql.format(t=self._t, i=self.table) for sql in _SCHEMA]
+                    self._write(lambda c: [c.execute(sql) for sql in schema],
+                                transaction=True, conn=conn)
                     self._schema_ready = True
                 # The baseline for changed_by_others, taken BEFORE the header
                 # is read below (see there).
@@ -420,12 +470,11 @@ class SQLiteStateRepository(StateRepository):
         local.fast = None
         # The shm fast path is only sound in WAL mode (rollback mode has no
         # -shm file, so its bytes would never change).
-        shm = local.shm = _ShmHeader.open(self.path) if str(mode).lower() == "wal" else None
-        if shm is not None:
-            with self._conns_lock:
-                if shm not in self._shm_held:
-                    self._shm_held.add(shm)
-                    shm.acquire()
+        shm = None
+        if str(mode).lower() == "wal":
+            with self._conns_lock:  # close() swaps _shm_held under it
+                shm = _ShmHeader.open(self.path, self._shm_held)
+        local.shm = shm
         # A new connection's data_version baseline is "now", so on its own it
         # would hide every commit made between the last time this process's
         # HOT copies were validated and this moment (a new thread, a forked
@@ -455,31 +504,51 @@ class SQLiteStateRepository(StateRepository):
 
         Switching needs an exclusive lock and SQLite answers SQLITE_BUSY at
         once, without its busy handler, when another process is opening the
-        new file at the same moment: retry for up to ``busy_timeout``.
+        new file at the same moment: :meth:`_write` retries it for up to
+        ``busy_timeout``. A file that stays in another mode (read-only) is
+        used in that mode.
         """
-        mode = str(conn.execute("PRAGMA journal_mode").fetchone()[0])
-        deadline = time.monotonic() + self.busy_timeout
-        while mode.lower() != "wal":
-            try:
-                mode = str(conn.execute("PRAGMA journal_mode = WAL").fetchone()[0])
-            except sqlite3.OperationalError as exc:
-                if getattr(exc, "sqlite_errorcode", 5) & 0xFF != 5 or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.01)
-            else:
-                if mode.lower() != "wal":  # e.g. a read-only file: stay in its mode
-                    break
-        return mode
+
+        def switch(c: sqlite3.Connection) -> str:
+            mode = str(c.execute("PRAGMA journal_mode").fetchone()[0])
+            if mode.lower() == "wal":
+                return mode
+            return str(c.execute("PRAGMA journal_mode = WAL").fetchone()[0])
+
+        return self._write(switch, conn=conn)
 
     def _create_file(self) -> None:
         folder = os.path.dirname(self.path)
         if not os.path.isdir(folder):
             os.makedirs(folder, mode=0o700, exist_ok=True)
-        if not os.path.exists(self.path):
-            # Create it 0600 ourselves: SQLite would use 0644 minus umask, and
-            # gives the -wal and -shm files the main file's permissions.
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            os.close(fd)
+        if os.path.exists(self.path):
+            return
+        # Create it 0600 ourselves: SQLite would use 0644 minus umask, and
+        # gives the -wal and -shm files the main file's permissions. Never by
+        # opening the file itself, though: closing *any* descriptor of a file
+        # drops every POSIX lock this process holds on it, so a close racing
+        # another thread's (or repository's) new connection to the file
+        # would silently unlock that connection -- other processes then
+        # write under it (I/O errors, a rebuilt WAL index, SIGBUS). The empty
+        # file is made under a temporary name, closed, and only then linked
+        # into place (never over an existing file).
+        tmp = f"{self.path}.{os.getpid()}.{threading.get_ident()}.new"
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        os.close(fd)
+        try:
+            os.link(tmp, self.path)
+        except FileExistsError:
+            pass  # another opener was first
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            # A file system without hard links: create it in place, where
+            # only an opener in the microseconds before the close is exposed.
+            with contextlib.suppress(FileExistsError):
+                os.close(os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600))
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
 
     @contextlib.contextmanager
     def _errors(self) -> Iterator[None]:
@@ -499,22 +568,120 @@ class SQLiteStateRepository(StateRepository):
         )
         kind = BackendUnavailableError if unavailable else BackendError
         name = getattr(exc, "sqlite_errorname", type(exc).__name__)
-        return kind(f"{name}: {exc} ({self.path})", self.backend)
+        # sqlite3's own message would quote the stored text.
+        detail = "stored text is not valid UTF-8" if _undecodable(exc) else str(exc)
+        return kind(f"{name}: {detail} ({self.path})", self.backend)
 
-    @contextlib.contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        conn = self._conn()
-        with self._errors():
-            conn.execute("BEGIN IMMEDIATE")
+    def _write(self, work: Callable[[sqlite3.Connection], _T], *,
+               transaction: bool = False, conn: sqlite3.Connection | None = None) -> _T:
+        """Run the write ``work(connection)``, waiting for the write lock up to
+        ``busy_timeout`` in all: the one place a writer waits.
+
+        :param transaction: run ``work`` in one ``BEGIN IMMEDIATE``
+            transaction (several statements); otherwise ``work`` is one
+            statement in autocommit mode. Either way the write lock is taken
+            at the start, where SQLite's busy handler waits for it.
+        :param conn: the connection (default: this thread's).
+
+        SQLite returns SQLITE_BUSY before the timeout where waiting could not
+        help the statement as it stands (switching to WAL mode, a snapshot
+        gone stale); nothing was written then, so ``work`` is run again, after
+        a short pause, until ``busy_timeout`` has passed since the first try.
+        ``work`` must build its result afresh on each run.
+        """
+        deadline = time.monotonic() + self.busy_timeout
+        pause = 0.001
+        shortened: sqlite3.Connection | None = None  # its busy handler waits less now
+        try:
+            while True:
+                c = self._conn() if conn is None else conn
+                try:
+                    if not transaction:
+                        return work(c)
+                    c.execute("BEGIN IMMEDIATE")
+                    try:
+                        result = work(c)
+                        c.execute("COMMIT")
+                    except BaseException:
+                        # Some errors (a full disk, an I/O error) end the
+                        # transaction already; a ROLLBACK then would raise and
+                        # hide the cause.
+                        if c.in_transaction:
+                            c.execute("ROLLBACK")
+                        raise
+                    return result
+                except (sqlite3.Error, OSError) as exc:
+                    code = getattr(exc, "sqlite_errorcode", None)
+                    busy = isinstance(code, int) and code & 0xFF == _SQLITE_BUSY
+                    left = deadline - time.monotonic() - pause
+                    if not busy or left <= 0:
+                        raise self._translate(exc) from exc
+                time.sleep(pause)
+                pause = min(pause * 2, 0.05)
+                # The next try's busy handler waits only for what is left.
+                with self._errors():
+                    c.execute(f"PRAGMA busy_timeout = {max(int(left * 1000), 1)}")
+                shortened = c
+        finally:
+            if shortened is not None:
+                with contextlib.suppress(sqlite3.Error):
+                    shortened.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+
+    def _rows(self, conn: sqlite3.Connection, sql: str, params: Any, *, keyed: bool = True
+              ) -> list[Any]:
+        """Every row of a query, read to its end, so no statement (and no
+        snapshot) stays open on the connection -- not even when it fails.
+
+        Text that is not valid UTF-8 makes sqlite3 fail the whole read (with
+        the text in its message); such a read is run again with the bad bytes
+        kept as lone surrogates, so the row fails its checksum like any
+        corrupt row and the other rows are read. With ``keyed`` (the first
+        column is the key), rows whose key is not valid UTF-8 are left out.
+
+        :raises sqlite3.Error: for the caller to translate.
+        """
+        cursor = conn.cursor()
+        try:
             try:
-                yield conn
-            except BaseException:
-                # Some errors (a full disk, an I/O error) end the transaction
-                # already; a ROLLBACK then would raise and hide the cause.
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
-                raise
-            conn.execute("COMMIT")
+                return cursor.execute(sql, params).fetchall()
+            except sqlite3.OperationalError as exc:
+                if not _undecodable(exc):
+                    raise
+            conn.text_factory = _lenient_text
+            try:
+                rows = cursor.execute(sql, params).fetchall()
+            finally:
+                conn.text_factory = str
+        finally:
+            cursor.close()
+        if not keyed:
+            return rows
+        kept = [row for row in rows if _is_text(row[0])]
+        if len(kept) < len(rows):
+            log.warning("sqlite: skipping %d row(s) whose key is not valid UTF-8 in %s",
+                        len(rows) - len(kept), self.path)
+        return kept
+
+    def _row_again(self, local: _ThreadState, exc: sqlite3.Error, sql: str, params: Any) -> Any:
+        """After the thread's single-row read failed: the row, if the failure
+        was text that is not UTF-8 (see :meth:`_rows`); else the error, translated.
+
+        The failed statement is dropped with its cursor either way, so it
+        holds no snapshot open.
+        """
+        conn = local.conn
+        failed, local.cursor = local.cursor, None
+        with contextlib.suppress(sqlite3.Error):
+            if failed is not None:
+                failed.close()
+            if conn is not None:
+                local.cursor = conn.cursor()
+        # (Left None, the cursor makes the next read reopen the connection.)
+        if conn is None or not _undecodable(exc):
+            raise self._translate(exc) from exc
+        with self._errors():
+            rows = self._rows(conn, sql, params, keyed=False)
+        return rows[0] if rows else None
 
     # ------------------------------------------------------------ the contract
     @staticmethod
@@ -543,7 +710,7 @@ class SQLiteStateRepository(StateRepository):
         try:
             row = cursor.execute(self._sql_fetch, (key,)).fetchone()
         except sqlite3.Error as exc:
-            raise self._translate(exc) from exc
+            row = self._row_again(local, exc, self._sql_fetch, (key,))
         if row is None:
             return None
         payload, digest, size, version, created, updated, expires, encoding = row
@@ -571,7 +738,7 @@ class SQLiteStateRepository(StateRepository):
         try:
             row = cursor.execute(self._sql_fetch_payload, (key,)).fetchone()
         except sqlite3.Error as exc:
-            raise self._translate(exc) from exc
+            row = self._row_again(local, exc, self._sql_fetch_payload, (key,))
         if row is None:
             return None
         payload, digest, expires_at, encoding = row
@@ -593,7 +760,7 @@ class SQLiteStateRepository(StateRepository):
         with self._errors():
             for chunk in chunked(keys, _CHUNK):
                 sql = f"SELECT key, {_COLUMNS} FROM {self._t} WHERE key IN ({','.join('?' * len(chunk))})"
-                for row in conn.execute(sql, chunk):
+                for row in self._rows(conn, sql, chunk):
                     out[row[0]] = self._entry(row[0], row[1:])
         return out
 
@@ -613,13 +780,14 @@ class SQLiteStateRepository(StateRepository):
             metadata["encoding"],
         )
 
+    def _execute(self, sql: str, params: tuple[Any, ...]) -> int:
+        """The rowcount of one write statement (autocommit: it is its own
+        transaction, and takes the write lock at its first step)."""
+        return self._write(lambda conn: conn.execute(sql, params).rowcount)
+
     def store(self, key: str, value: str, metadata: Metadata) -> bool:
         validate_key(key)
-        conn = self._conn()
-        try:
-            conn.execute(self._sql_store, self._params(key, value, metadata))
-        except sqlite3.Error as exc:
-            raise self._translate(exc) from exc
+        self._execute(self._sql_store, self._params(key, value, metadata))
         return True
 
     def store_many(self, items: Items) -> set[str]:
@@ -630,10 +798,8 @@ class SQLiteStateRepository(StateRepository):
         params = self._params
         # One transaction: all rows or none. A failure raises the translated
         # error itself (not BatchError) because nothing was stored.
-        with self._transaction() as conn:
-            conn.executemany(
-                self._sql_store, (params(k, v, md) for k, (v, md) in items.items())
-            )
+        rows = [params(k, v, md) for k, (v, md) in items.items()]
+        self._write(lambda conn: conn.executemany(self._sql_store, rows), transaction=True)
         return set(items)
 
     def _if_version(
@@ -648,19 +814,11 @@ class SQLiteStateRepository(StateRepository):
     def store_if_version(self, key: str, value: str, metadata: Metadata, expected: int) -> bool:
         validate_key(key)
         sql, params = self._if_version(key, value, metadata, expected, time.time())
-        conn = self._conn()
-        try:
-            return conn.execute(sql, params).rowcount > 0
-        except sqlite3.Error as exc:
-            raise self._translate(exc) from exc
+        return self._execute(sql, params) > 0
 
     def store_if_newer(self, key: str, value: str, metadata: Metadata) -> bool:
         validate_key(key)
-        conn = self._conn()
-        try:
-            return conn.execute(self._sql_store_if_newer, self._params(key, value, metadata)).rowcount > 0
-        except sqlite3.Error as exc:
-            raise self._translate(exc) from exc
+        return self._execute(self._sql_store_if_newer, self._params(key, value, metadata)) > 0
 
     # The batch conditionals run the single-key statement once per key in one
     # BEGIN IMMEDIATE transaction: the write lock is held throughout, so each
@@ -669,87 +827,73 @@ class SQLiteStateRepository(StateRepository):
     # multi-row upsert with RETURNING was 5-15% faster on 100-5000 keys but
     # needs SQLite 3.35 and a statement per batch size; a SELECT before an
     # executemany was 20% slower.)
+    def _each(self, statements: list[tuple[str, tuple[Any, ...]]]) -> set[str]:
+        """Run ``(sql, params)`` pairs in one transaction; the keys (``params[0]``)
+        whose statement changed a row."""
+        if not statements:
+            return set()
+
+        def work(conn: sqlite3.Connection) -> set[str]:
+            cursor = conn.cursor()
+            return {params[0] for sql, params in statements if cursor.execute(sql, params).rowcount > 0}
+
+        return self._write(work, transaction=True)
+
     def store_many_if_newer(self, items: Items) -> set[str]:
         params = self._params
-        rows = [params(validate_key(k), v, md) for k, (v, md) in items.items()]
-        stored: set[str] = set()
-        if not rows:
-            return stored
         sql = self._sql_store_if_newer
-        with self._transaction() as conn:
-            cursor = conn.cursor()
-            for row in rows:
-                if cursor.execute(sql, row).rowcount > 0:
-                    stored.add(row[0])
-        return stored
+        return self._each([(sql, params(validate_key(k), v, md)) for k, (v, md) in items.items()])
 
     def store_many_if_version(self, items: Items, expected: Mapping[str, int]) -> set[str]:
         now = time.time()
         statement = self._if_version
         # Every key and its expected version are checked before any I/O.
-        rows = [statement(validate_key(k), v, md, expected[k], now) for k, (v, md) in items.items()]
-        stored: set[str] = set()
-        if not rows:
-            return stored
-        with self._transaction() as conn:
-            cursor = conn.cursor()
-            for sql, row in rows:
-                if cursor.execute(sql, row).rowcount > 0:
-                    stored.add(row[0])
-        return stored
+        return self._each(
+            [statement(validate_key(k), v, md, expected[k], now) for k, (v, md) in items.items()]
+        )
 
     def delete(self, key: str) -> bool:
         validate_key(key)
-        conn = self._conn()
-        try:
-            return conn.execute(self._sql_delete, (key,)).rowcount > 0
-        except sqlite3.Error as exc:
-            raise self._translate(exc) from exc
+        return self._execute(self._sql_delete, (key,)) > 0
 
     def delete_if_version(self, key: str, version: int) -> bool:
         validate_key(key)
-        conn = self._conn()
-        try:
-            return conn.execute(self._sql_delete_if_version, (key, version)).rowcount > 0
-        except sqlite3.Error as exc:
-            raise self._translate(exc) from exc
+        return self._execute(self._sql_delete_if_version, (key, version)) > 0
 
     def delete_many_if_version(self, versions: Mapping[str, int]) -> set[str]:
         for key in versions:
             validate_key(key)
-        deleted: set[str] = set()
-        if not versions:
-            return deleted
         sql = self._sql_delete_if_version
-        with self._transaction() as conn:
-            cursor = conn.cursor()
-            for key, version in versions.items():
-                if cursor.execute(sql, (key, version)).rowcount > 0:
-                    deleted.add(key)
-        return deleted
+        return self._each([(sql, (key, version)) for key, version in versions.items()])
 
     def delete_many(self, keys: Iterable[str]) -> int:
         keys = list(dict.fromkeys(validate_key(k) for k in keys))
         if not keys:
             return 0
-        total = 0
-        with self._transaction() as conn:
+
+        def work(conn: sqlite3.Connection) -> int:
+            total = 0
             for chunk in chunked(keys, _CHUNK):
                 sql = f"DELETE FROM {self._t} WHERE key IN ({','.join('?' * len(chunk))})"
                 total += conn.execute(sql, chunk).rowcount
-        return total
+            return total
+
+        return self._write(work, transaction=True)
 
     def touch_many(self, keys: Iterable[str], at: float) -> None:
         keys = list(dict.fromkeys(validate_key(k) for k in keys))
         if not keys:
             return
-        with self._transaction() as conn:
+
+        def work(conn: sqlite3.Connection) -> None:
             for chunk in chunked(keys, _CHUNK):
                 sql = (
                     f"UPDATE {self._t} SET last_accessed = ? WHERE last_accessed < ?"
                     f" AND key IN ({','.join('?' * len(chunk))})"
                 )
                 conn.execute(sql, [at, at, *chunk])
+
+        self._write(work, transaction=True)
 
     # ------------------------------------------------------------ listing
     def _key_pages(self, pattern: str, live: bool) -> Iterator[list[str]]:
@@ -765,7 +909,7 @@ class SQLiteStateRepository(StateRepository):
                 sql += " AND (expires_at IS NULL OR expires_at > ?)"
                 params.append(time.time())
             with self._errors():
-                rows = conn.execute(sql, params).fetchall()
+                rows = self._rows(conn, sql, params)
             if rows:
                 yield [rows[0][0]]
             return
@@ -780,7 +924,7 @@ class SQLiteStateRepository(StateRepository):
         while True:
             params = [after, like, now] if live else [after, like]
             with self._errors():
-                rows = conn.execute(sql, params).fetchall()
+                rows = self._rows(conn, sql, params)
             if not rows:
                 return
             page = [r[0] for r in rows]
@@ -821,7 +965,7 @@ class SQLiteStateRepository(StateRepository):
         cursor: tuple[float, str] = (float("-inf"), "")
         while True:
             with self._errors():
-                rows = self._conn().execute(expired, (now, *cursor, batch_size)).fetchall()
+                rows = self._rows(self._conn(), expired, (now, *cursor, batch_size))
             if not rows:
                 break
             cursor = (rows[-1][-1], rows[-1][0])
@@ -838,7 +982,7 @@ class SQLiteStateRepository(StateRepository):
         after = ""
         while True:
             with self._errors():
-                rows = self._conn().execute(idle, (after, idle_before, now, batch_size)).fetchall()
+                rows = self._rows(self._conn(), idle, (after, idle_before, now, batch_size))
             if not rows:
                 break
             after = rows[-1][0]
@@ -847,8 +991,8 @@ class SQLiteStateRepository(StateRepository):
                 break
 
     def clear(self) -> int:
-        with self._transaction() as conn:
-            return conn.execute(f"DELETE FROM {self._t}").rowcount
+        sql = f"DELETE FROM {self._t}"
+        return self._write(lambda conn: conn.execute(sql).rowcount, transaction=True)
 
     def stats(self) -> dict[str, Any]:
         conn = self._conn()
