@@ -416,3 +416,25 @@ def test_damaged_s3_object_metadata_reads_as_the_record_or_an_integrity_error(
         entry = repo.fetch_record("k")
         assert entry is not None and entry.metadata == metadata and entry.valid()
         assert repo.keys() == ["k"]
+
+
+def test_a_sweep_over_a_file_catalog_carries_on_past_an_unreadable_file(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """With the file tier as the catalog (no WARM), one damaged file must not
+    stop the sweep: the other records are still purged, and the damage is logged."""
+    policy = TieringPolicy(purge_after=0)
+    with tiered_state.open(tmp_path, hot="none", warm="none", policy=policy) as state:
+        state.set("damaged", "x")
+        state.set("short-lived", "y", ttl=0.05)
+        cold = state.repositories[Tier.COLD]
+        assert isinstance(cold, FileSystemStateRepository)
+        path = only_file(cold, "damaged")
+        path.write_bytes(b"\x00not a header\n" + path.read_bytes())
+        time.sleep(0.1)
+        with caplog.at_level(logging.WARNING):
+            report = state.sweep()
+        assert report.purged == 1
+        assert "unreadable" in caplog.text
+        assert not only_file(cold, "short-lived").exists()
+        with pytest.raises(IntegrityError):
+            state.get("damaged")

@@ -94,18 +94,21 @@ way.
 from __future__ import annotations
 
 import abc
+import logging
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from types import TracebackType
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
-from ..errors import BatchError
+from ..errors import BatchError, IntegrityError
 from ..record import Entry, Metadata, is_value
 
 if TYPE_CHECKING:
     from ..record import Tier
 
 __all__ = ["Items", "StateRepository", "chunked"]
+
+log = logging.getLogger(__name__)
 
 Items = Mapping[str, "tuple[str, Metadata]"]
 _R = TypeVar("_R", bound="StateRepository")
@@ -291,7 +294,7 @@ class StateRepository(abc.ABC):
         now = time.time() if now is None else now
         for chunk in chunked(self.iter_all_keys(), batch_size):
             batch = []
-            for entry in self.fetch_many(chunk).values():
+            for entry in self._readable_many(chunk).values():
                 if entry.expired(now):
                     batch.append(entry)
                 elif (idle_before is not None and is_value(entry.metadata)
@@ -299,6 +302,19 @@ class StateRepository(abc.ABC):
                     batch.append(entry)
             if batch:
                 yield batch
+
+    def _readable_many(self, keys: list[str]) -> dict[str, Entry]:
+        """``fetch_many(keys)`` without the records that cannot be read (corrupt:
+        logged and left for a read to report); any other failure raises."""
+        try:
+            return self.fetch_many(keys)
+        except BatchError as exc:
+            if not all(isinstance(e, IntegrityError) for e in exc.failed.values()):
+                raise
+            log.warning("%s: %d unreadable records skipped by the scan", self.backend,
+                        len(exc.failed))
+            rest = [k for k in keys if k not in exc.failed]
+            return self.fetch_many(rest) if rest else {}
 
     def touch_many(self, keys: Iterable[str], at: float) -> None:
         """Record that ``keys`` were read at ``at`` (for the sweep's idle test).
