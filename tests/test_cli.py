@@ -456,7 +456,8 @@ def test_unreachable_server_is_a_clean_error_with_password_redacted(store: Path)
     assert "warm" in doctor.stdout and " ok " in doctor.stdout.split("warm", 1)[1]
     # HOT down: reads and writes go on with the durable tier, with a warning.
     written = cli("--hot", dead, "set", "k", "1", path=store)
-    assert written.returncode == 0 and "unreachable" in written.stderr
+    assert written.returncode == 0 and "WARNING" in written.stderr
+    assert "tier hot" in written.stderr and "cannot reach Redis" in written.stderr
     alone = cli("--hot", dead, "--warm", "none", "--cold", "none", "get", "k", path=store)
     assert alone.returncode == 1 and "unreachable" in alone.stderr
     dead_pg = f"postgresql://app:s3cret-pw@127.0.0.1:{free_port()}/db?connect_timeout=2"

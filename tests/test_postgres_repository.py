@@ -104,6 +104,35 @@ def test_from_url_options(postgres_url: str) -> None:
     assert other._connect_kwargs["connect_timeout"] == 3  # short default
 
 
+def _show(repository: Any, setting: str) -> str:
+    with repository._session("show") as (cur, _):
+        cur.execute(f"SHOW {setting}")
+        row = cur.fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+def test_libpq_options_reach_the_server_as_written(postgres_url: str, table: str) -> None:
+    """libpq decodes %XX in a URI, never "+": ?options=-c%20statement_timeout%3D5000
+    must reach the server as "-c statement_timeout=5000", so it is passed on
+    as written (not decoded and form-encoded again). It also wins over the
+    repository's own default statement_timeout, being the later -c."""
+    base = postgres_url + ("&" if "?" in postgres_url else "?")
+    url = base + f"table={table}&options=-c%20statement_timeout%3D5000"
+    with open_repository(url) as repository:
+        assert _show(repository, "statement_timeout") == "5s"
+    url = (base + f"options=-c%20work_mem%3D5MB%20-c%20lock_timeout%3D1234&table={table}"
+           "&statement_timeout=2&application_name=ts%20app+x")
+    with open_repository(url) as repository:
+        assert _show(repository, "statement_timeout") == "2s"  # the option of ours still applies
+        assert _show(repository, "work_mem") == "5MB"
+        assert _show(repository, "lock_timeout") == "1234ms"
+        assert _show(repository, "application_name") == "ts app+x"  # libpq: "+" is a "+"
+    # Keyword options are encoded for libpq, spaces and all.
+    with open_repository(base + f"table={table}", options="-c work_mem=7MB") as repository:
+        assert _show(repository, "work_mem") == "7MB"
+
+
 @pytest.mark.parametrize(
     "table", ["bad-name", "a;drop table x", '"quoted"', "a.b.c", "1abc", "", "x" * 49, "s.", ".t"]
 )
@@ -533,6 +562,260 @@ def test_forked_child_opens_its_own_connections(repo: PostgresStateRepository) -
     _, status = os.waitpid(pid, 0)
     assert os.waitstatus_to_exitcode(status) == 0
     assert repo.fetch("child") == 2 and repo.fetch("k") == 1  # the parent's connection lives
+
+
+# ------------------------------------------------------------------ deadlocks, conflicts
+def _with_options(url: str, **options: Any) -> str:
+    return url + ("&" if "?" in url else "?") + "&".join(f"{k}={v}" for k, v in options.items())
+
+
+def _require_superuser(raw: Any) -> None:
+    with raw.cursor() as cur:
+        cur.execute("SHOW is_superuser")
+        row = cur.fetchone()
+    if row is None or row[0] != "on":
+        pytest.skip("needs a superuser to set deadlock_timeout per session")
+
+
+def _wait_for_lock_wait(raw: Any, table: str, timeout: float = 10.0) -> None:
+    """Block until some other session waits for a row lock on ``table``."""
+    deadline = time.monotonic() + timeout
+    with raw.cursor() as cur:
+        for _ in range(int(timeout / 0.01) + 1):
+            # Inside a transaction the activity view is read once and kept:
+            # drop that snapshot so each look is a fresh one.
+            cur.execute("SELECT pg_stat_clear_snapshot()")
+            cur.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                "AND pid <> pg_backend_pid() AND query LIKE %s", (f"%{table}%",)
+            )
+            row = cur.fetchone()
+            if row is not None and row[0] > 0:
+                return
+            if time.monotonic() > deadline:
+                break
+            time.sleep(0.01)
+    with raw.cursor() as cur:
+        cur.execute("SELECT pid, state, wait_event_type, wait_event, left(query, 100) "
+                    "FROM pg_stat_activity WHERE pid <> pg_backend_pid() AND query LIKE %s",
+                    (f"%{table}%",))
+        sessions = cur.fetchall()
+    raise AssertionError(f"no session waited for a lock on {table} within {timeout}s: {sessions}")
+
+
+@pytest.mark.parametrize("size", [2, 80], ids=["unnest", "copy"])
+def test_a_deadlock_victim_is_run_again(
+    postgres_url: str, table: str, raw: Any, size: int, caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A real deadlock: another session holds the last key and then asks for
+    the first one, which the batch holds. The server aborts the batch (its
+    wait began first, so its deadlock check runs first); the batch runs again
+    once the other session is done, and reports every key written."""
+    _require_superuser(raw)
+    caplog.set_level(logging.INFO, logger="tiered_state")
+    keys = [f"d{i:03d}" for i in range(size)]
+    # The repository's sessions check for deadlocks after 1.5 s (the other
+    # session's after 60 s), so the batch is the one the server aborts.
+    # (statement_timeout=None: no options of its own, so libpq takes PGOPTIONS.)
+    monkeypatch.setenv("PGOPTIONS", "-c deadlock_timeout=1500")
+    with PostgresStateRepository(postgres_url, table=table, statement_timeout=None) as repository:
+        repository.store_many({k: make(0, 1) for k in keys})
+        result: dict[str, set[str]] = {}
+        with raw.cursor() as cur:
+            cur.execute("SET deadlock_timeout = '60s'")
+            cur.execute("SET statement_timeout = '20s'")
+            cur.execute("BEGIN")
+            cur.execute(f"SELECT 1 FROM {table} WHERE key = %s FOR UPDATE", (keys[-1],))
+            worker = threading.Thread(target=lambda: result.update(
+                written=repository.store_many_if_newer({k: make(1, 2) for k in keys})))
+            worker.start()
+            try:
+                _wait_for_lock_wait(raw, table)
+                # Waits until the server aborted the batch, then holds both ends.
+                cur.execute(f"SELECT 1 FROM {table} WHERE key = %s FOR UPDATE", (keys[0],))
+                cur.execute(f"UPDATE {table} SET last_accessed = now() WHERE key = %s", (keys[0],))
+            finally:
+                cur.execute("COMMIT")
+                worker.join(30)
+        assert not worker.is_alive()
+        assert result.get("written") == set(keys)
+        assert {e.version for e in repository.fetch_many(keys).values()} == {2}
+    assert "[40P01]" in caplog.text  # it did lose the deadlock once
+
+
+def test_a_serialization_failure_is_run_again(
+    postgres_url: str, table: str, raw: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under SERIALIZABLE a write waiting for a row that another transaction
+    then updates fails with 40001 when that transaction commits; it runs again
+    on a fresh snapshot."""
+    monkeypatch.setenv("PGOPTIONS", "-c default_transaction_isolation=serializable")
+    with PostgresStateRepository(postgres_url, table=table, statement_timeout=None) as repository:
+        repository.store_many({"s1": make(0, 1), "s2": make(0, 1)})
+        result: dict[str, Any] = {}
+        with raw.cursor() as cur:
+            cur.execute("BEGIN")
+            cur.execute(f"UPDATE {table} SET last_accessed = now() WHERE key = 's2'")
+            worker = threading.Thread(target=lambda: result.update(
+                written=repository.store_many_if_newer({"s1": make(1, 2), "s2": make(1, 2)}),
+                one=repository.store_if_newer("s1", *make(2, 3))))
+            worker.start()
+            try:
+                _wait_for_lock_wait(raw, table)
+            finally:
+                cur.execute("COMMIT")
+                worker.join(30)
+        assert not worker.is_alive()
+        assert result == {"written": {"s1", "s2"}, "one": True}
+        assert repository.fetch("s1") == 2 and repository.fetch("s2") == 1
+
+
+def test_retries_are_bounded(repo: PostgresStateRepository, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A write that keeps losing gives up after a bounded number of runs, with
+    the driver's error as the cause; other errors are never run again."""
+    from tiered_state.repositories import postgres_repository as module
+
+    runs: list[int] = []
+
+    def always_deadlocked(cur: Any, sql: dict[str, str]) -> None:
+        runs.append(1)
+        cur.execute("SELECT 1/0")  # a real server error, then re-labelled as a deadlock
+
+    class Deadlocked(psycopg2.extensions.TransactionRollbackError):
+        pgcode = "40P01"
+
+    real_raise = repo._raise
+
+    def relabel(exc: Exception, operation: str) -> Any:
+        return real_raise(Deadlocked("deadlock detected"), operation)
+
+    monkeypatch.setattr(module, "_BACKOFF", 0.001)
+    monkeypatch.setattr(repo, "_raise", relabel)
+    with pytest.raises(BackendError) as info:
+        repo._run("test", always_deadlocked)
+    assert len(runs) == module._ATTEMPTS
+    assert isinstance(info.value.__cause__, psycopg2.extensions.TransactionRollbackError)
+    monkeypatch.setattr(repo, "_raise", real_raise)
+    runs.clear()
+    with pytest.raises(BackendError, match="DivisionByZero"):
+        repo._run("test", always_deadlocked)
+    assert len(runs) == 1
+    repo.store("k", *make(1))  # the pool is sound afterwards
+    assert repo.fetch("k") == 1
+
+
+def test_multi_row_writes_lock_in_key_order(repo: PostgresStateRepository, raw: Any, table: str) -> None:
+    """delete_many, touch_many and clear lock their rows in key order, whatever
+    order the table holds them in (a plain DELETE / UPDATE follows the scan:
+    the physical order). A session holding the greatest key sees each of
+    them lock every smaller key first."""
+    keys = [f"o{i:02d}" for i in range(20)]
+    calls: list[tuple[str, Callable[[], object]]] = [
+        ("touch_many", lambda: repo.touch_many(keys, time.time())),
+        ("delete_many", lambda: repo.delete_many(keys)),
+        ("clear", repo.clear),
+    ]
+    for name, call in calls:
+        for key in reversed(keys):  # each row's newest version: in reverse key order
+            repo.store(key, *make(0, 1))
+        with raw.cursor() as cur:
+            cur.execute("BEGIN")
+            cur.execute(f"SELECT 1 FROM {table} WHERE key = %s FOR UPDATE", (keys[-1],))
+            failures: list[BaseException] = []
+            worker = threading.Thread(target=lambda: failures.extend(_in_threads(call)))
+            worker.start()
+            try:
+                _wait_for_lock_wait(raw, table)
+                # Every smaller key is locked by the waiting call already.
+                cur.execute(f"SELECT key FROM {table} WHERE key < %s FOR UPDATE SKIP LOCKED",
+                            (keys[-1],))
+                assert cur.fetchall() == [], name
+            finally:
+                cur.execute("COMMIT")
+                worker.join(30)
+            assert not worker.is_alive() and failures == [], name
+
+
+def test_set_many_and_sweeps_under_contention(
+    postgres_url: str, table: str, tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Through the public API: 8 threads set_many overlapping keys in
+    shuffled orders while a thread reads them (so every sweep first records
+    read times with touch_many) and another sweeps, moving idle records to
+    COLD. Nothing fails -- no deadlock surfaces anywhere -- and every key
+    ends with the value of the highest version a set_many reported.
+
+    Half the keys are written in most batches and read; the other half only
+    now and then and never read, so they go idle, the sweeps move them, and
+    the writers overwrite moved records too."""
+    import tiered_state
+    from tiered_state import TieringPolicy
+
+    caplog.set_level(logging.WARNING, logger="tiered_state")
+    keys = [f"k{i:03d}" for i in range(160)]
+    busy, quiet = keys[::2], keys[1::2]  # interleaved: batches lock both kinds in turn
+    state = tiered_state.open(
+        hot="memory://",
+        warm=_with_options(postgres_url, table=table),
+        cold=f"file://{tmp_path}/cold?fsync=false",
+        policy=TieringPolicy(cold_after=0.05, batch_size=50),
+    )
+    deadline = time.monotonic() + 4.0
+    writes: dict[str, list[tuple[int, Any]]] = {k: [] for k in keys}
+    lock = threading.Lock()
+    done = threading.Event()
+    reports: list[Any] = []
+
+    def writer(t: int) -> None:
+        rng = random.Random(t)
+        for i in range(150):
+            if time.monotonic() > deadline:
+                return
+            # Both statement paths: unnest below 64 rows, COPY from 64 on.
+            batch = rng.sample(busy, rng.choice([rng.randint(2, 40), rng.randint(64, 75)]))
+            if rng.random() < 0.3:
+                batch += rng.sample(quiet, rng.randint(1, 6))
+            rng.shuffle(batch)
+            values = {k: {"t": t, "i": i} for k in batch}
+            versions = state.set_many(values)
+            with lock:
+                for key, version in versions.items():
+                    writes[key].append((version, values[key]))
+
+    def reader() -> None:
+        rng = random.Random(-1)
+        for _ in range(5000):
+            if done.is_set() or time.monotonic() > deadline:
+                return
+            state.get_many(rng.sample(busy, 30))
+
+    def sweeper() -> None:
+        for _ in range(1000):
+            if done.is_set() or time.monotonic() > deadline:
+                return
+            reports.append(state.sweep())
+
+    errors: list[BaseException] = []
+
+    def writers_then_stop() -> None:
+        try:
+            errors.extend(_in_threads(*(partial(writer, t) for t in range(8))))
+        finally:
+            done.set()
+
+    try:
+        errors += _in_threads(writers_then_stop, reader, sweeper)
+        assert errors == []
+        assert sum(r.moved for r in reports) > 0  # the sweeps did move records
+        assert [r.errors for r in reports if r.failed] == []
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+        final = state.get_many(keys)
+        for key in keys:
+            if writes[key]:
+                assert final[key] == max(writes[key], key=lambda w: w[0])[1], key
+    finally:
+        state.close()
 
 
 # ------------------------------------------------------------------ failures

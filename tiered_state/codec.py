@@ -7,8 +7,10 @@ value gives the same bytes (and checksum) on every machine; decoding uses
 ``orjson`` when it is installed, because reads dominate.
 
 Compression (zlib) is a storage detail some backends use for large payloads;
-:func:`compress` and :func:`decompress` are shared here so the ``encoding``
-metadata field (``json`` or ``json+zlib``) means the same thing everywhere.
+:func:`compress` is shared here so the ``encoding`` metadata field (``json``
+or ``json+zlib``) means the same thing everywhere. Its inverse is
+:func:`tiered_state.record.inflate`, which stops at the size the record says
+it has: a stored stream is never trusted to be small.
 
 No codec that can execute code on load (pickle) exists here: a payload is data.
 """
@@ -22,7 +24,7 @@ from typing import Any
 
 from .errors import SerializationError
 
-__all__ = ["ENCODING", "ZLIB_ENCODING", "compress", "decode", "decompress", "encode"]
+__all__ = ["ENCODING", "ZLIB_ENCODING", "compress", "decode", "encode"]
 
 ENCODING = "json"
 ZLIB_ENCODING = "json+zlib"
@@ -46,26 +48,32 @@ try:  # pragma: no cover - depends on what is installed
 except ImportError:  # pragma: no cover
     _fast_loads = json.loads
 
+# Tuples count as containers only so that _inspect can refuse them.
 _CONTAINERS = (dict, list, tuple)
 
 
 def _inspect(value: Any) -> bool:
-    """Refuse non-str dict keys; return True if an integer needs more than 64 bits.
+    """Refuse tuples and non-str dict keys; return True if an integer needs
+    more than 64 bits.
 
-    json would turn ``{1: "x"}`` into ``{"1": "x"}``, so the value read back
-    would silently differ from the value stored.
+    json would write ``(1, 2)`` as ``[1, 2]`` and ``{1: "x"}`` as
+    ``{"1": "x"}``, so the value read back would silently differ from the
+    value stored (a list where a tuple was, a str key where an int was).
     """
     big = False
     items: Iterable[Any]
     if isinstance(value, dict):
         for key in value:
             if not isinstance(key, str):
-                raise SerializationError(
-                    f"dict keys must be str, not {type(key).__name__} ({key!r})"
-                )
+                # The type only: a key is part of the value, never shown.
+                raise SerializationError(f"dict keys must be str, not {type(key).__name__}")
         items = value.values()
-    else:
+    elif isinstance(value, list):
         items = value
+    else:  # a tuple (named tuples too): the one other container callers pass
+        raise SerializationError(
+            f"{type(value).__name__} is not stored (it would read back as a list); pass a list"
+        )
     for item in items:
         if isinstance(item, _CONTAINERS):
             big = _inspect(item) or big
@@ -77,8 +85,8 @@ def _inspect(value: Any) -> bool:
 def encode(value: Any) -> str:
     """Encode ``value`` as deterministic compact JSON.
 
-    :raises SerializationError: the value is not JSON (a set, bytes, an
-        object, a non-str dict key, NaN, a circular reference...).
+    :raises SerializationError: the value is not JSON (a tuple, a set, bytes,
+        an object, a non-str dict key, NaN, a circular reference...).
     """
     try:
         if isinstance(value, _CONTAINERS):
@@ -86,6 +94,8 @@ def encode(value: Any) -> str:
         else:
             big = isinstance(value, int) and not _INT_MIN <= value <= _INT_MAX
         payload = _encoder.encode(value)
+    except SerializationError:
+        raise
     except (TypeError, ValueError, RecursionError) as exc:
         raise SerializationError(f"value cannot be encoded as JSON: {exc}") from exc
     return _BIG_INT_MARK + payload if big else payload
@@ -107,14 +117,3 @@ def decode(payload: str) -> Any:
 def compress(payload: str, level: int = 6) -> bytes:
     """zlib-compress a payload's UTF-8 bytes (``encoding`` = ``json+zlib``)."""
     return zlib.compress(payload.encode("utf-8"), level)
-
-
-def decompress(data: bytes) -> str:
-    """Inverse of :func:`compress`.
-
-    :raises SerializationError: the data is not a zlib stream of UTF-8.
-    """
-    try:
-        return zlib.decompress(data).decode("utf-8")
-    except (zlib.error, UnicodeDecodeError) as exc:
-        raise SerializationError(f"stored payload cannot be decompressed: {exc}") from exc

@@ -15,10 +15,10 @@ from __future__ import annotations
 import importlib
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from types import MappingProxyType, ModuleType
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, unquote_plus, urlsplit, urlunsplit
 
 from .errors import ConfigurationError, MissingDependencyError
 
@@ -31,6 +31,7 @@ __all__ = [
     "ENV_PATH",
     "ENV_STATSD",
     "ENV_WARM",
+    "encode_userinfo",
     "open_repository",
     "query_options",
     "redact",
@@ -75,24 +76,188 @@ def require(module: str, extra: str) -> ModuleType:
         raise MissingDependencyError(module.split(".")[0], extra) from exc
 
 
-_PASSWORD = re.compile(r"(?<=://)([^:/@\s]*):([^@/\s]*)@")
+# Where a URL inside text ends.
+_URL_END = re.compile(r"[\s'\"<>]")
+# Where a URL's host part (the authority) ends at the latest; a URL given as
+# another URL's query value also ends at the next option.
+_HEAD_END = re.compile(r"[?#]")
+_NESTED_HEAD_END = re.compile(r"[?#&]")
+_OPTION_MARK = re.compile(r"[=&]")
+_SCHEME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+.-")
+# Schemes whose "//" starts a path, never user info.
+_NO_USERINFO = frozenset({"file", "sqlite", "memory"})
+# An option name and its "=" (URL query or libpq key=value). Only whole names:
+# the lookbehind keeps every attempt at the start of a run of name characters,
+# so long text (a value printed by the CLI) is scanned in linear time.
+_OPTION_NAME = re.compile(r"(?<![\w.-])[\w.-]+=")
+# A name holding one of these marks a secret value: password, sslpassword,
+# aws_secret_access_key, aws_session_token, secret, token, api_key...
+_SECRET_NAME = re.compile(
+    r"passw(?:or)?d|pwd|passphrase|secret|token|api_?key|credential", re.IGNORECASE
+).search
+# An option value runs to the next separator, or is quoted (libpq key=value
+# style) and runs to the closing quote.
+_VALUE_END = re.compile(r"[&\s\"<>]")
+_QUOTED = re.compile(r"'(?:[^'\\]|\\.)*'?|\"(?:[^\"\\]|\\.)*\"?")
+# What a driver would not read as part of a password: the delimiters, and a
+# "%" that starts no escape (drivers decode "%XX" and refuse a lone "%").
+_USERINFO_RAW = re.compile(r"[/?#@]|%(?![0-9A-Fa-f]{2})")
+# host[:port], comma-separated (libpq lists several); IPv6 in brackets.
+_HOSTS = re.compile(r"(?:\[[0-9A-Fa-f:.]*\]|[^:@/\[\]]*)(?::[0-9]*)?"
+                    r"(?:,(?:\[[0-9A-Fa-f:.]*\]|[^:@/\[\]]*)(?::[0-9]*)?)*\Z")
+
+
+def _userinfo_end(text: str, start: int, end: int, nested: bool) -> int:
+    """Index of the ``@`` that ends the user info of the URL whose part after
+    ``scheme://`` is ``text[start:end]``; -1 if it has none.
+
+    It is the *last* ``@`` before the query: a password may hold a raw ``/``
+    or ``@`` (``redis://:pa/ss@word@host``), which a strict parser would take
+    for the start of the path or the end of the user info, showing the rest
+    of the password as a host or a path. A ``?`` or ``#`` followed by an ``@``
+    before any option (``redis://:pa?ss@host``) is the password's too.
+    """
+    pattern = _NESTED_HEAD_END if nested else _HEAD_END
+    head = start
+    while True:  # ends: head moves forward on every turn
+        stop = pattern.search(text, head, end)
+        if stop is None:
+            return text.rfind("@", start, end)
+        option = _OPTION_MARK.search(text, stop.end(), end)
+        at = text.rfind("@", stop.end(), option.start() if option else end)
+        if at < 0:
+            return text.rfind("@", start, stop.start())
+        head = at + 1
+
+
+def _scheme_start(text: str, colon: int, floor: int) -> int:
+    """Where the scheme ending at ``text[colon]`` (its ``://``) starts, not below ``floor``."""
+    begin = colon
+    while begin > floor and text[begin - 1] in _SCHEME_CHARS:
+        begin -= 1
+    return begin
+
+
+def _password_spans(text: str) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` of each URL password in ``text``.
+
+    Each URL is examined up to where the next one starts at the latest, so
+    every character is looked at a bounded number of times.
+    """
+    found = text.find("://")
+    begin = _scheme_start(text, found, 0)
+    while found >= 0:
+        start = found + 3
+        following = text.find("://", start)
+        limit = len(text) if following < 0 else _scheme_start(text, following, start)
+        scheme = text[begin:found].split("+", 1)[0].lower()
+        if scheme not in _NO_USERINFO:
+            stop = _URL_END.search(text, start, limit)
+            end = stop.start() if stop else limit
+            nested = begin > 0 and text[begin - 1] == "="
+            at = _userinfo_end(text, start, end, nested)
+            colon = text.find(":", start, at) if at >= 0 else -1
+            if colon >= 0:  # a user name alone is no secret
+                yield colon + 1, at
+        found, begin = following, limit
+
+
+def _secret_spans(text: str) -> Iterator[tuple[int, int]]:
+    """``(start, end)`` of each secret option value in ``text``.
+
+    Linear in ``len(text)``: the next separator and ``%`` are found once for
+    all the names before them, and names inside a value already dealt with
+    are skipped.
+    """
+    done = 0  # names before this lie in a value already dealt with
+    separator = percent = -1
+    for match in _OPTION_NAME.finditer(text):
+        at = match.end()
+        if match.start() < done:
+            continue
+        if separator < at:
+            found = _VALUE_END.search(text, at)
+            separator = found.start() if found else len(text)
+        if _SECRET_NAME(match.group()):
+            quoted = _QUOTED.match(text, at)
+            done = quoted.end() if quoted else separator
+            if done > at:
+                yield at, done
+            continue
+        if percent < at:
+            percent = text.find("%", at)
+            percent = len(text) if percent < 0 else percent
+        if percent < separator:
+            # Percent-encoded, the value may hide a URL or options of its own
+            # (?endpoint_url=http%3A%2F%2Fuser%3Apw%40host): hidden whole if so.
+            value = text[at:separator]
+            decoded = unquote_plus(value)
+            if decoded != value and redact(decoded) != decoded:  # shorter: recursion ends
+                yield at, separator
+            done = separator
 
 
 def redact(url: str) -> str:
-    """``url`` with any password replaced by ``***`` (also in query options)."""
-    url = _PASSWORD.sub(lambda m: f"{m.group(1)}:***@", url)
-    return re.sub(
-        r"((?:password|secret|token|aws_secret_access_key|aws_session_token)=)[^&\s]*",
-        r"\1***",
-        url,
-        flags=re.IGNORECASE,
-    )
+    """``url`` (or any text holding URLs or ``key=value`` options) with every
+    password and secret option value replaced by ``***``.
+
+    User info runs to the last ``@`` before the query, so a password holding
+    a raw ``/`` or ``@`` is hidden whole; option values are hidden whatever
+    their spelling (``password=``, ``sslpassword=``, ``aws_secret_access_key=``,
+    ``token=``...); a percent-encoded option value that hides one (a URL in
+    another URL's query) is hidden whole.
+    """
+    spans: list[tuple[int, int]] = []
+    if "://" in url:
+        spans.extend(_password_spans(url))
+    if "=" in url:
+        spans.extend(_secret_spans(url))
+    if not spans:
+        return url
+    parts = []
+    done = 0
+    for start, end in sorted(spans):
+        if end <= done:  # inside a span already hidden
+            continue
+        start = max(start, done)
+        parts.append(url[done:start])
+        parts.append("***")
+        done = end
+    parts.append(url[done:])
+    return "".join(parts)
+
+
+def encode_userinfo(url: str) -> str:
+    """``url`` with a raw ``/``, ``?``, ``#``, ``@`` or lone ``%`` in its user info
+    percent-encoded.
+
+    Drivers split ``scheme://user:pa/ss@word@host/db`` at the first ``/`` or
+    ``@`` and then connect to a "host" that is part of the password (and name
+    it in their errors). Here the user info runs to the last ``@`` before the
+    query, as in :func:`redact`, so what is hidden is exactly what is sent as
+    the password. A URL whose authority (up to the first ``/``) is already
+    a plain ``host[:port]`` list is returned as it is: an ``@`` further on is
+    then part of its path.
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.split("+", 1)[0].lower() in _NO_USERINFO or "@" not in rest:
+        return url
+    authority = rest.split("/", 1)[0].split("?", 1)[0].split("#", 1)[0]
+    if "@" not in authority and _HOSTS.match(authority):
+        return url
+    at = _userinfo_end(rest, 0, len(rest), False)
+    if at < 0:
+        return url
+    userinfo = rest[:at]
+    encoded = _USERINFO_RAW.sub(lambda m: f"%{ord(m.group()):02X}", userinfo)
+    return url if encoded == userinfo else f"{scheme}://{encoded}{rest[at:]}"
 
 
 def scheme_of(url: str) -> str:
     """The URL's scheme, lower-cased (``postgresql+psycopg2`` -> ``postgresql``)."""
     if "://" not in url:
-        raise ConfigurationError(f"not a URL (no scheme://): {redact(url)!r}")
+        # Not echoed: without a scheme nothing tells a password from a path.
+        raise ConfigurationError("not a URL (no scheme://)")
     return url.split("://", 1)[0].split("+", 1)[0].lower()
 
 
@@ -122,7 +287,7 @@ def open_repository(url: str, **options: Any) -> StateRepository:
     :raises ConfigurationError: unknown scheme or bad option.
     :raises MissingDependencyError: the backend's driver is not installed.
     """
-    return backend_class(scheme_of(url)).from_url(url, **options)
+    return backend_class(scheme_of(url)).from_url(encode_userinfo(url), **options)
 
 
 def parse_bool(value: str | bool, name: str) -> bool:

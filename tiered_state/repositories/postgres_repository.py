@@ -17,7 +17,11 @@ URL: any libpq URI, ``postgresql://user:password@host:5432/dbname`` (also
 =====================  ===========================================================
 
 Every other query option (``sslmode``, ``application_name``, ``options``,
-``keepalives_idle``...) goes to libpq unchanged.
+``keepalives_idle``...) goes to libpq unchanged, exactly as written (libpq
+decodes ``%20``, never ``+``: ``?options=-c%20work_mem%3D64MB``). A
+``-c statement_timeout`` in ``options`` wins over ``statement_timeout``.
+A password may hold a raw ``/`` or ``@``: the user info runs to the last
+``@`` before the query (see :func:`tiered_state.config.encode_userinfo`).
 
 Storage: one table, created on first use (``CREATE TABLE IF NOT EXISTS``
 under an advisory lock, so processes starting together do not trip over
@@ -61,10 +65,18 @@ Reads never write. Expired rows and tombstones stay (returned by
 Batch conditionals (``store_many_if_newer``, ``store_many_if_version``):
 below 64 rows one upsert over ``unnest`` of one array parameter per column,
 one round trip; from 64 rows a COPY into the session's staging table and one
-upsert from it, in one transaction. Like ``store_many`` and
-``delete_many_if_version`` they take their rows' locks in key order, one key
-at a time, so these batches cannot deadlock one another, and the
-statement's ``RETURNING`` list is exactly the keys written.
+upsert from it, in one transaction. The statement's ``RETURNING`` list is
+exactly the keys written.
+
+Locking: every write of several rows (the batch conditionals, ``store_many``,
+``delete_many``, ``delete_many_if_version``, ``touch_many``, ``clear``) takes
+its rows' locks in key order, one key at a time -- in the statement's own
+row order, or in a ``SELECT ... ORDER BY key FOR UPDATE`` ahead of a
+``DELETE`` / ``UPDATE`` (which would lock in scan order) -- so writes cannot
+deadlock one another. A write that still loses a deadlock (to another
+program's transaction) or a serialization conflict (under ``SERIALIZABLE``
+or ``REPEATABLE READ``) was rolled back whole; it runs again, up to five
+times in all, after a short jittered pause.
 """
 
 from __future__ import annotations
@@ -75,17 +87,18 @@ import json
 import logging
 import math
 import os
+import random
 import re
 import select
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, Any, NoReturn
-from urllib.parse import urlencode
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
+from urllib.parse import quote, unquote
 
 from .. import codec
-from ..config import parse_number, query_options, redact, require
+from ..config import encode_userinfo, parse_number, redact, require
 from ..errors import (
     BackendError,
     BackendUnavailableError,
@@ -113,9 +126,17 @@ __all__ = ["PostgresStateRepository"]
 
 log = logging.getLogger(__name__)
 
+_T = TypeVar("_T")
+
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
 _MAX_TABLE = 48  # + "_expires_idx" stays within PostgreSQL's 63-byte names
 _OPTIONS = {"table", "statement_timeout", "connect_timeout", "pool_size", "pool_timeout"}
+#: Runs of a write that lost a deadlock or a serialization conflict, in all.
+_ATTEMPTS = 5
+#: SQLSTATEs of those: serialization_failure, deadlock_detected.
+_RETRIED = frozenset({"40001", "40P01"})
+#: Seconds before the second run, doubled each time after (x0.5-1.5 jitter).
+_BACKOFF = 0.01
 #: Rows per statement for ANY(...) lists and COPY chunks.
 _CHUNK = 1000
 #: Batches up to this size go as one INSERT ... VALUES; larger ones through
@@ -283,9 +304,12 @@ _SQL = {
     "store_many_if_newer_copied": _if_newer_many(_STAGED),
     "store_many_if_version": _if_version_many(_UNNEST_EXPECTED),
     "store_many_if_version_copied": _if_version_many(_STAGED),
-    "delete_many": "DELETE FROM {t} WHERE key = ANY(%s)",
-    # A DELETE locks rows in plan order; the CTE locks the matching rows in
-    # key order first (the DELETE then only meets rows it holds).
+    # A DELETE or UPDATE locks rows in plan order (a sequential scan: the
+    # physical order). delete_many, delete_many_if_version, touch_many and
+    # clear lock theirs in key order first, in a CTE (the lock is taken
+    # above the sort), so the statement itself only meets rows it holds.
+    "delete_many": "WITH d AS MATERIALIZED (SELECT key FROM {t} WHERE key = ANY(%s) "
+    "ORDER BY key FOR UPDATE) DELETE FROM {t} AS cur USING d WHERE cur.key = d.key",
     "delete_many_if_version": "WITH d AS MATERIALIZED (SELECT x.key FROM {t} AS x "
     "JOIN unnest(%s::text[], %s::bigint[]) AS u(key, version) "
     "ON x.key = u.key AND x.version = u.version ORDER BY x.key FOR UPDATE OF x) "
@@ -304,9 +328,13 @@ _SQL = {
     f"AND encoding NOT IN {_NOT_VALUE} "
     "AND (greatest(updated_at, last_accessed), key) > (%s, %s) "
     "ORDER BY greatest(updated_at, last_accessed), key LIMIT %s",
-    "touch_many": "UPDATE {t} SET last_accessed = greatest(last_accessed, to_timestamp(%s)) "
-    "WHERE key = ANY(%s)",
-    "clear": "DELETE FROM {t}",
+    # NO KEY UPDATE: the lock the UPDATE itself takes.
+    "touch_many": "WITH l AS MATERIALIZED (SELECT key FROM {t} WHERE key = ANY(%s) "
+    "ORDER BY key FOR NO KEY UPDATE) UPDATE {t} AS cur "
+    "SET last_accessed = greatest(cur.last_accessed, to_timestamp(%s)) "
+    "FROM l WHERE cur.key = l.key",
+    "clear": "WITH d AS MATERIALIZED (SELECT key FROM {t} ORDER BY key FOR UPDATE) "
+    "DELETE FROM {t} AS cur USING d WHERE cur.key = d.key",
     "stats": f"SELECT count(*) FILTER (WHERE {_LIVE}), count(*), coalesce(sum(size_bytes), 0), "
     "pg_total_relation_size(%s::regclass) FROM {t}",
 }
@@ -657,8 +685,10 @@ class PostgresStateRepository(StateRepository):
             self._connect_kwargs["application_name"] = "tiered-state"
         if self.statement_timeout is not None:
             ms = max(1, round(self.statement_timeout * 1000))
+            # Ahead of the DSN's own options: a -c statement_timeout there is
+            # the later one, and the server keeps the later one.
             self._connect_kwargs["options"] = (
-                params.get("options", "") + f" -c statement_timeout={ms}"
+                f"-c statement_timeout={ms} " + params.get("options", "")
             ).strip()
         self._pool = _Pool(self._connect, pool_size, pool_timeout)
         self._sql: dict[str, str] | None = None
@@ -666,16 +696,29 @@ class PostgresStateRepository(StateRepository):
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> PostgresStateRepository:
-        base, query = query_options(url)
-        query.update({k: v for k, v in options.items() if v is not None})
-        ours = {k: query.pop(k) for k in list(query) if k in _OPTIONS}
-        scheme, _, rest = base.partition("://")
-        if scheme.split("+", 1)[0].lower() not in ("postgresql", "postgres"):
+        scheme, sep, rest = encode_userinfo(url).partition("://")
+        if not sep or scheme.split("+", 1)[0].lower() not in ("postgresql", "postgres"):
             raise ConfigurationError(f"not a postgresql:// URL: {redact(url)}")
-        dsn = "postgresql://" + rest
-        connect_timeout = parse_number(ours.get("connect_timeout"), "connect_timeout")
-        if query:
-            dsn += "?" + urlencode({k: str(v) for k, v in query.items()})
+        base, _, query = rest.partition("?")
+        # libpq's own options go on exactly as written: decoding and encoding
+        # them again would change them (a form encoder writes a space as "+",
+        # which libpq does not decode: ?options=-c%20x%3D1 must stay %20).
+        ours: dict[str, Any] = {}
+        theirs: dict[str, str] = {}
+        for piece in query.split("&") if query else ():
+            name, _, value = piece.partition("=")
+            if unquote(name) in _OPTIONS:
+                ours[unquote(name)] = unquote(value)
+            elif piece:
+                theirs[unquote(name)] = piece
+        for name, value in options.items():
+            if value is None:
+                continue
+            if name in _OPTIONS:
+                ours[name] = value
+            else:
+                theirs[name] = f"{quote(name, safe='')}={quote(str(value), safe='')}"
+        dsn = "postgresql://" + base + ("?" + "&".join(theirs.values()) if theirs else "")
         kwargs: dict[str, Any] = {}
         if "table" in ours:
             kwargs["table"] = str(ours["table"])
@@ -683,13 +726,14 @@ class PostgresStateRepository(StateRepository):
             kwargs["statement_timeout"] = parse_number(
                 ours["statement_timeout"], "statement_timeout"
             )
+        connect_timeout = parse_number(ours.get("connect_timeout"), "connect_timeout")
         if connect_timeout is not None:
             kwargs["connect_timeout"] = connect_timeout
         for name in ("pool_size", "pool_timeout"):
             if name in ours:
-                value = parse_number(ours[name], name, minimum=1 if name == "pool_size" else 0)
-                if value is not None:
-                    kwargs[name] = int(value) if name == "pool_size" else value
+                number = parse_number(ours[name], name, minimum=1 if name == "pool_size" else 0)
+                if number is not None:
+                    kwargs[name] = int(number) if name == "pool_size" else number
         return cls(dsn, **kwargs)
 
     def __repr__(self) -> str:
@@ -751,6 +795,39 @@ class PostgresStateRepository(StateRepository):
         place driver errors are translated. ``transaction``: BEGIN ... COMMIT
         around the block, ROLLBACK on any error so nothing is half-written."""
         return _Session(self, operation, transaction, staging)
+
+    def _run(
+        self,
+        operation: str,
+        work: Callable[[Cursor, dict[str, str]], _T],
+        *,
+        transaction: bool = False,
+        staging: bool = False,
+    ) -> _T:
+        """``work(cur, sql)`` in a session (see :meth:`_session`): the one place
+        writes run.
+
+        A statement or transaction that lost a deadlock (40P01) or a
+        serialization conflict (40001) was rolled back whole by the server,
+        so it runs again, up to :data:`_ATTEMPTS` times in all, after a short
+        jittered pause (the other party finishes meanwhile, and writers that
+        collided do not collide again in step). Anything else, or the last
+        attempt's failure, is raised as :meth:`_raise` translated it.
+        """
+        attempt = 1
+        while True:
+            try:
+                with _Session(self, operation, transaction, staging) as (cur, sql):
+                    return work(cur, sql)
+            except BackendError as exc:
+                code = getattr(exc.__cause__, "pgcode", None)
+                if code not in _RETRIED or attempt >= _ATTEMPTS:
+                    raise
+            pause = _BACKOFF * 2 ** (attempt - 1) * (0.5 + random.random())
+            log.info("postgres: %s on %s lost a conflict [%s]; attempt %d of %d in %.0f ms",
+                     operation, self.table, code, attempt + 1, _ATTEMPTS, pause * 1000)
+            time.sleep(pause)
+            attempt += 1
 
     def _release_failed(self, link: _Link | None) -> None:
         """Return a connection after an error: rolled back and pooled if sound, else closed."""
@@ -920,12 +997,18 @@ class PostgresStateRepository(StateRepository):
         return (time.perf_counter() - start) * 1000.0
 
     # ------------------------------------------------------------ writes
+    # Every write runs through _run, which runs it again when it lost a
+    # deadlock or a serialization conflict; so each work function computes
+    # its result afresh from the cursor.
     def store(self, key: str, value: str, metadata: Metadata) -> bool:
         validate_key(key)
         params = _params(key, value, metadata)
-        with self._session("store") as (cur, sql):
+
+        def work(cur: Cursor, sql: dict[str, str]) -> bool:
             cur.execute(sql["store"], params)
-        return True
+            return True
+
+        return self._run("store", work)
 
     def store_many(self, items: Items) -> set[str]:
         keys = [validate_key(k) for k in items]
@@ -942,20 +1025,28 @@ class PostgresStateRepository(StateRepository):
 
     def _store_values(self, rows: Sequence[tuple[Any, ...]]) -> None:
         extras = self._pg.extras
-        with self._session("store_many", transaction=len(rows) > _CHUNK) as (cur, sql):
+
+        def work(cur: Cursor, sql: dict[str, str]) -> None:
+            # VALUES rows are inserted (and their keys locked) in list order:
+            # the rows come sorted by key.
             extras.execute_values(cur, sql["store_values"], rows, template=_ROW, page_size=_CHUNK)
 
+        self._run("store_many", work, transaction=len(rows) > _CHUNK)
+
     def _store_copy(self, rows: Sequence[tuple[Any, ...]]) -> None:
-        with self._session("store_many", transaction=True, staging=True) as (cur, sql):
+        def work(cur: Cursor, sql: dict[str, str]) -> None:
             _copy(cur, _COPY_ROWS, rows)
             # One upsert from the staging table, committed with the COPYs.
             cur.execute(sql["store_copied"])
 
+        self._run("store_many", work, transaction=True, staging=True)
+
     def store_if_version(self, key: str, value: str, metadata: Metadata, expected: int) -> bool:
         validate_key(key)
         params = _params(key, value, metadata)
-        now = time.time()
-        with self._session("store_if_version") as (cur, sql):
+
+        def work(cur: Cursor, sql: dict[str, str]) -> bool:
+            now = time.time()
             if expected == 0:
                 # Absent, or only an expired tombstone: insert / replace it.
                 cur.execute(sql["store_if_absent"], (*params, now))
@@ -963,12 +1054,17 @@ class PostgresStateRepository(StateRepository):
                 cur.execute(sql["store_if_version"], (*params[1:], key, expected, params[5], now))
             return bool(cur.rowcount == 1)
 
+        return self._run("store_if_version", work)
+
     def store_if_newer(self, key: str, value: str, metadata: Metadata) -> bool:
         validate_key(key)
         params = _params(key, value, metadata)
-        with self._session("store_if_newer") as (cur, sql):
+
+        def work(cur: Cursor, sql: dict[str, str]) -> bool:
             cur.execute(sql["store_if_newer"], params)
             return bool(cur.rowcount == 1)
+
+        return self._run("store_if_newer", work)
 
     # Small batches: one statement over unnest(array per column), one round
     # trip. Large ones: COPY into the staging table and one statement from
@@ -981,14 +1077,17 @@ class PostgresStateRepository(StateRepository):
         if not keys:
             return set()
         rows = [_params(k, *items[k]) for k in keys]
-        if len(rows) < _UNNEST_MAX:
-            with self._session("store_many_if_newer") as (cur, sql):
+        copied = len(rows) >= _UNNEST_MAX
+
+        def work(cur: Cursor, sql: dict[str, str]) -> set[str]:
+            if copied:
+                _copy(cur, _COPY_ROWS, rows)
+                cur.execute(sql["store_many_if_newer_copied"])
+            else:
                 cur.execute(sql["store_many_if_newer"], _columns(rows))
-                return {row[0] for row in cur.fetchall()}
-        with self._session("store_many_if_newer", transaction=True, staging=True) as (cur, sql):
-            _copy(cur, _COPY_ROWS, rows)
-            cur.execute(sql["store_many_if_newer_copied"])
             return {row[0] for row in cur.fetchall()}
+
+        return self._run("store_many_if_newer", work, transaction=copied, staging=copied)
 
     def store_many_if_version(self, items: Items, expected: Mapping[str, int]) -> set[str]:
         keys = sorted(validate_key(k) for k in items)
@@ -996,62 +1095,84 @@ class PostgresStateRepository(StateRepository):
         if not keys:
             return set()
         rows = [_params(k, *items[k]) for k in keys]
-        now = time.time()
-        if len(rows) < _UNNEST_MAX:
-            with self._session("store_many_if_version") as (cur, sql):
+        copied = len(rows) >= _UNNEST_MAX
+
+        def work(cur: Cursor, sql: dict[str, str]) -> set[str]:
+            now = time.time()
+            if copied:
+                _copy(cur, _COPY_EXPECTED, [(*row, v) for row, v in zip(rows, versions)])
+                cur.execute(sql["store_many_if_version_copied"], (now, now))
+            else:
                 cur.execute(sql["store_many_if_version"], (*_columns(rows), versions, now, now))
-                return {row[0] for row in cur.fetchall()}
-        with self._session("store_many_if_version", transaction=True, staging=True) as (cur, sql):
-            _copy(cur, _COPY_EXPECTED, [(*row, version) for row, version in zip(rows, versions)])
-            cur.execute(sql["store_many_if_version_copied"], (now, now))
             return {row[0] for row in cur.fetchall()}
+
+        return self._run("store_many_if_version", work, transaction=copied, staging=copied)
 
     def delete(self, key: str) -> bool:
         validate_key(key)
-        with self._session("delete") as (cur, sql):
+
+        def work(cur: Cursor, sql: dict[str, str]) -> bool:
             cur.execute(sql["delete"], (key,))
             return bool(cur.rowcount > 0)
 
+        return self._run("delete", work)
+
     def delete_if_version(self, key: str, version: int) -> bool:
         validate_key(key)
-        with self._session("delete_if_version") as (cur, sql):
+
+        def work(cur: Cursor, sql: dict[str, str]) -> bool:
             cur.execute(sql["delete_if_version"], (key, version))
             return bool(cur.rowcount > 0)
 
+        return self._run("delete_if_version", work)
+
+    # The multi-chunk forms below run in one transaction (chunks in key
+    # order, so the whole batch still locks in key order).
     def delete_many(self, keys: Iterable[str]) -> int:
         keys = sorted({validate_key(k) for k in keys})
         if not keys:
             return 0
-        total = 0
-        with self._session("delete_many", transaction=len(keys) > _CHUNK) as (cur, sql):
+
+        def work(cur: Cursor, sql: dict[str, str]) -> int:
+            total = 0
             for chunk in chunked(keys, _CHUNK):
                 cur.execute(sql["delete_many"], (chunk,))
                 total += cur.rowcount
-        return total
+            return total
+
+        return self._run("delete_many", work, transaction=len(keys) > _CHUNK)
 
     def delete_many_if_version(self, versions: Mapping[str, int]) -> set[str]:
         keys = sorted(validate_key(k) for k in versions)
-        deleted: set[str] = set()
         if not keys:
-            return deleted
-        with self._session("delete_many_if_version", transaction=len(keys) > _CHUNK) as (cur, sql):
+            return set()
+
+        def work(cur: Cursor, sql: dict[str, str]) -> set[str]:
+            deleted: set[str] = set()
             for chunk in chunked(keys, _CHUNK):
                 cur.execute(sql["delete_many_if_version"], (chunk, [versions[k] for k in chunk]))
                 deleted.update(row[0] for row in cur.fetchall())
-        return deleted
+            return deleted
+
+        return self._run("delete_many_if_version", work, transaction=len(keys) > _CHUNK)
 
     def touch_many(self, keys: Iterable[str], at: float) -> None:
         keys = sorted({validate_key(k) for k in keys})
         if not keys:
             return
-        with self._session("touch_many", transaction=len(keys) > _CHUNK) as (cur, sql):
+
+        def work(cur: Cursor, sql: dict[str, str]) -> None:
             for chunk in chunked(keys, _CHUNK):
-                cur.execute(sql["touch_many"], (at, chunk))
+                cur.execute(sql["touch_many"], (chunk, at))
+
+        self._run("touch_many", work, transaction=len(keys) > _CHUNK)
 
     def clear(self) -> int:
-        with self._session("clear") as (cur, sql):
+        def work(cur: Cursor, sql: dict[str, str]) -> int:
             cur.execute(sql["clear"])
             return int(cur.rowcount)
+
+        return self._run("clear", work)
 
     def close(self) -> None:
         self._pool.close()

@@ -66,7 +66,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, urlencode
 
-from ..config import parse_number, redact, require
+from ..config import encode_userinfo, parse_number, redact, require
 from ..errors import BackendError, BackendUnavailableError, ConfigurationError, InvalidKeyError
 from ..keys import (
     compile_pattern,
@@ -413,7 +413,7 @@ class RedisStateRepository(StateRepository):
     @classmethod
     def from_url(cls, url: str, **options: Any) -> RedisStateRepository:
         # Not config.query_options: urlunsplit turns unix:///path into unix:/path.
-        base, _, qs = url.partition("?")
+        base, _, qs = encode_userinfo(url).partition("?")
         query: dict[str, Any] = dict(parse_qsl(qs, keep_blank_values=True))
         query.update(options)
         prefix = query.pop("prefix", DEFAULT_PREFIX)
@@ -450,7 +450,9 @@ class RedisStateRepository(StateRepository):
                 **options,
             )
         except (ValueError, TypeError) as exc:
-            raise ConfigurationError(f"bad Redis URL {redact(url)!r}: {exc}") from None
+            # Not the driver's message: it may quote pieces of the URL.
+            raise ConfigurationError(
+                f"bad Redis URL {redact(url)!r} ({type(exc).__name__})") from None
 
     @staticmethod
     def _describe(client: redis.Redis) -> str:
