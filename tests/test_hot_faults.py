@@ -286,6 +286,37 @@ def test_flushall_during_a_read_never_lets_its_old_copy_in(
             assert c.get("k") == 2
 
 
+def test_flushall_during_a_write_below_hot_never_leaves_an_older_copy(
+    server: PrivateRedis, proxy: TCPProxy, warm: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write aimed below HOT (no copy of its own goes into HOT) whose
+    placeholder a flush took away before its commit, while another process
+    read the old value and filled it in: once the write returns, nobody
+    reads the old value."""
+    hot = hot_url(proxy.address)
+    with open_store(hot, warm) as a, open_store(hot, warm) as b:
+        a.set("k", 1)
+        assert b.get("k") == 1
+        catalog = a.repositories[Tier.WARM]
+        fired: list[Any] = []
+        real = catalog.store_if_newer
+
+        def store_if_newer(key: str, *args: Any) -> Any:
+            if key == "k" and not fired:
+                server.command("FLUSHALL")  # the writer's placeholder goes
+                fired.append([b.get("k") for _ in range(3)])
+                fired.append(server.raw_get(value_key("k")))  # b filled the old value in
+            return real(key, *args)
+
+        monkeypatch.setattr(catalog, "store_if_newer", store_if_newer)
+        a.set("k", 2, tier="warm")
+        monkeypatch.undo()
+        assert fired == [[1, 1, 1], b"1"], fired  # else the test no longer sets the trap
+        for manager in (a, b):
+            reads = reads_for(functools.partial(read_both, manager, ["k"]), 0.5)
+            assert distinct(reads) == distinct([[2, {"k": 2}]]), distinct(reads)
+
+
 # ---------------------------------------------------------------- d. partial partition
 def test_partial_partition_the_others_see_a_cut_off_writer_at_once(
     server: PrivateRedis, proxy: TCPProxy, warm: str

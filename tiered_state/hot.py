@@ -608,8 +608,19 @@ class SharedHot(HotGuard):
                 self._marker = None
                 self._write_around(ticket)
             return
-        if copies and self.usable():
+        if not self.usable():
+            return
+        if copies:
             self._put(self._copies(copies))
+        # The keys left without a copy get their placeholders again: a flush
+        # (a restart, a FLUSHALL, the end of a write-around) between
+        # before_write and the commit took the first ones, and a reader that
+        # read the catalog before the commit may have filled an older copy
+        # since; nothing else would ever replace it.
+        rest = {k: v for k, v in ticket.versions.items() if k not in copies}
+        if rest:
+            items = self._placeholders(rest)
+            self._guarded(lambda: self.repo.store_many_if_newer(items))
 
     def drop(self, versions: Mapping[str, int]) -> None:
         """Replace the copies of ``key -> version`` by placeholders one version above.
