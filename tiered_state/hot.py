@@ -517,7 +517,12 @@ class SharedHot(HotGuard):
                 return 0
             stored = self._guarded(lambda: repo.store_many_if_newer(items))
             return len(stored) if stored is not None else 0
-        stored = self._guarded(lambda: repo.store_many_if_newer_in_epoch(items, epoch))
+        if len(items) == 1:  # one script call, not a pipeline
+            (key, (payload, md)), = items.items()
+            one = self._guarded(lambda: repo.store_if_newer_in_epoch(key, payload, md, epoch))
+            stored = None if one is None else ({key} if one else set())
+        else:
+            stored = self._guarded(lambda: repo.store_many_if_newer_in_epoch(items, epoch))
         if stored is None:
             if not self._down:
                 self._moved_on()
@@ -538,9 +543,16 @@ class SharedHot(HotGuard):
 
     def _place(self, ticket: Ticket) -> bool:
         """Put the write's placeholders in; False if HOT failed (or is skipped)."""
-        if not self.usable():
+        if not self.usable() or not self._block(ticket.versions):
             return False
-        items = self._placeholders(ticket.versions)
+        ticket.placed = time.monotonic()
+        ticket.epoch = self._epoch
+        return True
+
+    def _block(self, versions: Mapping[str, int]) -> bool:
+        """Store placeholders one below ``versions`` (unfenced: blocking is always
+        safe); False if HOT failed."""
+        items = self._placeholders(versions)
         try:
             if len(items) == 1:
                 (key, (payload, md)), = items.items()
@@ -551,8 +563,6 @@ class SharedHot(HotGuard):
             self.failed(exc)
             return False
         self._reached()
-        ticket.placed = time.monotonic()
-        ticket.epoch = self._epoch
         return True
 
     def before_write(self, versions: Mapping[str, int]) -> Ticket:
@@ -619,8 +629,7 @@ class SharedHot(HotGuard):
         # since; nothing else would ever replace it.
         rest = {k: v for k, v in ticket.versions.items() if k not in copies}
         if rest:
-            items = self._placeholders(rest)
-            self._guarded(lambda: self.repo.store_many_if_newer(items))
+            self._block(rest)
 
     def drop(self, versions: Mapping[str, int]) -> None:
         """Replace the copies of ``key -> version`` by placeholders one version above.
@@ -630,10 +639,8 @@ class SharedHot(HotGuard):
         keeps blocking it (and any copy up to this version), and yields to
         any newer write.
         """
-        if not self.usable():
-            return
-        items = self._placeholders({k: v + 2 for k, v in versions.items()})
-        self._guarded(lambda: self.repo.store_many_if_newer(items))
+        if self.usable():
+            self._block({k: v + 2 for k, v in versions.items()})
 
 
 def _reserved_metadata(payload: str) -> Metadata:

@@ -1002,6 +1002,17 @@ class RedisStateRepository(StateRepository):
         """``fetch_many(keys)`` if the stored epoch is ``epoch``, else None."""
         return self._fetch_many(keys, epoch)
 
+    def store_if_newer_in_epoch(self, key: str, value: str, metadata: Metadata,
+                                epoch: str) -> bool | None:
+        """``store_if_newer`` if the stored epoch is ``epoch``, else None (one EVALSHA)."""
+        raw = validate_key(key).encode("utf-8")
+        args = (*self._store_args(value, metadata, time.time()), epoch)
+        with self._errors("store_if_newer"):
+            done = self._run(self._store_if_newer_in_epoch_script,
+                             (self._value_prefix + raw, self._meta_prefix + raw, self._epoch_key),
+                             args)
+        return None if done == -1 else bool(done)
+
     def store_many_if_newer_in_epoch(self, items: Items, epoch: str) -> set[str] | None:
         """``store_many_if_newer(items)`` if the stored epoch is ``epoch``, else None
         (records of an earlier chunk may have gone in before the epoch moved on:
