@@ -802,3 +802,28 @@ def test_sweep_dry_run_changes_nothing(tmp_path: Path) -> None:
         assert state.repositories[COLD].keys() == []
         real = state.sweep()
         assert (real.moved, real.purged) == (5, 1)
+
+
+def test_a_closed_manager_refuses_every_call(tmp_path: Path) -> None:
+    state = tiered_state.open(tmp_path)
+    state.set("k", 1)
+    state.close()
+    state.close()  # twice is fine
+    calls = {
+        "get": lambda: state.get("k"), "get_record": lambda: state.get_record("k"),
+        "get_many": lambda: state.get_many(["k"]), "keys": lambda: state.keys(),
+        "iter_keys": lambda: list(state.iter_keys()),
+        "iter_records": lambda: list(state.iter_records()),
+        "set": lambda: state.set("k", 2), "set_many": lambda: state.set_many({"k": 2}),
+        "delete": lambda: state.delete("k"), "delete_many": lambda: state.delete_many(["k"]),
+        "restore": lambda: state.restore([]), "promote": lambda: state.promote("k"),
+        "demote": lambda: state.demote("k"), "sweep": lambda: state.sweep(),
+        "flush_access": lambda: state.flush_access(), "stats": lambda: state.stats(),
+        "check": lambda: state.check(),
+    }
+    for name, call in calls.items():
+        with pytest.raises(tiered_state.ClosedError, match=f"{name}\\(\\) on a closed"):
+            call()
+    assert issubclass(tiered_state.ClosedError, tiered_state.TieredStateError)
+    with tiered_state.open(tmp_path) as again:  # the store itself is untouched
+        assert again.get("k") == 1

@@ -11,6 +11,7 @@ catches them all::
     ├── SerializationError (also TypeError)
     ├── IntegrityError                         checksum mismatch, no valid copy left
     ├── ConflictError                          if_version did not match
+    ├── ClosedError                            a call on a closed StateManager
     └── BackendError                           .backend, __cause__ = driver error
         ├── BackendUnavailableError            connect / timeout: the manager may skip the tier
         └── BatchError                         .failed: {key: exception}
@@ -29,6 +30,7 @@ __all__ = [
     "BackendError",
     "BackendUnavailableError",
     "BatchError",
+    "ClosedError",
     "ConfigurationError",
     "ConflictError",
     "IntegrityError",
@@ -98,6 +100,10 @@ class ConflictError(TieredStateError):
         self.key = key
         self.expected = expected
         self.actual = actual
+
+
+class ClosedError(TieredStateError):
+    """A call on a :class:`~tiered_state.StateManager` after its ``close()``."""
 
 
 class BackendError(TieredStateError):

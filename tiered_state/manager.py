@@ -43,6 +43,7 @@ from .errors import (
     BackendError,
     BackendUnavailableError,
     BatchError,
+    ClosedError,
     ConfigurationError,
     ConflictError,
     IntegrityError,
@@ -127,6 +128,18 @@ class RestoreReport:
     restored: int = 0
     newer: int = 0
     expired: int = 0
+
+
+#: The calls a closed manager refuses (``close`` stays idempotent).
+_CALLS = ("get", "get_record", "get_many", "keys", "iter_keys", "iter_records", "set",
+          "set_many", "delete", "delete_many", "restore", "promote", "demote", "sweep",
+          "flush_access", "stats", "check")
+
+
+def _refusal(name: str) -> Callable[..., Any]:
+    def refuse(*args: Any, **kwargs: Any) -> Any:
+        raise ClosedError(f"{name}() on a closed StateManager")
+    return refuse
 
 
 class StateManager:
@@ -978,10 +991,16 @@ class StateManager:
 
     # ------------------------------------------------------------ lifecycle
     def close(self) -> None:
-        """Flush pending read times and close every repository. Idempotent."""
+        """Flush pending read times and close every repository. Idempotent;
+        every other call afterwards raises :class:`~tiered_state.ClosedError`."""
         if self._closed:
             return
         self._closed = True
+        # Instance attributes shadow the methods: an open manager's calls pay
+        # nothing for this, a closed one's fail with a clear error instead of
+        # whatever a closed connection would say.
+        for name in _CALLS:
+            setattr(self, name, _refusal(name))
         try:
             self._access.flush()
         finally:
