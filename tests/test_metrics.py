@@ -11,6 +11,7 @@ import json
 import os
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -43,31 +44,66 @@ SEED_COUNTERS = ("fetch", "store", "delete", "store_many", "delete_many")
 
 
 class StatsdServer:
-    """A UDP socket on loopback standing in for a StatsD server."""
+    """A UDP socket on loopback standing in for a StatsD server.
+
+    A thread reads it all the time, as a real server does: read only at the
+    end, a burst larger than the kernel's socket buffer would be dropped by
+    the kernel and look like datagrams the library lost.
+    """
 
     def __init__(self) -> None:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
+        # And a large buffer for the moments the reader waits for the GIL
+        # (beyond the system's cap only as root: SO_RCVBUFFORCE).
+        for option in (getattr(socket, "SO_RCVBUFFORCE", None), socket.SO_RCVBUF):
+            try:
+                if option is not None:
+                    self.sock.setsockopt(socket.SOL_SOCKET, option, 8 * 1024 * 1024)
+                    break
+            except OSError:
+                continue
+        self.sock.settimeout(0.05)
         self.port: int = self.sock.getsockname()[1]
         self.datagrams: list[bytes] = []
+        self._taken = 0
+        self._last = time.monotonic()
+        self._stop = threading.Event()
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
 
-    def receive(self, quiet: float = 0.3) -> list[tuple[str, str, str, float]]:
-        """Lines received until the socket stays quiet: (name, value, type, rate)."""
-        self.sock.settimeout(quiet)
-        lines: list[tuple[str, str, str, float]] = []
-        while True:
+    def _read(self) -> None:
+        while not self._stop.is_set():
             try:
                 data = self.sock.recv(65536)
-            except TimeoutError:
-                return lines
+            except (TimeoutError, OSError):
+                continue
             self.datagrams.append(data)
+            self._last = time.monotonic()
+
+    def receive(self, quiet: float = 0.3) -> list[tuple[str, str, str, float]]:
+        """Lines received since the last call, once the socket stayed quiet for
+        ``quiet`` seconds (at most 10 s): (name, value, type, rate)."""
+        deadline = time.monotonic() + 10.0
+        started = time.monotonic()
+        while time.monotonic() < deadline:
+            if time.monotonic() - max(self._last, started) >= quiet:
+                break
+            time.sleep(0.02)
+        end = len(self.datagrams)  # the reader may append meanwhile: take a fixed slice
+        taken, self._taken = self.datagrams[self._taken:end], end
+        lines: list[tuple[str, str, str, float]] = []
+        for data in taken:
             for line in data.decode("ascii").split("\n"):
                 name, _, rest = line.partition(":")
                 fields = rest.split("|")
                 rate = float(fields[2][1:]) if len(fields) > 2 else 1.0
                 lines.append((name, fields[0], fields[1], rate))
+        return lines
 
     def close(self) -> None:
+        self._stop.set()
+        self._reader.join(timeout=2.0)
         self.sock.close()
 
 
