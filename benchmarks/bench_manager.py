@@ -30,11 +30,9 @@ The sweep's throughput and memory, formerly here, are targets (f) of
 from __future__ import annotations
 
 import itertools
-import os
 import shutil
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -43,20 +41,14 @@ from tiered_state import codec
 from tiered_state.record import VersionClock, make_metadata, make_stub
 from tiered_state.repositories.base import StateRepository
 
-from .harness import measure, print_table, ratio, write_json
+from .harness import measure, print_table, ratio, server_urls, write_json
 
 KEYS = 2000  # keys per timed call of get / set
-REDIS_URL = os.environ.get("TIERED_STATE_TEST_REDIS_URL", "").strip()
-POSTGRES_URL = os.environ.get("TIERED_STATE_TEST_POSTGRES_URL", "").strip()
 HOT, WARM = tiered_state.Tier.HOT, tiered_state.Tier.WARM
 
 
 def value(i: int, salt: int) -> dict[str, Any]:
     return {"i": i, "salt": salt, "qty": 1.5 * i, "side": "buy", "note": "x" * 64}
-
-
-def _with(url: str, option: str) -> str:
-    return url + ("&" if "?" in url else "?") + option
 
 
 def row(name: str, results: dict[str, dict[str, float]], raw: str, target: float | None
@@ -176,32 +168,15 @@ def main() -> None:
             add(bench_set("memory+sqlite", state))
         with tiered_state.open(folder / "sqlite", hot="none") as state:
             add(bench_get_catalog("sqlite", state))
-        if REDIS_URL and POSTGRES_URL:
-            tag = uuid.uuid4().hex[:10]
-            table = f"bench_manager_{tag}"
-            state = tiered_state.open(folder / "server", hot=_with(REDIS_URL, f"prefix=bench_manager_{tag}:"),
-                                      warm=_with(POSTGRES_URL, f"table={table}"), cold="none")
-            try:
-                add(bench_get_hot("redis", state))
-                add(bench_set("redis+postgres", state))
-            finally:
-                state.repositories[HOT].clear()  # our prefix only
-                state.close()
-            state = tiered_state.open(folder / "pg", hot="none",
-                                      warm=_with(POSTGRES_URL, f"table={table}"), cold="none")
-            try:
-                add(bench_get_catalog("postgres", state))
-            finally:
-                state.close()
-                import psycopg2
-
-                conn = psycopg2.connect(POSTGRES_URL)
-                conn.autocommit = True
-                with conn.cursor() as cur:
-                    cur.execute(f'DROP TABLE IF EXISTS "{table}"')  # created by this run
-                conn.close()
-        else:
-            print("redis+postgres rows skipped: set TIERED_STATE_TEST_{REDIS,POSTGRES}_URL")
+        with server_urls("bench_manager") as urls:
+            if urls is not None:
+                with tiered_state.open(folder / "server", hot=urls[0], warm=urls[1],
+                                       cold="none") as state:
+                    add(bench_get_hot("redis", state))
+                    add(bench_set("redis+postgres", state))
+                with tiered_state.open(folder / "pg", hot="none", warm=urls[1],
+                                       cold="none") as state:
+                    add(bench_get_catalog("postgres", state))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     print_table("StateManager vs its own backends (median of alternating rounds; ratio = our "

@@ -8,17 +8,53 @@ to stdout as a table and to ``benchmarks/results/<name>.json``.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
+import os
 import platform
 import statistics
 import sys
 import time
-from collections.abc import Callable, Mapping
+import uuid
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).resolve().parent / "results"
+REDIS_URL = os.environ.get("TIERED_STATE_TEST_REDIS_URL", "").strip()
+POSTGRES_URL = os.environ.get("TIERED_STATE_TEST_POSTGRES_URL", "").strip()
+
+
+def with_option(url: str, option: str) -> str:
+    """``url`` with one more query option."""
+    return url + ("&" if "?" in url else "?") + option
+
+
+@contextlib.contextmanager
+def server_urls(name: str) -> Iterator[tuple[str, str] | None]:
+    """``(hot, warm)`` URLs on the test Redis and PostgreSQL with a prefix and a
+    table of this run's own, both removed afterwards; None without those servers."""
+    if not (REDIS_URL and POSTGRES_URL):
+        print(f"{name}: redis+postgres rows skipped: set TIERED_STATE_TEST_{{REDIS,POSTGRES}}_URL")
+        yield None
+        return
+    tag = f"{name}_{uuid.uuid4().hex[:10]}"
+    hot = with_option(REDIS_URL, f"prefix={tag}:")
+    try:
+        yield hot, with_option(POSTGRES_URL, f"table={tag}")
+    finally:
+        from tiered_state.config import open_repository
+
+        with open_repository(hot) as repo:
+            repo.clear()  # our prefix only
+        import psycopg2
+
+        conn = psycopg2.connect(POSTGRES_URL)
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            cur.execute(f'DROP TABLE IF EXISTS "{tag}"')  # created by this run
+        conn.close()
 
 
 def measure(

@@ -11,6 +11,7 @@ itself uses the public API only.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import io
 import json
@@ -23,11 +24,12 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import tiered_state
-from tiered_state import Tier, codec
+from tiered_state import BackendUnavailableError, Tier, codec
 from tiered_state.cli import Progress, main
 from tiered_state.factory import open_repositories
 from tiered_state.record import checksum, make_metadata
@@ -44,14 +46,17 @@ def cli(
     env: dict[str, str] | None = None,
     stderr: int | None = None,
     timeout: float = TIMEOUT,
+    unset: str | None = None,
 ) -> subprocess.CompletedProcess[str]:
-    """Run ``python -m tiered_state [--path PATH] ARGS...``."""
+    """Run ``python -m tiered_state [--path PATH] ARGS...`` (without the
+    environment variables whose names start with ``unset``)."""
     command = [sys.executable, "-m", "tiered_state"]
     if path is not None:
         command += ["--path", str(path)]
+    environment = {k: v for k, v in os.environ.items() if unset is None or not k.startswith(unset)}
     return subprocess.run(
         command + list(args), input=stdin, capture_output=stderr is None,
-        stderr=stderr, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+        stderr=stderr, text=True, timeout=timeout, env={**environment, **(env or {})},
     )
 
 
@@ -69,8 +74,16 @@ def assert_clean_error(result: subprocess.CompletedProcess[str], code: int, *nee
     assert "Traceback" not in result.stderr
     errors = [line for line in result.stderr.splitlines() if "error" in line]
     assert len(errors) == 1, result.stderr
+    assert errors[0].startswith("tiered-state: error: "), errors[0]
     for needle in needles:
         assert needle in errors[0], errors[0]
+
+
+def one_json(result: subprocess.CompletedProcess[str] | str) -> Any:
+    """The one JSON document a ``--json`` command printed, on one line."""
+    out = result if isinstance(result, str) else result.stdout
+    assert out.endswith("\n") and out.count("\n") == 1, out
+    return json.loads(out)
 
 
 @pytest.fixture
@@ -266,6 +279,124 @@ def test_sweep_dry_run_then_sweep(store: Path) -> None:
         assert state.get("c") == 2
 
 
+def test_sweep_cold_after_0_moves_every_warm_record(store: Path) -> None:
+    with tiered_state.open(store) as state:
+        state.set_many({f"new:{n}": n for n in range(5)}, tier="warm")  # written just now
+    done = cli("sweep", "--cold-after", "0", "--json", path=store)
+    assert done.returncode == 0, done.stderr
+    report = one_json(done)
+    assert (report["moved"], report["failed"], report["dry_run"]) == (5, 0, False)
+    assert [catalog_kind(store, f"new:{n}") for n in range(5)] == ["stub"] * 5
+    assert_clean_error(cli("sweep", "--cold-after", "-1", path=store), 2, ">= 0")
+
+
+def test_demote_says_when_nothing_moved(store: Path, capsys: pytest.CaptureFixture[str],
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    with tiered_state.open(store) as state:
+        state.set("w", 1, tier="warm")
+        state.set("c", 2, tier="cold")
+    # Already at or below the target, no copy above: nothing to move, and no error.
+    assert run(capsys, "demote", "c", "--to", "warm", path=store) == (
+        0, "nothing moved: 'c' is in cold already, with no copy above it\n", "")
+    code, out, err = run(capsys, "demote", "w", "--to", "warm", "--json", path=store)
+    assert (code, err) == (0, "")
+    assert one_json(out) == {"key": "w", "to": "warm", "moved": False, "tier": "warm"}
+    assert catalog_kind(store, "c") == "stub" and catalog_kind(store, "w") == "value"
+    code, out, err = run(capsys, "demote", "w", "--json", path=store)
+    assert (code, err) == (0, "")
+    assert one_json(out) == {"key": "w", "to": "cold", "moved": True, "tier": "cold"}
+    assert run(capsys, "demote", "never", path=store) == (
+        1, "", "tiered-state: error: nothing moved: key 'never' not found\n")
+
+    # A write that lands while the move runs wins: demote returns False and the
+    # value stays above the target.
+    def racing(self: tiered_state.StateManager, key: str, to: object = "cold") -> bool:
+        self.set(key, "newer", tier="warm")
+        return False
+
+    monkeypatch.setattr(tiered_state.StateManager, "demote", racing)
+    assert run(capsys, "demote", "w", "--json", path=store) == (
+        1, "", "tiered-state: error: nothing moved: 'w' was written while it was being moved "
+               "to cold; run the command again\n")
+    assert catalog_kind(store, "w") == "value"
+
+
+def test_json_documents_of_the_key_commands(store: Path, capsys: pytest.CaptureFixture[str]
+                                            ) -> None:
+    code, out, err = run(capsys, "set", "k", '{"b": [1, 2], "a": "ü"}', "--json", path=store)
+    assert (code, err) == (0, "")
+    created = one_json(out)
+    assert set(created) == {"key", "version"} and created["key"] == "k"
+    code, out, err = run(capsys, "get", "k", "--json", path=store)
+    assert (code, err) == (0, "")
+    record = one_json(out)
+    # The record as an export line: importable as it is.
+    assert record == {"key": "k", "value": {"a": "ü", "b": [1, 2]}, "version": created["version"],
+                      "checksum": checksum('{"a":"ü","b":[1,2]}'),
+                      "created_at": record["created_at"], "updated_at": record["created_at"],
+                      "expires_at": None, "tier": "warm"}
+    assert run(capsys, "get", "absent", "--json", path=store) == (
+        1, "", "tiered-state: error: key 'absent' not found\n")
+    with tiered_state.open(store) as state:
+        state.set_many({'we"ird\\ ü': 1, "k2": 2})
+    code, out, err = run(capsys, "keys", "--json", path=store)
+    assert (code, err) == (0, "")
+    assert [json.loads(line) for line in out.splitlines()] == ["k", "k2", 'we"ird\\ ü']
+    code, out, err = run(capsys, "demote", "k", "--json", path=store)
+    assert one_json(out) == {"key": "k", "to": "cold", "moved": True, "tier": "cold"}
+    code, out, err = run(capsys, "promote", "k", "--to", "warm", "--json", path=store)
+    assert one_json(out) == {"key": "k", "to": "warm", "promoted": True}
+    code, out, err = run(capsys, "delete", "k", "never", "--json", path=store)
+    assert (code, err, one_json(out)) == (0, "", {"deleted": 1})
+
+
+def test_json_documents_of_the_store_commands(seeded: Path, tmp_path: Path) -> None:
+    stats = one_json(cli("stats", "--json", path=seeded))
+    assert stats["manager"]["catalog"] == "warm" and "key_count" in stats["tiers"]["warm"]
+    dry = one_json(cli("sweep", "--dry-run", "--cold-after", "none", "--json", path=seeded))
+    assert dry == {"dry_run": True, "scanned": dry["scanned"], "moved": 0, "purged": 0,
+                   "collected": None, "skipped": 0, "failed": 0, "seconds": dry["seconds"],
+                   "errors": {}}
+    dump = tmp_path / "dump.jsonl"
+    exported = cli("export", str(dump), "order:1*", "--json", path=seeded)
+    assert (exported.returncode, exported.stderr) == (0, "")
+    assert one_json(exported) == {"exported": 11, "file": str(dump), "corrupt": []}
+    imported = cli("import", str(dump), "--json", path=tmp_path / "target")
+    assert one_json(imported) == {"imported": 11, "unchanged": 0, "newer": 0, "expired": 0,
+                                  "invalid": 0}
+    assert one_json(cli("upgrade", "--json", path=seeded)) == {
+        "moved": 0, "dropped": 0, "corrupt": 0, "hot_flushed": 0, "already": True}
+    assert_clean_error(cli("export", "-", "--json", path=seeded), 2, "needs a FILE")
+
+
+def test_keys_into_head_exits_0_quietly(store: Path) -> None:
+    """`tiered-state keys | head -n 1`: the reader goes away early; no error, exit 0."""
+    keys = [f"key:{n:06d}" for n in range(30_000)]
+    with tiered_state.open(store) as state:
+        state.set_many(dict.fromkeys(keys, 0), tier="warm")
+    for extra in ((), ("--json",)):
+        writer = subprocess.Popen(
+            [sys.executable, "-m", "tiered_state", "--path", str(store), "keys", *extra],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            assert writer.stdout is not None
+            # Far more than the pipe holds: the writer must run into the closed pipe.
+            size = fcntl.fcntl(writer.stdout.fileno(), getattr(fcntl, "F_GETPIPE_SZ", 1032))
+            assert sum(len(k) + 1 for k in keys) > 4 * size
+            head = subprocess.Popen(["head", "-n", "1"], stdin=writer.stdout,
+                                    stdout=subprocess.PIPE)
+            writer.stdout.close()  # head holds the only read end now
+            first, _ = head.communicate(timeout=TIMEOUT)
+            _, err = writer.communicate(timeout=TIMEOUT)
+        finally:
+            if writer.poll() is None:
+                writer.kill()
+                writer.wait(timeout=TIMEOUT)
+        expected = json.dumps(keys[0]) if extra else keys[0]
+        assert first.decode() == expected + "\n"
+        assert (writer.returncode, err.decode()) == (0, "")
+
+
 # ---------------------------------------------------------------- export / import
 def test_export_import_reproduces_keys_values_versions_ttls(seeded: Path, tmp_path: Path) -> None:
     dump = tmp_path / "dump.jsonl"
@@ -296,18 +427,22 @@ def test_export_import_reproduces_keys_values_versions_ttls(seeded: Path, tmp_pa
     assert records(target)["session:1"][2] == before["session:1"][2]  # the TTL keeps counting
     # Each record back in its tier: a COLD one as a stub in the catalog.
     assert catalog_kind(target, "flag") == "stub"
-    # Importing again changes nothing: every record there is at least as new,
-    # and the COLD payloads the catalog points at are left as they are.
+    # Importing again changes nothing: every record there has the same version
+    # (unchanged, not "newer"), and the COLD payloads the catalog points at
+    # are left as they are.
     again = cli("import", str(dump), path=target)
     assert again.returncode == 0, again.stderr
-    assert again.stdout == (f"imported 0 records, kept {len(before)} newer copies, "
+    assert again.stdout == (f"imported 0 records, {len(before)} unchanged, kept 0 newer copies, "
                             "skipped 0 expired, 0 invalid lines\n")
     assert records(target) == before
     with tiered_state.open(target) as state:
         assert state.get_record("flag").tier is Tier.COLD  # type: ignore[union-attr]
     with tiered_state.open(target) as state:  # the store goes on from the imported versions
         assert state.set("flag", False) > before["flag"][1]
-    assert f"kept {len(before)} newer" in cli("import", str(dump), path=target).stdout
+    third = cli("import", "--json", str(dump), path=target)
+    assert (third.returncode, third.stderr) == (0, "")
+    assert json.loads(third.stdout) == {"imported": 0, "unchanged": len(before) - 1, "newer": 1,
+                                        "expired": 0, "invalid": 0}
     assert records(target)["flag"][0] is False
 
 
@@ -336,9 +471,10 @@ def test_import_rejects_tampered_and_malformed_lines(store: Path, tmp_path: Path
                                json.dumps({**good, "version": 0}), json.dumps(good_too)]) + "\n")
     result = cli("import", str(dump), path=store)
     assert result.returncode == 1
-    assert result.stdout == ("imported 2 records, kept 0 newer copies, skipped 1 expired, "
-                             "5 invalid lines\n")
+    assert result.stdout == ("imported 2 records, 0 unchanged, kept 0 newer copies, "
+                             "skipped 1 expired, 5 invalid lines\n")
     errors = result.stderr.splitlines()
+    assert all(line.startswith("tiered-state: error: line ") for line in errors), errors
     assert [line.split(":")[2].strip() for line in errors] == \
         ["line 2", "line 3", "line 8", "line 6", "line 7"]
     assert "checksum" in errors[0] and "reserved" in errors[3] and "version" in errors[2]
@@ -367,6 +503,49 @@ def test_export_leaves_out_a_record_that_fails_its_checksum(seeded: Path, tmp_pa
                              "1 failed their checksum and were left out\n")
     assert "'order:5'" in result.stderr and "Traceback" not in result.stderr
     assert {json.loads(line)["key"] for line in dump.read_text().splitlines()} == every - {"order:5"}
+
+
+@pytest.mark.parametrize(
+    ("fault", "code", "message"),
+    [(BackendUnavailableError("connection lost", "s3"), 1, "unreachable: s3: connection lost"),
+     (KeyboardInterrupt(), 130, "interrupted")],
+)
+def test_a_failed_export_leaves_no_partial_file(
+    store: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch, fault: BaseException, code: int, message: str,
+) -> None:
+    with tiered_state.open(store) as state:
+        state.set_many({f"k:{n:04d}": {"n": n, "pad": "x" * 100} for n in range(1200)},
+                       tier="warm")
+    folder = tmp_path / "backups"
+    folder.mkdir()
+    real = tiered_state.StateManager.iter_records
+    seen: list[int] = []
+
+    def failing(self: tiered_state.StateManager, *args: Any, **kwargs: Any
+                ) -> Iterator[tiered_state.Record]:
+        for n, record in enumerate(real(self, *args, **kwargs)):
+            if n == 1000:  # two chunks written: the .partial file holds them
+                seen.extend(p.stat().st_size for p in folder.glob("*.partial"))
+                raise fault
+            yield record
+
+    monkeypatch.setattr(tiered_state.StateManager, "iter_records", failing)
+    assert run(capsys, "export", str(folder / "dump.jsonl"), path=store) == (
+        code, "", f"tiered-state: error: {message}\n")
+    assert len(seen) == 1 and seen[0] > 0  # there was a partial file, with data in it
+    assert list(folder.iterdir()) == []  # no .partial left, no dump either
+
+
+def test_export_to_a_bad_path_is_a_clean_error(seeded: Path, tmp_path: Path) -> None:
+    missing = tmp_path / "no" / "such" / "dump.jsonl"
+    result = cli("export", str(missing), path=seeded)
+    assert_clean_error(result, 2, f"cannot write {missing}: No such file or directory")
+    assert ".partial" not in result.stderr and not missing.parent.exists()
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    assert_clean_error(cli("export", str(folder), path=seeded), 2, "is a folder")
+    assert list(folder.iterdir()) == []
 
 
 def test_a_running_process_sees_an_import_at_once(store: Path, tmp_path: Path) -> None:
@@ -447,6 +626,70 @@ def test_doctor_reports_every_tier(store: Path) -> None:
     assert lines[-1] == "store: ok, catalog in warm (sqlite), format current"
 
 
+@pytest.mark.parametrize(
+    ("args", "code", "needle"),
+    [
+        (("get", "absent"), 1, "key 'absent' not found"),
+        (("get", "absent", "--json"), 1, "key 'absent' not found"),
+        (("inspect", "absent"), 1, "not found"),
+        (("demote", "absent", "--json"), 1, "not found"),
+        (("demote", "k", "--to", "hot"), 2, "demote: argument --to: invalid choice"),
+        (("set", "k", "{bad"), 2, "invalid JSON"),
+        (("--warm", "bogus://u:hunter2@host/x", "keys"), 2, "bogus"),
+        (("--warm", "postgresql://u:hunter2@127.0.0.1:1/db?connect_timeout=1", "keys"), 1,
+         "unreachable"),
+        (("import", "/nonexistent/x.jsonl"), 2, "cannot read"),
+        (("sweep", "--cold-after", "soon"), 2, "not a number"),
+        (("frobnicate",), 2, "invalid choice"),
+        ((), 2, "required"),
+    ],
+)
+def test_every_error_is_one_line_in_one_style(store: Path, args: tuple[str, ...], code: int,
+                                              needle: str) -> None:
+    result = cli(*args, path=store)
+    assert (result.returncode, result.stdout) == (code, "")
+    # One error line, last; before it at most the library's warnings, in the same form.
+    lines = result.stderr.splitlines()
+    assert [line for line in lines if "error" in line] == lines[-1:], lines
+    assert lines[-1].startswith("tiered-state: error: ") and needle in lines[-1]
+    assert all(line.startswith("tiered-state: warning: ") for line in lines[:-1]), lines
+    assert "hunter2" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_doctor_json(store: Path) -> None:
+    result = cli("--cold", "none", "doctor", "--json", path=store)
+    assert (result.returncode, result.stderr) == (0, ""), result.stdout
+    report = one_json(result)
+    assert report["ok"] is True and report["version"] == tiered_state.__version__
+    assert set(report["drivers"]) == {"redis", "postgres", "s3", "statsd"}
+    assert report["tiers"]["cold"] == {"status": "off", "backend": None, "url": None,
+                                       "connect_ms": None, "latency_ms": None, "error": None,
+                                       "hint": None}
+    assert report["tiers"]["warm"]["url"] == f"sqlite:///{(store / 'warm.db').resolve()}"
+    assert report["store"]["catalog"] == "warm" and report["store"]["ok"] is True
+    assert sorted(report["store"]["health"]) == ["hot", "warm"]  # cold is off
+    assert all(row["ok"] and row["error"] is None for row in report["store"]["health"].values())
+
+
+def test_doctor_names_missing_s3_credentials(store: Path) -> None:
+    pytest.importorskip("boto3")
+    # No credentials anywhere in boto3's chain (and no instance metadata to ask).
+    env = {"AWS_SHARED_CREDENTIALS_FILE": str(store / "none"),
+           "AWS_CONFIG_FILE": str(store / "none"), "AWS_EC2_METADATA_DISABLED": "true"}
+    cold = f"s3://bucket/prefix?endpoint_url=http://127.0.0.1:{free_port()}&region=us-east-1"
+    doctor = cli("--cold", cold, "doctor", path=store, env=env, unset="AWS_")
+    assert doctor.returncode == 1
+    assert "no AWS credentials" in doctor.stdout
+    assert ("fix: give boto3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+            in doctor.stdout)
+    assert doctor.stderr == "tiered-state: error: 1 configured tier(s) not usable: cold\n"
+    report = one_json(cli("--cold", cold, "doctor", "--json", path=store, env=env, unset="AWS_"))
+    assert report["ok"] is False and report["store"] is None
+    assert report["tiers"]["cold"]["status"] == "error"
+    assert "AWS_ACCESS_KEY_ID" in report["tiers"]["cold"]["hint"]
+    assert "?profile=NAME" in report["tiers"]["cold"]["hint"]
+
+
 def test_unreachable_server_is_a_clean_error_with_password_redacted(store: Path) -> None:
     dead = f"redis://app:s3cret-pw@127.0.0.1:{free_port()}/0"
     started = time.monotonic()
@@ -456,7 +699,7 @@ def test_unreachable_server_is_a_clean_error_with_password_redacted(store: Path)
     assert "warm" in doctor.stdout and " ok " in doctor.stdout.split("warm", 1)[1]
     # HOT down: reads and writes go on with the durable tier, with a warning.
     written = cli("--hot", dead, "set", "k", "1", path=store)
-    assert written.returncode == 0 and "WARNING" in written.stderr
+    assert written.returncode == 0 and "tiered-state: warning: " in written.stderr
     assert "tier hot" in written.stderr and "cannot reach Redis" in written.stderr
     alone = cli("--hot", dead, "--warm", "none", "--cold", "none", "get", "k", path=store)
     assert alone.returncode == 1 and "unreachable" in alone.stderr
@@ -511,6 +754,39 @@ def test_main_in_process_leaves_no_logging_behind(store: Path,
     assert logger.handlers == handlers and logger.level == level
 
 
+# ---------------------------------------------------------------- inspect
+def test_inspect_every_copy_as_a_table_and_as_json(seeded: Path) -> None:
+    with tiered_state.open(seeded) as state:
+        record = state.get_record("flag", promote=False)  # set in cold: a stub and a payload
+        assert record is not None
+    table = cli("inspect", "flag", path=seeded)
+    assert table.returncode == 0, table.stderr
+    header, *rows = table.stdout.splitlines()
+    assert header.split() == ["tier", "role", "version", "current", "checksum", "size",
+                              "encoding", "expires", "location"]
+    assert [row.split()[:5] for row in rows] == [
+        ["warm", "stub", str(record.version), "yes", "-"],
+        ["cold", "payload", str(record.version), "yes", "ok"]]
+    report = one_json(cli("inspect", "flag", "--json", path=seeded))
+    assert report["key"] == "flag"
+    assert [(c["tier"], c["role"], c["version"], c["current"], c["checksum_ok"])
+            for c in report["copies"]] == [("warm", "stub", record.version, True, None),
+                                           ("cold", "payload", record.version, True, True)]
+    assert set(report["copies"][0]) == {"tier", "role", "version", "expires_at", "size_bytes",
+                                        "location", "checksum_ok", "current", "encoding"}
+    # A copy that fails its checksum is shown as it is.
+    with tiered_state.open(seeded) as state:
+        warm = state.repositories[Tier.WARM]
+        entry = warm.fetch_record("order:5")
+        assert entry is not None
+        warm.store("order:5", entry.payload.replace("5", "6"), entry.metadata)
+    rotten = cli("inspect", "order:5", path=seeded)
+    assert rotten.returncode == 0, rotten.stderr
+    assert rotten.stdout.splitlines()[1].split()[:5] == ["warm", "value", str(entry.version),
+                                                         "no", "FAILED"]
+    assert_clean_error(cli("inspect", "absent", path=seeded), 1, "'absent' not found")
+
+
 # ---------------------------------------------------------------- a store written by 0.1
 def test_upgrade_a_store_written_by_0_1(store: Path) -> None:
     make_v01_store(store)
@@ -540,7 +816,7 @@ def test_doctor_on_a_0_1_store_names_upgrade(store: Path) -> None:
     assert "store: does not open" in lines
     assert any("written by tiered-state 0.1" in line for line in lines)
     assert any(line.strip().startswith("fix: run `tiered-state upgrade` once") for line in lines)
-    assert doctor.stderr == "the store is not usable as it is\n"
+    assert doctor.stderr == "tiered-state: error: the store does not open\n"
 
 
 def test_upgrade_leaves_a_corrupt_object_and_says_so(store: Path,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from .cache import LocalCache
+from .codec import Codec, JSONCodec, TypedJSONCodec
 from .errors import (
     BackendError,
     BackendUnavailableError,
@@ -18,9 +19,12 @@ from .errors import (
     SerializationError,
     StoreFormatError,
     TieredStateError,
+    ValueTypeError,
 )
 from .factory import open, probe
+from .inspection import CopyInfo
 from .manager import RestoreReport, StateManager
+from .operations import Memoized
 from .policy import TieringPolicy
 from .record import Record, Tier
 from .sweep import SweepReport
@@ -35,11 +39,15 @@ __all__ = [
     "BackendUnavailableError",
     "BatchError",
     "ClosedError",
+    "Codec",
     "ConfigurationError",
     "ConflictError",
+    "CopyInfo",
     "IntegrityError",
     "InvalidKeyError",
+    "JSONCodec",
     "LocalCache",
+    "Memoized",
     "MissingDependencyError",
     "Record",
     "RestoreReport",
@@ -50,7 +58,9 @@ __all__ = [
     "Tier",
     "TieredStateError",
     "TieringPolicy",
+    "TypedJSONCodec",
     "UpgradeReport",
+    "ValueTypeError",
     "open",
     "probe",
     "upgrade",

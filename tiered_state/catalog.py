@@ -28,6 +28,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from . import codec
+from .codec import JSON, Codec, decode_entry
 from .errors import BackendError, BatchError, IntegrityError, InvalidKeyError, SerializationError
 from .keys import MAX_KEY_BYTES, validate_key
 from .record import STUB, Entry, Metadata, Record, Tier, is_value, make_stub
@@ -102,12 +103,16 @@ class Resolved:
     entry: Entry
     tier: Tier
 
-    def record(self) -> Record:
-        """The :class:`~tiered_state.record.Record` a caller gets (the value decoded)."""
+    def record(self, codec: Codec = JSON) -> Record:
+        """The :class:`~tiered_state.record.Record` a caller gets: the value
+        decoded by the store's ``codec`` (see :func:`~tiered_state.codec.decode_entry`).
+
+        :raises SerializationError: the record was written by another codec.
+        """
         md = self.entry.metadata
         return Record(
             key=self.entry.key,
-            value=codec.decode(self.entry.payload),
+            value=decode_entry(self.entry.payload, md["encoding"], codec),
             version=md["version"],
             checksum=md["checksum"],
             size_bytes=md["size_bytes"],

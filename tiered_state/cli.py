@@ -4,14 +4,20 @@ Global options (before the command) name the store exactly as
 :func:`tiered_state.open` does: ``--hot/--warm/--cold`` URLs (or ``none``)
 and ``--path`` for the embedded tiers, each falling back to its
 ``TIERED_STATE_*`` environment variable. Results go to stdout; progress,
-warnings and errors go to stderr, one line each.
+warnings and errors go to stderr, one line each, errors as
+``tiered-state: error: MESSAGE``. ``--json`` (after the command) prints a
+command's result as one JSON document on one line instead (``keys``: JSON
+Lines, one JSON string per key); a command that fails with an error line
+prints nothing on stdout.
 
 Exit status: 0 success, 1 an absent key or an operational failure (a server
-unreachable, a version conflict, a record that failed its checksum), 2 a usage
-or configuration error (bad option, bad JSON, bad URL, missing driver, a store
-that needs ``tiered-state upgrade``), 130 interrupted. No traceback unless
-``--debug``. Every line printed passes through :func:`tiered_state.config.redact`,
-so a password in a URL never reaches the terminal.
+unreachable, a version conflict, a record that failed its checksum, nothing
+moved), 2 a usage or configuration error (bad option, bad JSON, bad URL,
+missing driver, a store that needs ``tiered-state upgrade``), 130
+interrupted. A reader that goes away (``tiered-state keys | head``) is not an
+error: exit 0, nothing more printed. No traceback unless ``--debug``. Every
+line printed passes through :func:`tiered_state.config.redact`, so a password
+in a URL never reaches the terminal.
 
 The command is a client of the public API and nothing else:
 :func:`tiered_state.open`, :func:`tiered_state.probe`,
@@ -27,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import hashlib
 import itertools
 import json
@@ -63,6 +70,7 @@ from . import (
 from . import open as open_store
 from . import upgrade as upgrade_store
 from .config import ENV_COLD, ENV_HOT, ENV_PATH, ENV_WARM, environ, redact
+from .inspection import CopyInfo
 
 __all__ = ["main"]
 
@@ -101,9 +109,26 @@ def emit(text: str, stream: IO[str] | None = None) -> None:
     print(redact(text), file=stream or sys.stdout)
 
 
+def emit_json(document: Any) -> None:
+    """Print ``document`` as one JSON document on one line (redacted like every line)."""
+    emit(json.dumps(document, ensure_ascii=False, sort_keys=True, default=str))
+
+
+def error_line(message: str) -> None:
+    """The one form of an error on stderr: ``tiered-state: error: MESSAGE``."""
+    print(_line(f"{PROG}: error: {message}"), file=sys.stderr)
+
+
 class _RedactingFormatter(logging.Formatter):
+    """``tiered-state: LEVEL: message`` in lower case, so a logged error reads
+    like every other error line (``tiered-state: error: ...``)."""
+
+    def __init__(self, debug: bool) -> None:
+        super().__init__("%(name)s: %(message)s" if debug else "%(message)s")
+
     def format(self, record: logging.LogRecord) -> str:
-        return _line(super().format(record))
+        level = "error" if record.levelno >= logging.ERROR else record.levelname.lower()
+        return _line(f"{PROG}: {level}: {super().format(record)}")
 
 
 def _setup_logging(debug: bool, quiet: bool) -> Callable[[], None]:
@@ -113,10 +138,7 @@ def _setup_logging(debug: bool, quiet: bool) -> Callable[[], None]:
         an embedding tool) leaves no handler or level behind.
     """
     handler = logging.StreamHandler(sys.stderr)
-    if debug:
-        handler.setFormatter(_RedactingFormatter(f"{PROG}: %(levelname)s %(name)s: %(message)s"))
-    else:
-        handler.setFormatter(_RedactingFormatter(f"{PROG}: %(levelname)s: %(message)s"))
+    handler.setFormatter(_RedactingFormatter(debug))
     root = logging.getLogger("tiered_state")
     level = root.level
     root.addHandler(handler)
@@ -218,6 +240,14 @@ def _chunks(items: Iterable[Any], size: int = CHUNK) -> Iterator[list[Any]]:
 
 # ---------------------------------------------------------------- commands
 def cmd_get(args: argparse.Namespace) -> int:
+    if args.json:
+        # The record as an export line: value, version, times, the tier it was read from.
+        with _open(args) as state:
+            record = state.get_record(args.key)
+        if record is None:
+            raise CommandError(f"key {args.key!r} not found")
+        emit(_export_line(record).rstrip("\n"))
+        return EXIT_OK
     with _open(args) as state:
         value = state.get(args.key, _ABSENT)
     if value is _ABSENT:
@@ -242,23 +272,32 @@ def cmd_set(args: argparse.Namespace) -> int:
     with _open(args) as state:
         version = state.set(args.key, value, tier=args.tier, ttl=args.ttl,
                             if_version=args.if_version)
-    emit(str(version))
+    if args.json:
+        emit_json({"key": args.key, "version": version})
+    else:
+        emit(str(version))
     return EXIT_OK
 
 
 def cmd_delete(args: argparse.Namespace) -> int:
     with _open(args) as state:
         deleted = state.delete_many(args.keys)
-    emit(str(deleted))
+    if args.json:
+        emit_json({"deleted": deleted})
+    else:
+        emit(str(deleted))
     return EXIT_OK
 
 
 def cmd_keys(args: argparse.Namespace) -> int:
     write = sys.stdout.write
+    # --json: JSON Lines (one JSON string per key), not an array, so the
+    # listing streams and `| head` still cuts it at a line.
+    form: Callable[[str], str] = _json if args.json else str
     with _open(args) as state:
         # Streamed from the catalog as it lists them: nothing is sorted or held here.
         for key in state.iter_keys(args.pattern):
-            write(key + "\n")
+            write(form(key) + "\n")
     return EXIT_OK
 
 
@@ -266,7 +305,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     with _open(args) as state:
         stats = state.stats()
     if args.json:
-        emit(json.dumps(stats, indent=2, sort_keys=True, default=str, ensure_ascii=False))
+        emit_json(stats)
         return EXIT_OK
     blocks = []
     for tier, data in stats["tiers"].items():
@@ -295,13 +334,19 @@ def _policy(args: argparse.Namespace) -> TieringPolicy:
 
 
 def _seconds_or_zero(text: str) -> float:
-    return 0.0 if text.strip() in ("0", "0.0") else _positive(text)
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not value >= 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number of seconds >= 0: {text!r}")
+    return value
 
 
 def _seconds_or_none(text: str) -> float | None:
     if text.strip().lower() in ("none", "never"):
         return None
-    return _positive(text)
+    return _seconds_or_zero(text)
 
 
 def cmd_sweep(args: argparse.Namespace) -> int:
@@ -318,7 +363,13 @@ def cmd_sweep(args: argparse.Namespace) -> int:
                 report = state.sweep(progress=show)
         finally:
             progress.close()
-    emit(_sweep_summary(report, args.dry_run))
+    if args.json:
+        document = {"dry_run": args.dry_run, **report.as_dict()}
+        if args.dry_run:
+            document["collected"] = None  # a dry run does not look for garbage
+        emit_json(document)
+    else:
+        emit(_sweep_summary(report, args.dry_run))
     for key, error in list(report.errors.items())[:10]:
         log.error("%r: %s", key, error)
     return EXIT_FAILED if report.failed else EXIT_OK
@@ -337,34 +388,104 @@ def _sweep_summary(report: SweepReport, dry_run: bool) -> str:
 def cmd_promote(args: argparse.Namespace) -> int:
     with _open(args) as state:
         if state.promote(args.key, to=args.to):
-            emit(f"promoted {args.key!r} to {args.to}")
+            if args.json:
+                emit_json({"key": args.key, "to": args.to, "promoted": True})
+            else:
+                emit(f"promoted {args.key!r} to {args.to}")
             return EXIT_OK
-        if state.get_record(args.key) is None:
+        if state.get_record(args.key, promote=False) is None:
             raise CommandError(f"key {args.key!r} not found")
     raise CommandError(f"{args.key!r} was not copied to {args.to}: it changed meanwhile "
                        "or the tier is unreachable")
 
 
+def _value_tier(copies: list[CopyInfo]) -> Tier | None:
+    """The tier holding the value a read would serve (a catalog value or the
+    payload its stub points at); None when the key is absent."""
+    for copy in copies:
+        if copy.current and copy.role in ("value", "payload"):
+            return Tier.parse(copy.tier)
+    return None
+
+
 def cmd_demote(args: argparse.Namespace) -> int:
+    target = Tier.parse(args.to)
     with _open(args) as state:
-        if not state.demote(args.key, to=args.to):
-            raise CommandError(f"key {args.key!r} not found")
-    emit(f"moved {args.key!r} to {args.to}")
+        moved = state.demote(args.key, to=target)
+        # Nothing moved: say why, from where the value is now (inspect never
+        # promotes nor counts as a read).
+        where = target if moved else _value_tier(state.inspect(args.key))
+    if where is None:
+        raise CommandError(f"nothing moved: key {args.key!r} not found")
+    if _ORDER.index(where) < _ORDER.index(target):
+        raise CommandError(f"nothing moved: {args.key!r} was written while it was being moved "
+                           f"to {args.to}; run the command again")
+    if args.json:
+        emit_json({"key": args.key, "to": args.to, "moved": moved, "tier": where.value})
+    elif moved:
+        emit(f"moved {args.key!r} to {args.to}")
+    else:
+        emit(f"nothing moved: {args.key!r} is in {where} already, with no copy above it")
+    return EXIT_OK
+
+
+def _when(epoch: float | None) -> str:
+    return "-" if epoch is None else time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(epoch))
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    with _open(args) as state:
+        copies = state.inspect(args.key)
+    if not copies:
+        raise CommandError(f"key {args.key!r} not found in any tier")
+    if args.json:
+        emit_json({"key": args.key, "copies": [copy.as_dict() for copy in copies]})
+        return EXIT_OK
+    rows = [("tier", "role", "version", "current", "checksum", "size", "encoding", "expires",
+             "location")]
+    for c in copies:
+        check = "-" if c.checksum_ok is None else "ok" if c.checksum_ok else "FAILED"
+        rows.append((c.tier, c.role, str(c.version), "yes" if c.current else "no", check,
+                     f"{c.size_bytes:,}", c.encoding or "-", _when(c.expires_at), c.location))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
+    for cells in rows:
+        emit("  ".join(c.ljust(w) for c, w in zip(cells, widths)) + "  " + cells[-1])
     return EXIT_OK
 
 
 # ---------------------------------------------------------------- doctor
-def _hint(tier: Tier, exc: BaseException | None) -> str:
-    """How to fix what ``exc`` says is wrong with ``tier``."""
+_NO_CREDENTIALS = ("no aws credentials", "unable to locate credentials", "nocredentialserror")
+
+
+def _no_credentials(exc: BaseException | str | None) -> bool:
+    """Whether ``exc`` says boto3 found no AWS credentials (the s3 repository
+    raises ConfigurationError from botocore's NoCredentialsError)."""
+    texts = [str(exc).lower()]
+    if isinstance(exc, BaseException):
+        texts += [type(e).__name__.lower() for e in (exc, exc.__cause__) if e is not None]
+    return any(needle in text for text in texts for needle in _NO_CREDENTIALS)
+
+
+def _hint(tier: Tier, exc: BaseException | str | None) -> str:
+    """How to fix what ``exc`` (an exception, or its text) says is wrong with ``tier``."""
     option = f"--{tier.value} / {_ENV[tier]}"
     text = str(exc).lower()
     if isinstance(exc, MissingDependencyError):
         return f"install the driver: pip install 'tiered-state[{exc.extra}]'"
     if isinstance(exc, ImportError):
         return "this install lacks the backend module: reinstall tiered-state"
+    if _no_credentials(exc):
+        # Checked before ConfigurationError: the URL is fine, the environment is not.
+        return ("give boto3 credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+                f"AWS_PROFILE, ~/.aws/credentials, an instance role), or ?profile=NAME in the "
+                f"URL ({option})")
     if isinstance(exc, ConfigurationError):
+        if "bucket" in text:
+            return ("create the bucket (aws s3 mb s3://BUCKET) or add ?create_bucket=true "
+                    "to the URL")
         return f"fix the URL ({option}); `none` switches the tier off"
-    if isinstance(exc, BackendUnavailableError):
+    if isinstance(exc, BackendUnavailableError) or any(
+            w in text for w in ("unreachable", "cannot reach", "timed out", "timeout")):
         return f"start the server or fix host/port in the URL ({option})"
     if "bucket" in text:
         return "create the bucket (aws s3 mb s3://BUCKET) or add ?create_bucket=true to the URL"
@@ -391,48 +512,110 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.2f} ms"
 
 
-def cmd_doctor(args: argparse.Namespace) -> int:
-    emit(f"tiered-state {__version__}, Python {sys.version.split()[0]}")
-    missing = [extra for module, extra in _DRIVERS if find_spec(module) is None]
-    drivers = " ".join(f"{extra}={'no' if extra in missing else 'yes'}" for _, extra in _DRIVERS)
-    hint = f"  (server backends: pip install 'tiered-state[{','.join(missing)}]')" if missing else ""
-    emit(f"drivers: {drivers}{hint}")
+def _error_text(exc: BaseException | str | None) -> str | None:
+    if exc is None or isinstance(exc, str):
+        return exc
+    return _line(f"{type(exc).__name__}: {exc}")
+
+
+def _health(state: StateManager) -> dict[str, dict[str, Any]]:
+    """``state.health()``: ``{tier: {backend, ok, latency_ms, error}}``, the error as text."""
+    return {str(Tier.parse(tier)): {**row, "error": _error_text(row.get("error"))}
+            for tier, row in state.health().items()}
+
+
+def _doctor(args: argparse.Namespace) -> dict[str, Any]:
+    """What ``doctor`` found, as the JSON document ``doctor --json`` prints.
+
+    Each tier is first reached on its own (:func:`tiered_state.probe`), so a
+    missing driver or a store in an older format is diagnosed tier by tier;
+    when all answer, the store is opened and asked for its ``health()``.
+    """
+    document: dict[str, Any] = {
+        "version": __version__,
+        "python": sys.version.split()[0],
+        "drivers": {extra: find_spec(module) is not None for module, extra in _DRIVERS},
+        "tiers": {},
+        "store": None,
+        "ok": False,
+    }
     found = probe(args.path, hot=args.hot, warm=args.warm, cold=args.cold)
-    rows = [("tier", "status", "connect", "latency", "url")]
-    problems: list[tuple[int, str, str]] = []
     for tier in _ORDER:
         row = found[tier]
-        if row["status"] == "off":
-            rows.append((tier.value, "off", "-", "-", "-"))
-            continue
-        url = _tier_url(args, tier) or row["url"] or "-"
-        rows.append((tier.value, row["status"], _ms(row["connect_ms"]), _ms(row["latency_ms"]), url))
-        if row["status"] != "ok":
-            exc = row["error"]
-            error = row["status"] if exc is None else _line(f"{type(exc).__name__}: {exc}")
-            problems.append((len(rows) - 1, error, _hint(tier, exc)))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
-    for index, cells in enumerate(rows):
-        emit("  ".join(c.ljust(w) for c, w in zip(cells, widths)) + "  " + cells[4])
-        for at, error, hint in problems:
-            if at == index:
-                emit(f"      {error}")
-                emit(f"      fix: {hint}")
-    if problems:
-        emit(f"{len(problems)} configured tier(s) not usable", sys.stderr)
-        return EXIT_FAILED
-    # Every tier answers on its own; now the store as a whole: its catalog and format.
+        exc = row["error"]
+        problem = row["status"] not in ("ok", "off")
+        document["tiers"][tier.value] = {
+            "status": row["status"],
+            "backend": row["backend"],
+            "url": None if row["status"] == "off" else redact(_tier_url(args, tier)
+                                                              or row["url"] or ""),
+            "connect_ms": row["connect_ms"],
+            "latency_ms": row["latency_ms"],
+            "error": (_error_text(exc) or row["status"]) if problem else None,
+            "hint": _hint(tier, exc) if problem else None,
+        }
+    if any(t["error"] for t in document["tiers"].values()):
+        return document
+    store: dict[str, Any] = {"ok": False, "catalog": None, "error": None, "hint": None,
+                             "health": None}
+    document["store"] = store
     try:
         with _open(args) as state:
-            catalog = state.catalog_tier
+            catalog, health = state.catalog_tier.value, _health(state)
     except (TieredStateError, OSError) as exc:
         log.debug("doctor: the store does not open", exc_info=True)
-        emit("store: does not open")
-        emit(f"      {_line(f'{type(exc).__name__}: {exc}')}")
-        emit(f"      fix: {_store_hint(exc)}")
-        emit("the store is not usable as it is", sys.stderr)
+        store.update(error=_error_text(exc), hint=_store_hint(exc))
+        return document
+    store.update(catalog=catalog, health=health)
+    for name, row in health.items():
+        if not row["ok"]:
+            tier = Tier.parse(name)
+            store.update(error=f"{name}: {row['error']}", hint=_hint(tier, row["error"]))
+            return document
+    store["ok"] = document["ok"] = True
+    return document
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    document = _doctor(args)
+    tiers, store = document["tiers"], document["store"]
+    failed = [name for name, row in tiers.items() if row["error"]]
+    if args.json:
+        emit_json(document)
+    else:
+        emit(f"tiered-state {document['version']}, Python {document['python']}")
+        missing = [extra for extra, ok in document["drivers"].items() if not ok]
+        drivers = " ".join(f"{extra}={'yes' if ok else 'no'}"
+                           for extra, ok in document["drivers"].items())
+        hint = (f"  (server backends: pip install 'tiered-state[{','.join(missing)}]')"
+                if missing else "")
+        emit(f"drivers: {drivers}{hint}")
+        rows = [("tier", "status", "connect", "latency", "url")]
+        rows += [(name, row["status"], _ms(row["connect_ms"]), _ms(row["latency_ms"]),
+                  row["url"] or "-") if row["status"] != "off" else (name, "off", "-", "-", "-")
+                 for name, row in tiers.items()]
+        widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        for cells in rows:
+            emit("  ".join(c.ljust(w) for c, w in zip(cells, widths)) + "  " + cells[4])
+            row = tiers.get(cells[0])
+            if row is not None and row["error"]:
+                emit(f"      {row['error']}")
+                emit(f"      fix: {row['hint']}")
+        if store is not None and store["ok"]:
+            backend = tiers[store["catalog"]]["backend"]
+            emit(f"store: ok, catalog in {store['catalog']} ({backend}), format current")
+        elif store is not None:
+            emit("store: does not open" if store["catalog"] is None
+                 else "store: opens, but a tier fails its health check")
+            emit(f"      {store['error']}")
+            emit(f"      fix: {store['hint']}")
+    if failed:
+        error_line(f"{len(failed)} configured tier(s) not usable: {', '.join(failed)}")
         return EXIT_FAILED
-    emit(f"store: ok, catalog in {catalog.value} ({found[catalog]['backend']}), format current")
+    if store is not None and not store["ok"]:
+        error_line("the store does not open" if store["catalog"] is None
+                   else "the store fails its health check")
+        return EXIT_FAILED
     return EXIT_OK
 
 
@@ -484,11 +667,19 @@ def _estimate(state: StateManager, pattern: str) -> int | None:
     return count if isinstance(count, int) and not isinstance(count, bool) and count > 0 else None
 
 
+class _WriteError(Exception):
+    """Writing the export's output failed (disk full, file too large...)."""
+
+    def __init__(self, cause: OSError) -> None:
+        super().__init__(cause.strerror or type(cause).__name__)
+
+
 def export_records(state: StateManager, out: IO[str], pattern: str = "*",
                    progress: Progress | None = None) -> tuple[int, list[str]]:
     """Write every live record matching ``pattern`` to ``out`` as JSON Lines.
 
     :returns: (records written, keys left out because no copy passed its checksum).
+    :raises _WriteError: writing to ``out`` failed (the store's own errors pass as they are).
     """
     written = 0
     corrupt: list[str] = []
@@ -499,41 +690,76 @@ def export_records(state: StateManager, out: IO[str], pattern: str = "*",
 
     total = _estimate(state, pattern) if progress is not None and progress.enabled else None
     for chunk in _chunks(state.iter_records(pattern, on_error=left_out)):
-        out.write("".join(_export_line(record) for record in chunk))
+        text = "".join(_export_line(record) for record in chunk)
+        try:
+            out.write(text)
+        except BrokenPipeError:
+            raise
+        except OSError as exc:
+            raise _WriteError(exc) from exc
         written += len(chunk)
         if progress is not None:
             progress.update(written, fraction=written / total if total else None)
     return written, corrupt
 
 
+def _cannot_write(name: str, exc: BaseException, code: int = EXIT_FAILED) -> CommandError:
+    # The target's name and the OS's reason only: an OSError's own text names
+    # the temporary .partial file, which never outlives a failed export.
+    reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    return CommandError(f"cannot write {name}: {reason}", code)
+
+
+def _export_to_file(state: StateManager, args: argparse.Namespace,
+                    progress: Progress) -> tuple[int, list[str]]:
+    """Export into ``args.file``, written aside and renamed at the end: a failed
+    export leaves neither a truncated file that looks like a complete backup
+    nor its ``.partial`` file."""
+    target = Path(args.file)
+    if target.is_dir():
+        raise CommandError(f"cannot write {args.file}: it is a folder", EXIT_USAGE)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".partial",
+                                   dir=target.parent if str(target.parent) else ".")
+    except OSError as exc:  # no such folder, no permission
+        raise _cannot_write(args.file, exc, EXIT_USAGE) from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as out:
+            result = export_records(state, out, args.pattern, progress)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, target)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        if isinstance(exc, _WriteError) or (isinstance(exc, OSError)
+                                            and not isinstance(exc, TieredStateError)):
+            raise _cannot_write(args.file, exc) from None
+        raise
+    return result
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     to_stdout = args.file == "-"
+    if to_stdout and args.json:
+        raise CommandError("export --json needs a FILE: with '-', stdout holds the records "
+                           "themselves (JSON Lines)", EXIT_USAGE)
     progress = Progress("export", enabled=not args.quiet)
     with _open(args) as state:
-        if to_stdout:
-            try:
-                count, corrupt = export_records(state, sys.stdout, args.pattern, progress)
+        try:
+            if to_stdout:
+                try:
+                    count, corrupt = export_records(state, sys.stdout, args.pattern, progress)
+                except _WriteError as exc:
+                    raise _cannot_write("stdout", exc) from None
                 sys.stdout.flush()
-            finally:
-                progress.close()
-        else:
-            target = Path(args.file)
-            # Written aside and renamed at the end: a failed export never
-            # leaves a truncated file that looks like a complete backup.
-            fd, tmp = tempfile.mkstemp(prefix=target.name + ".", suffix=".partial",
-                                       dir=target.parent if str(target.parent) else ".")
-            try:
-                with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as out:
-                    count, corrupt = export_records(state, out, args.pattern, progress)
-                    out.flush()
-                    os.fsync(out.fileno())
-                os.replace(tmp, target)
-            except BaseException:
-                with contextlib.suppress(OSError):
-                    os.unlink(tmp)
-                raise
-            finally:
-                progress.close()
+            else:
+                count, corrupt = _export_to_file(state, args, progress)
+        finally:
+            progress.close()
+    if args.json:
+        emit_json({"exported": count, "file": args.file, "corrupt": corrupt})
+        return EXIT_FAILED if corrupt else EXIT_OK
     summary = f"exported {count:,} records" + ("" if to_stdout else f" to {args.file}")
     if corrupt:
         summary += f"; {len(corrupt):,} failed their checksum and were left out"
@@ -549,16 +775,18 @@ class ImportCounts:
 
     def __init__(self) -> None:
         self.imported = 0
-        self.newer = 0  # a copy at least as new was already there
+        self.unchanged = 0  # the store held the same version already
+        self.newer = 0  # the store held a newer version
         self.expired = 0
         self.invalid = 0
 
     @property
     def done(self) -> int:
-        return self.imported + self.newer + self.expired + self.invalid
+        return self.imported + self.unchanged + self.newer + self.expired + self.invalid
 
     def add(self, report: RestoreReport) -> None:
         self.imported += report.restored
+        self.unchanged += report.unchanged
         self.newer += report.newer
         self.expired += report.expired
 
@@ -569,8 +797,13 @@ class ImportCounts:
             log.error("line %d: %s", number, _line(str(exc)))
 
     def summary(self) -> str:
-        return (f"imported {self.imported:,} records, kept {self.newer:,} newer copies, "
-                f"skipped {self.expired:,} expired, {self.invalid:,} invalid lines")
+        return (f"imported {self.imported:,} records, {self.unchanged:,} unchanged, kept "
+                f"{self.newer:,} newer copies, skipped {self.expired:,} expired, "
+                f"{self.invalid:,} invalid lines")
+
+    def as_dict(self) -> dict[str, int]:
+        return {"imported": self.imported, "unchanged": self.unchanged, "newer": self.newer,
+                "expired": self.expired, "invalid": self.invalid}
 
 
 def _parse_record(line: str) -> Record:
@@ -677,22 +910,27 @@ def cmd_import(args: argparse.Namespace) -> int:
         progress.close()
         if source is not sys.stdin:
             source.close()
-    emit(counts.summary())
+    if args.json:
+        emit_json(counts.as_dict())
+    else:
+        emit(counts.summary())
     return EXIT_FAILED if counts.invalid else EXIT_OK
 
 
 # ---------------------------------------------------------------- upgrade
 def cmd_upgrade(args: argparse.Namespace) -> int:
     report = upgrade_store(args.path, hot=args.hot, warm=args.warm, cold=args.cold)
-    if report.already:
+    if args.json:
+        emit_json(dataclasses.asdict(report))
+    elif report.already:
         emit("the store is already in the current format; nothing to do")
-        return EXIT_OK
-    emit(f"upgraded the store to the current format: moved {report.moved:,} records from the "
-         f"0.1 cold layout into the catalog, dropped {report.dropped:,} older or expired copies, "
-         f"flushed {report.hot_flushed:,} hot copies, {report.corrupt:,} corrupt")
+    else:
+        emit(f"upgraded the store to the current format: moved {report.moved:,} records from "
+             f"the 0.1 cold layout into the catalog, dropped {report.dropped:,} older or expired "
+             f"copies, flushed {report.hot_flushed:,} hot copies, {report.corrupt:,} corrupt")
     if report.corrupt:
-        print(_line(f"{PROG}: {report.corrupt:,} cold object(s) fail their checksum and were left "
-                    "in place, unread (the errors above name them)"), file=sys.stderr)
+        error_line(f"{report.corrupt:,} cold object(s) fail their checksum and were left in "
+                   "place, unread (the errors above name them)")
         return EXIT_FAILED
     return EXIT_OK
 
@@ -761,7 +999,12 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors as one line and exit status 2, like every other error."""
 
     def error(self, message: str) -> Any:
-        self.exit(EXIT_USAGE, _line(f"{self.prog}: error: {message} (see {PROG} --help)") + "\n")
+        # A subcommand's parser is named "tiered-state COMMAND": the command
+        # goes into the message, so every error line starts the same way.
+        command = self.prog[len(PROG):].strip()
+        where = f"{command}: " if command else ""
+        self.exit(EXIT_USAGE, _line(f"{PROG}: error: {where}{message} (see {self.prog} --help)")
+                  + "\n")
 
 
 def _positive(text: str) -> float:
@@ -807,12 +1050,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="debug logging, and a traceback on errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
-    def command(name: str, func: Callable[[argparse.Namespace], int], text: str) -> Any:
+    def command(name: str, func: Callable[[argparse.Namespace], int], text: str,
+                json_help: str | None = "the result as one JSON document") -> Any:
         p = sub.add_parser(name, help=text, description=text)
-        p.set_defaults(func=func)
+        p.set_defaults(func=func, json=False)
+        if json_help is not None:
+            p.add_argument("--json", action="store_true", help=json_help)
         return p
 
-    p = command("get", cmd_get, "print the value of KEY as JSON (exit 1 if absent)")
+    p = command("get", cmd_get, "print the value of KEY as JSON (exit 1 if absent)",
+                "the record as an export line: key, value, version, checksum, times, tier")
     p.add_argument("key", metavar="KEY")
     p = command("set", cmd_set, "store a JSON value under KEY; prints the new version")
     p.add_argument("key", metavar="KEY")
@@ -825,17 +1072,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("delete", cmd_delete, "delete KEYs; prints how many this call deleted")
     p.add_argument("keys", metavar="KEY", nargs="+")
     p = command("keys", cmd_keys, "list keys matching a glob, one per line, streamed from "
-                                  "the catalog")
+                                  "the catalog", "JSON Lines: each key as a JSON string")
     p.add_argument("pattern", metavar="PATTERN", nargs="?", default="*",
                    help="glob: * ? [abc], \\ escapes (default *)")
-    p = command("stats", cmd_stats, "per-tier statistics")
-    p.add_argument("--json", action="store_true", help="as JSON (with the manager counters)")
+    p = command("stats", cmd_stats, "per-tier statistics", "as JSON (with the manager counters)")
     p = command("sweep", cmd_sweep, "run the tiering policy once: move idle records to "
                                     "cold, purge expired ones, collect unreferenced payloads")
     p.add_argument("--dry-run", action="store_true", help="count what it would do; change nothing")
     p.add_argument("--cold-after", type=_seconds_or_none, default=TieringPolicy.cold_after,
-                   metavar="SECONDS", help="idle time before warm -> cold ('none': never; "
-                                           "default 7 days, as TieringPolicy)")
+                   metavar="SECONDS", help="idle time before warm -> cold (0: every warm "
+                                           "record; 'none': never; default 7 days, as "
+                                           "TieringPolicy)")
     p.add_argument("--purge-after", type=_seconds_or_zero, default=TieringPolicy.purge_after,
                    metavar="SECONDS", help="how long deletes' tombstones and expired records "
                                            "stay before they are purged (default 300, as "
@@ -843,12 +1090,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = command("promote", cmd_promote, "copy KEY up into a tier (the lower copy stays)")
     p.add_argument("key", metavar="KEY")
     p.add_argument("--to", choices=["hot", "warm"], default="hot")
-    p = command("demote", cmd_demote, "move KEY down into a tier (no copy stays above)")
+    p = command("demote", cmd_demote, "move KEY down into a tier (no copy stays above); "
+                                      "exit 1 if nothing moved because KEY is absent or "
+                                      "changed meanwhile")
     p.add_argument("key", metavar="KEY")
     p.add_argument("--to", choices=["warm", "cold"], default="cold")
+    p = command("inspect", cmd_inspect, "every stored copy of KEY, as stored: tier, role, "
+                                        "version, checksum, size, expiry, location")
+    p.add_argument("key", metavar="KEY")
     command("doctor", cmd_doctor, "reach every tier, then open the store: latency, what is "
                                   "missing or outdated, how to fix it")
-    p = command("export", cmd_export, "write records with metadata as JSON Lines (streamed)")
+    p = command("export", cmd_export, "write records with metadata as JSON Lines (streamed)",
+                "the summary as JSON (needs a FILE)")
     p.add_argument("file", metavar="FILE", help="output file, '-' for stdout")
     p.add_argument("pattern", metavar="PATTERN", nargs="?", default="*")
     p = command("import", cmd_import, "load an export, keeping versions and TTLs")
@@ -856,7 +1109,7 @@ def build_parser() -> argparse.ArgumentParser:
     command("upgrade", cmd_upgrade, "bring a store written by tiered-state 0.1 to the current "
                                     "format (idempotent, safe to interrupt and run again; stop "
                                     "the applications using the store first)")
-    command("demo", cmd_demo, "a short tour on a temporary embedded store")
+    command("demo", cmd_demo, "a short tour on a temporary embedded store", None)
     return parser
 
 
@@ -885,20 +1138,28 @@ def main(argv: Sequence[str] | None = None) -> int:
     restore_logging = _setup_logging(args.debug, args.quiet)
     try:
         code: int = args.func(args)
+        # Flushed here, not at exit, so a reader gone away is seen below.
+        sys.stdout.flush()
         return code
     except KeyboardInterrupt:
-        print(f"{PROG}: interrupted", file=sys.stderr)
+        error_line("interrupted")
         return EXIT_INTERRUPTED
     except BrokenPipeError:
-        # The reader went away (`keys | head`): not an error to report.
-        with contextlib.suppress(OSError):
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        return EXIT_FAILED
+        # The reader went away (`keys | head`): it has what it wanted. As the
+        # Python docs advise (signal module, "Note on SIGPIPE"), point stdout
+        # at devnull so the flush at exit does not fail again.
+        # (Drivers' errors reach here translated, so a broken pipe is stdout's.)
+        with contextlib.suppress(OSError, ValueError):  # ValueError: no real stdout
+            stdout = sys.stdout.fileno()
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, stdout)
+            os.close(devnull)
+        return EXIT_OK
     except Exception as exc:  # noqa: BLE001 - one line, never a traceback
         if args.debug:
             traceback.print_exc()
         code = exc.code if isinstance(exc, CommandError) else _exit_code(exc)
-        print(_line(f"{PROG}: error: {_describe(exc)}"), file=sys.stderr)
+        error_line(_describe(exc))
         return code
     finally:
         restore_logging()

@@ -12,10 +12,12 @@ wherever a URL is shown.
 
 from __future__ import annotations
 
+import difflib
 import importlib
+import inspect
 import os
 import re
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from types import MappingProxyType, ModuleType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote_plus, urlsplit, urlunsplit
@@ -37,6 +39,7 @@ __all__ = [
     "redact",
     "registry",
     "require",
+    "unknown_options",
 ]
 
 ENV_HOT = "TIERED_STATE_HOT"
@@ -287,7 +290,77 @@ def open_repository(url: str, **options: Any) -> StateRepository:
     :raises ConfigurationError: unknown scheme or bad option.
     :raises MissingDependencyError: the backend's driver is not installed.
     """
-    return backend_class(scheme_of(url)).from_url(encode_userinfo(url), **options)
+    scheme = scheme_of(url)
+    cls = backend_class(scheme)
+    try:
+        return cls.from_url(encode_userinfo(url), **options)
+    except TypeError as exc:
+        error = keyword_error(exc, scheme, given_options(url, options), cls)
+        if error is None:
+            raise
+        raise error from exc
+
+
+def unknown_options(
+    scheme: str, unknown: Iterable[str], valid: Iterable[str], *, more: str = ""
+) -> ConfigurationError:
+    """The error for options a backend does not take: it names each one, says
+    which valid option it looks like, and lists the valid ones.
+
+    :param scheme: the URL scheme (``"sqlite"``), shown as ``sqlite://``.
+    :param unknown: the option names given that the backend does not take.
+    :param valid: every option the backend takes.
+    :param more: appended to the list (``"or any libpq parameter"``).
+    :returns: the error, for the caller to raise.
+    """
+    choices = sorted(set(valid))
+    names = []
+    for name in sorted(set(unknown)):
+        shown = repr(name if len(name) <= 64 else name[:61] + "...")
+        close = difflib.get_close_matches(name.lower(), choices, n=1, cutoff=0.6)
+        names.append(f"{shown} (did you mean {close[0]!r}?)" if close else shown)
+    plural = "s" if len(names) > 1 else ""
+    listed = ", ".join(choices) if choices else "none"
+    return ConfigurationError(
+        f"{scheme}:// does not take the option{plural} {', '.join(names)}; "
+        f"valid options: {listed}{' ' + more if more else ''}"
+    )
+
+
+#: The name in Python's TypeError for an unexpected keyword argument.
+_UNEXPECTED_KEYWORD = re.compile(r"unexpected keyword argument '([^']+)'")
+
+
+def given_options(url: str, options: Mapping[str, Any] | None = None) -> set[str]:
+    """The option names a URL's query and ``options`` give."""
+    query = url.split("?", 1)[1] if "?" in url else ""
+    names = {unquote_plus(part.split("=", 1)[0]) for part in query.split("#", 1)[0].split("&")}
+    return (names | set(options or ())) - {""}
+
+
+def keyword_error(
+    exc: BaseException, scheme: str, given: Iterable[str], cls: type[Any]
+) -> ConfigurationError | None:
+    """A :class:`ConfigurationError` for a ``TypeError`` about an unexpected
+    keyword argument that is one of the options the user gave, else None.
+
+    A backend that hands its options on (to its constructor, or to its
+    driver) fails that way on a misspelt one; a ``TypeError`` about anything
+    else is a bug and is left alone. The valid options listed are the keyword
+    parameters of the backend's constructor.
+    """
+    match = _UNEXPECTED_KEYWORD.search(str(exc)) if isinstance(exc, TypeError) else None
+    if match is None or match.group(1) not in set(given):
+        return None
+    try:
+        parameters = inspect.signature(cls).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: list none
+        parameters = ()  # type: ignore[assignment]
+    # Those with a default: the others (a path, a bucket) come from the URL itself.
+    valid = [p.name for p in parameters
+             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.default is not p.empty
+             and not p.name.startswith("_")]
+    return unknown_options(scheme, [match.group(1)], valid)
 
 
 def parse_bool(value: str | bool, name: str) -> bool:

@@ -9,6 +9,7 @@ catches them all::
     │   └── StoreFormatError                   the store needs `tiered-state upgrade`
     ├── InvalidKeyError (also ValueError)
     ├── SerializationError (also TypeError)
+    ├── ValueTypeError (also TypeError)        incr of a value that is not a number
     ├── IntegrityError                         checksum mismatch, no valid copy left
     ├── ConflictError                          if_version did not match
     ├── ClosedError                            a call on a closed StateManager
@@ -39,6 +40,7 @@ __all__ = [
     "SerializationError",
     "StoreFormatError",
     "TieredStateError",
+    "ValueTypeError",
 ]
 
 
@@ -80,6 +82,10 @@ class InvalidKeyError(TieredStateError, ValueError):
 
 class SerializationError(TieredStateError, TypeError):
     """A value cannot be encoded (or a stored payload cannot be decoded)."""
+
+
+class ValueTypeError(TieredStateError, TypeError):
+    """A stored value is not of the type an operation needs (``incr`` of a string)."""
 
 
 class IntegrityError(TieredStateError):

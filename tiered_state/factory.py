@@ -5,10 +5,12 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from .cache import LocalCache
+from .codec import Codec, resolve_codec
 from .config import ENV_COLD, ENV_HOT, ENV_PATH, ENV_WARM, environ, open_repository, redact
 from .errors import BackendUnavailableError, MissingDependencyError, TieredStateError
 from .manager import StateManager
@@ -17,7 +19,7 @@ from .policy import TieringPolicy
 from .record import Tier
 from .repositories.base import StateRepository
 
-__all__ = ["open", "open_repositories", "probe", "tier_specs"]
+__all__ = ["check_repositories", "open", "open_repositories", "probe", "tier_specs"]
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +113,8 @@ def open(
     policy: TieringPolicy | None = None,
     metrics: MetricsCollector | None = None,
     cache: LocalCache | None = None,
+    codec: Codec | str | None = None,
+    check: bool = False,
 ) -> StateManager:
     """Open a tiered store.
 
@@ -121,19 +125,40 @@ def open(
     from ``TIERED_STATE_HOT`` / ``_WARM`` / ``_COLD``; metrics from
     ``TIERED_STATE_STATSD=host:port`` when ``metrics`` is not given.
 
+    By default nothing is reached before the first call but the catalog (to
+    check the store's format), and a catalog that cannot be reached then is
+    only logged: the store opens, and calls fail until it is back. With
+    ``check=True`` every configured tier is reached first (see
+    :func:`check_repositories`) and ``open`` raises if one cannot be used;
+    nothing has been stored when it does, and everything opened is closed.
+
+    :param codec: how values become payloads: ``"json"`` (the default,
+        :class:`~tiered_state.codec.JSONCodec`), ``"typed-json"`` or a
+        :class:`~tiered_state.codec.TypedJSONCodec` (datetimes, Decimals,
+        sets, registered Enum/dataclass/pydantic classes...), or any
+        :class:`~tiered_state.codec.Codec`. Each record remembers its codec.
+    :param check: reach every configured tier before returning.
     :raises ConfigurationError: bad URL, unknown scheme or option, or a store
-        written by tiered-state 0.1 (run ``tiered-state upgrade`` once).
+        written by tiered-state 0.1 (run ``tiered-state upgrade`` once); with
+        ``check=True`` also a tier that refuses the configuration (wrong
+        credentials or role, no such database or bucket, missing privileges).
     :raises MissingDependencyError: a URL's driver is not installed.
+    :raises BackendUnavailableError: with ``check=True``, a tier cannot be
+        reached (down, connection refused, timed out).
     """
     policy = policy or TieringPolicy()
+    # A bad codec is a ConfigurationError before anything is opened.
+    chosen = resolve_codec(codec)
     opened = open_repositories(path, hot=hot, warm=warm, cold=cold, policy=policy)
     try:
+        if check:
+            check_repositories(opened)
         owns_metrics = metrics is None
         if metrics is None:
             metrics = metrics_from_env()
         manager = StateManager(
             opened.get(Tier.HOT), opened.get(Tier.WARM), opened.get(Tier.COLD),
-            policy=policy, metrics=metrics, cache=cache,
+            policy=policy, metrics=metrics, cache=cache, codec=chosen,
         )
         manager.owns_metrics = owns_metrics and metrics is not None
         return manager
@@ -141,6 +166,28 @@ def open(
         for repo in opened.values():
             repo.close()
         raise
+
+
+def check_repositories(repositories: Mapping[Tier, StateRepository]) -> None:
+    """Reach each repository once (HOT, then WARM, then COLD) with its ``ping``.
+
+    A ping stores no record (a backend may create its table or file on
+    first contact, empty), so a failed check leaves no data anywhere.
+
+    :raises BackendUnavailableError: a tier cannot be reached.
+    :raises ConfigurationError: a tier refuses the configuration.
+    :raises BackendError: a tier failed otherwise.
+    """
+    for tier in (Tier.HOT, Tier.WARM, Tier.COLD):
+        repo = repositories.get(tier)
+        if repo is None:
+            continue
+        try:
+            elapsed = repo.ping()
+        except TieredStateError as exc:
+            log.warning("%s tier (%s) failed its check at open: %s", tier.value, repo.backend, exc)
+            raise
+        log.debug("%s tier (%s) reached in %.1f ms", tier.value, repo.backend, elapsed)
 
 
 def probe(

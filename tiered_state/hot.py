@@ -130,11 +130,14 @@ class HotGuard:
     def lookup_many(self, keys: list[str]) -> dict[str, Entry]:
         raise NotImplementedError
 
-    def payload(self, key: str) -> str | None:
-        """The payload of a copy of ``key`` that may be served, or None: the
-        fast form of :meth:`lookup` for a plain ``get``."""
+    def payload(self, key: str, encoding: str = codec.ENCODING) -> str | None:
+        """The payload of a copy of ``key`` that may be served and was written
+        in ``encoding`` (the reader's codec), or None: the fast form of
+        :meth:`lookup` for a plain ``get``."""
         copy = self.lookup(key)
-        return None if copy is None else copy.payload
+        if copy is None or copy.metadata["encoding"] != encoding:
+            return None
+        return copy.payload
 
     def token(self) -> float:
         """Taken before a catalog read whose result may be filled into HOT."""
@@ -199,7 +202,7 @@ class PrivateHot(HotGuard):
         self._in_flight = 0
         self._changed = catalog.repo.changed_by_others
         #: The memory tier's payload-only read, when the backend has one.
-        self._fetch_payload: Callable[[str], str | None] | None = getattr(repo, "fetch_payload", None)
+        self._fetch_payload: Callable[[str, str], str | None] | None = getattr(repo, "fetch_payload", None)
         # The baseline: the tier is empty now, so nothing it holds can be stale.
         self._changed()
         _PRIVATE.add(self)
@@ -224,14 +227,14 @@ class PrivateHot(HotGuard):
         self._check()
         return self._usable_copy(self.repo.fetch_record(key))
 
-    def payload(self, key: str) -> str | None:
+    def payload(self, key: str, encoding: str = codec.ENCODING) -> str | None:
         fetch_payload = self._fetch_payload
         if fetch_payload is None:
-            return super().payload(key)
+            return super().payload(key, encoding)
         if self._changed():
             self._flush()
         try:
-            return fetch_payload(key) or None  # "": a placeholder
+            return fetch_payload(key, encoding) or None  # "": a placeholder, or another codec
         except IntegrityError:
             self._usable_copy(self.repo.fetch_record(key))  # drops it, counts it
             return None

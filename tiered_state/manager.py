@@ -28,17 +28,19 @@ The invariants, and the one place each is kept:
 from __future__ import annotations
 
 import logging
+import os
 import random
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType, TracebackType
 from typing import Any
 
-from . import codec
 from .access import AccessTracker
 from .cache import CacheStore, LocalCache
 from .catalog import RESERVED_PREFIX, Catalog, Resolved, user_key
+from .codec import Codec, decode_entry, resolve_codec
 from .errors import (
     BackendError,
     BackendUnavailableError,
@@ -50,10 +52,12 @@ from .errors import (
     InvalidKeyError,
     SerializationError,
 )
-from .hot import HOT_KEYS, HotGuard, SharedHot, hot_guard
+from .hot import HotGuard, SharedHot, hot_guard
+from .inspection import CopyInfo, inspect_key
 from .keys import validate_keys, validate_pattern
 from .metrics import Counters, InstrumentedRepository, MetricsCollector, as_collector
-from .policy import TieringPolicy
+from .operations import Operations, TierLike
+from .policy import Seconds, TieringPolicy, seconds, seconds_of
 from .record import (
     STUB,
     TOMBSTONE,
@@ -68,7 +72,7 @@ from .record import (
 )
 from .repositories.base import StateRepository, chunked
 from .sweep import GARBAGE_GRACE, Sweeper, SweepReport
-from .upgrade import FORMAT_KEY, check_format
+from .upgrade import check_format
 
 __all__ = ["RestoreReport", "StateManager"]
 
@@ -86,12 +90,8 @@ _HIT = {Tier.HOT: "hit_hot", Tier.WARM: "hit_warm", Tier.COLD: "hit_cold"}
 KeySet = set[str]
 
 
-def _check_ttl(ttl: float | None) -> float | None:
-    if ttl is None:
-        return None
-    if isinstance(ttl, bool) or not isinstance(ttl, (int, float)) or not ttl > 0:
-        raise ConfigurationError(f"ttl must be a positive number of seconds or None, not {ttl!r}")
-    return float(ttl)
+def _check_ttl(ttl: Seconds | None) -> float | None:
+    return seconds("ttl", ttl)
 
 
 class _TooSlow(Exception):
@@ -113,6 +113,9 @@ class _Intent:
     fixed: Metadata | None = None
     after: int = 0  # a version the new one must exceed (observed in the catalog)
     version: int = 0
+    #: A delete of exactly ``expected`` (pop): refused, not retried, if the
+    #: live version moved on -- deleting a newer one would lose it unread.
+    pinned: bool = False
 
 
 @dataclass
@@ -120,12 +123,15 @@ class RestoreReport:
     """What :meth:`StateManager.restore` did.
 
     :ivar restored: records written.
-    :ivar newer: records skipped because the store already held that key at
-        the same or a newer version.
+    :ivar unchanged: records skipped because the store already held that key
+        at the same version (a backup restored twice).
+    :ivar newer: records skipped because the store held that key at a newer
+        version.
     :ivar expired: records skipped because their TTL had run out.
     """
 
     restored: int = 0
+    unchanged: int = 0
     newer: int = 0
     expired: int = 0
 
@@ -133,7 +139,8 @@ class RestoreReport:
 #: The calls a closed manager refuses (``close`` stays idempotent).
 _CALLS = ("get", "get_record", "get_many", "keys", "iter_keys", "iter_records", "set",
           "set_many", "delete", "delete_many", "restore", "promote", "demote", "sweep",
-          "flush_access", "stats", "check")
+          "flush_access", "stats", "check", "health", "inspect", "touch", "add", "get_or_set",
+          "memoize", "incr", "decr", "pop")
 
 
 def _refusal(name: str) -> Callable[..., Any]:
@@ -142,8 +149,13 @@ def _refusal(name: str) -> Callable[..., Any]:
     return refuse
 
 
-class StateManager:
+class StateManager(Operations):
     """Application state across HOT, WARM and COLD tiers. Build it with :func:`tiered_state.open`.
+
+    It is also a mapping of keys to values -- ``state[key]``, ``state[key] =
+    value``, ``del state[key]``, ``key in state``, ``iter(state)`` -- except
+    for ``len()``: counting would take a full scan of the catalog on most
+    backends (``stats()`` reports counts).
 
     :param hot: the HOT repository, or None.
     :param warm: the WARM repository, or None.
@@ -152,6 +164,8 @@ class StateManager:
     :param metrics: a :class:`~tiered_state.metrics.MetricsCollector` (or a
         ``statsd.StatsClient``); None records nothing.
     :param cache: a :class:`LocalCache` to enable the in-process cache.
+    :param codec: a :class:`~tiered_state.codec.Codec`, or ``"json"`` (the
+        default) / ``"typed-json"``.
     :raises ConfigurationError: no tier, or a store in an older format (run
         ``tiered-state upgrade``).
     """
@@ -165,8 +179,14 @@ class StateManager:
         policy: TieringPolicy | None = None,
         metrics: MetricsCollector | None = None,
         cache: LocalCache | None = None,
+        codec: Codec | str | None = None,
     ) -> None:
         self.policy = policy or TieringPolicy()
+        #: How values become payloads (see :mod:`tiered_state.codec`); a
+        #: record written by another codec is decoded by the codec that wrote
+        #: it, or refused -- never misread.
+        self.codec = resolve_codec(codec)
+        self._encoding = self.codec.name
         # A raw statsd.StatsClient is wrapped so it has histogram() and never raises.
         self.metrics = metrics = as_collector(metrics)
         #: Close the collector with the manager (open() sets it for one it built).
@@ -193,14 +213,17 @@ class StateManager:
         self._catalog = catalog = Catalog(catalog_tier, repos[catalog_tier], payloads)
         self._hot: HotGuard | None = None
         if Tier.HOT in repos and catalog_tier is not Tier.HOT:
-            self._hot = hot_guard(repos[Tier.HOT], catalog, self.policy.hot_ttl, self._count,
-                                  self.policy.hot_trust_window)
+            self._hot = hot_guard(repos[Tier.HOT], catalog, seconds_of(self.policy.hot_ttl),
+                                  self._count, seconds_of(self.policy.hot_trust_window))
         self._clock = VersionClock()
         self._catalog_hit = _HIT[catalog_tier]
-        #: A read that finds a value in the catalog copies it up (to HOT).
-        self._promotes_catalog = self.policy.promote_to is Tier.HOT and self._hot is not None
+        #: Where a read promotes what it finds below HOT, by the ``promote``
+        #: argument of the read (None: the policy's).
+        policy_target = None if self.policy.promote_to is None else Tier.parse(self.policy.promote_to)
+        self._promote_to: dict[bool | None, Tier | None] = {
+            None: policy_target, False: None, True: policy_target or Tier.HOT}
         #: How long a write's versions stay good: a tombstone outlives them.
-        purge_after = self.policy.purge_after
+        purge_after = seconds_of(self.policy.purge_after)
         self._fresh_for = min(60.0, purge_after / 2) if purge_after > 0 else float("inf")
         self._cache = CacheStore(cache) if cache is not None else None
         self._access = AccessTracker(catalog.repo, enabled=self.policy.cold_after is not None)
@@ -210,7 +233,7 @@ class StateManager:
         #: catalog unreachable now does not stop the manager from being built.
         self._unchecked = True
         self._direct_hot: HotGuard | None = None
-        self._direct_catalog: Callable[[str], str | None] | None = None
+        self._direct_catalog: Callable[[str, str], str | None] | None = None
         try:
             self._ready()
         except BackendUnavailableError as exc:
@@ -251,7 +274,7 @@ class StateManager:
         raise ConfigurationError(f"no tier is configured at or below {wanted.value!r}")
 
     # ------------------------------------------------------------ the read path
-    def _resolve(self, keys: list[str], promote: bool) -> dict[str, Resolved]:
+    def _resolve(self, keys: list[str], promote: Tier | None) -> dict[str, Resolved]:
         """The current value of each key that exists: the one read routine.
 
         Order: the local cache, HOT under its guard, then the catalog (stubs
@@ -287,7 +310,7 @@ class StateManager:
                 if not rest:
                     self._cache_put(found)
                     return found
-            if promote:
+            if promote is not None:
                 token = hot.token()
         catalog = self._catalog
         if len(rest) == 1:
@@ -312,13 +335,14 @@ class StateManager:
         for found_at in resolved.values():
             self._count("hit_" + found_at.tier.value)
         self._count("miss", len(rest) - len(resolved))
-        if promote and resolved:
-            self._promote_on_read(resolved, token)
+        if promote is not None and resolved:
+            self._promote_on_read(resolved, token, promote)
         found.update(resolved)
         self._cache_put(resolved)
         return found
 
-    def _resolve_one(self, key: str, promote: bool, hot_missed: bool = False) -> Resolved | None:
+    def _resolve_one(self, key: str, promote: Tier | None, hot_missed: bool = False
+                     ) -> Resolved | None:
         """:meth:`_resolve` for one key, without a batch's lists and dicts.
 
         The same order and the same rules; the common cases -- a HOT copy, a
@@ -341,7 +365,7 @@ class StateManager:
                 if cache is not None:
                     cache.put(copy, Tier.HOT)
                 return found
-            if promote:
+            if promote is not None:
                 token = hot.token()
         catalog = self._catalog
         entry = catalog.repo.fetch_record(key)
@@ -356,8 +380,8 @@ class StateManager:
             # The common case: a valid value in the catalog.
             found = Resolved(entry, catalog.tier)
             self._tick(self._catalog_hit)
-            if promote and self._promotes_catalog:
-                self._promote_on_read({key: found}, token)
+            if promote is Tier.HOT and hot is not None:
+                self._promote_on_read({key: found}, token, promote)
             if cache is not None:
                 cache.put(entry, found.tier)
             return found
@@ -371,8 +395,8 @@ class StateManager:
                 return None
             found = resolved[key]
         self._tick(_HIT[found.tier])
-        if promote:
-            self._promote_on_read({key: found}, token)
+        if promote is not None:
+            self._promote_on_read({key: found}, token, promote)
         if cache is not None:
             cache.put(found.entry, found.tier)
         return found
@@ -382,9 +406,8 @@ class StateManager:
             for item in found.values():
                 self._cache.put(item.entry, item.tier)
 
-    def _promote_on_read(self, found: Mapping[str, Resolved], token: float) -> None:
-        """Copy what a read found below HOT to ``policy.promote_to`` (the copy loses to any write)."""
-        target = self.policy.promote_to
+    def _promote_on_read(self, found: Mapping[str, Resolved], token: float, target: Tier) -> None:
+        """Copy what a read found below HOT up to ``target`` (the copy loses to any write)."""
         if target is Tier.HOT and self._hot is not None:
             n = self._hot.fill({k: r.entry for k, r in found.items()}, token)
             self._count("promotions", n)
@@ -441,7 +464,8 @@ class StateManager:
                         floor = it.after if it.expected is None or it.after > it.expected else it.expected
                         version = next_version(floor)
                     md = (make_tombstone(version, now=now) if payload is None
-                          else make_metadata(payload, version, now=now, ttl=ttl))
+                          else make_metadata(payload, version, now=now, ttl=ttl,
+                                             encoding=self._encoding))
                 it.version = versions[it.key] = version
                 if payload is None:
                     entries[it.key] = ("", md)
@@ -575,7 +599,7 @@ class StateManager:
                 it.after = stored
                 again.append(it)
             elif it.payload is None:  # a delete: of whatever version is live now
-                if live:
+                if live and not it.pinned:
                     it.expected, it.after = live, stored
                     again.append(it)
                 else:
@@ -588,11 +612,14 @@ class StateManager:
         return again
 
     # ------------------------------------------------------------ reads
-    def get(self, key: str, default: Any = None) -> Any:
+    def get(self, key: str, default: Any = None, *, promote: bool | None = None) -> Any:
         """The value of ``key``; ``default`` if absent. A stored ``None`` is returned as ``None``.
 
         Reads HOT (when its copy may be served), else the catalog; a value
-        found below HOT is copied per ``policy.promote_to``.
+        found below HOT is copied up to ``policy.promote_to``.
+
+        :param promote: False: copy nothing up; True: copy up even if the
+            policy says never (to HOT then); None: as the policy says.
 
         :raises InvalidKeyError: the key is invalid (before any I/O).
         :raises IntegrityError: no copy passes its checksum.
@@ -604,14 +631,14 @@ class StateManager:
             # No HOT to fill: the catalog's payload-only read answers a value
             # or a miss at once; anything else takes the routine below.
             try:
-                payload = read_catalog(key)
+                payload = read_catalog(key, self._encoding)
             except IntegrityError:
                 payload = ""  # the routine looks for a valid copy below
             if payload:
                 self._tick(self._catalog_hit)
                 if self._access.enabled:
                     self._access.note(key)
-                return codec.decode(payload)
+                return self.codec.decode(payload)
             if payload is None:
                 self._tick("miss")
                 return default
@@ -620,37 +647,43 @@ class StateManager:
             # The hottest path: a copy HOT may serve, answered without the
             # generic routine's objects (counted and noted inline, too). A
             # miss goes on without asking HOT again.
-            payload = hot.payload(key)
+            payload = hot.payload(key, self._encoding)
             if payload is not None:
                 self._tick("hit_hot")
                 if self._access.enabled:
                     self._access.note(key)
-                return codec.decode(payload)
-            found = self._resolve_one(key, True, hot_missed=True)
+                return self.codec.decode(payload)
+            found = self._resolve_one(key, self._promote_to[promote], hot_missed=True)
         else:
-            found = self._resolve_one(key, True)
+            found = self._resolve_one(key, self._promote_to[promote])
         if found is None:
             return default
         self._access.note(key)
-        return codec.decode(found.entry.payload)
+        return self._decode(found.entry)
 
-    def get_record(self, key: str) -> Record | None:
-        """The value with its metadata and the tier it came from, or None."""
+    def get_record(self, key: str, *, promote: bool | None = None) -> Record | None:
+        """The value with its metadata and the tier it came from, or None
+        (``promote`` as for :meth:`get`)."""
         key = user_key(key)
-        found = self._resolve_one(key, True)
+        found = self._resolve_one(key, self._promote_to[promote])
         if found is None:
             return None
         self._access.note(key)
-        return found.record()
+        return found.record(self.codec)
 
-    def get_many(self, keys: Iterable[str]) -> dict[str, Any]:
-        """Values of the keys found (missing keys omitted), one bulk read per tier."""
+    def _decode(self, entry: Entry) -> Any:
+        """The value of a resolved entry, by the codec that wrote it."""
+        return decode_entry(entry.payload, entry.metadata["encoding"], self.codec)
+
+    def get_many(self, keys: Iterable[str], *, promote: bool | None = None) -> dict[str, Any]:
+        """Values of the keys found (missing keys omitted), one bulk read per
+        tier (``promote`` as for :meth:`get`)."""
         wanted = list(dict.fromkeys(user_key(k) for k in validate_keys(keys)))
         if not wanted:
             return {}
-        found = self._resolve(wanted, True)
+        found = self._resolve(wanted, self._promote_to[promote])
         self._access.note_many(found)
-        return {k: codec.decode(found[k].entry.payload) for k in wanted if k in found}
+        return {k: self._decode(found[k].entry) for k in wanted if k in found}
 
     def keys(self, pattern: str = "*") -> list[str]:
         """Sorted keys matching the glob ``pattern``: a listing of the catalog."""
@@ -690,15 +723,15 @@ class StateManager:
                 on_error(key, error)
             for key in chunk:
                 if key in found:
-                    yield found[key].record()
+                    yield found[key].record(self.codec)
 
     # ------------------------------------------------------------ writes
     def set(
         self,
         key: str,
         value: Any,
-        tier: Tier | str = Tier.HOT,
-        ttl: float | None = None,
+        tier: TierLike = Tier.HOT,
+        ttl: Seconds | None = None,
         *,
         if_version: int | None = None,
     ) -> int:
@@ -722,7 +755,7 @@ class StateManager:
             isinstance(if_version, bool) or not isinstance(if_version, int) or if_version < 0
         ):
             raise ConfigurationError(f"if_version must be an int >= 0, not {if_version!r}")
-        intent = _Intent(key, codec.encode(value), expected=if_version)
+        intent = _Intent(key, self.codec.encode(value), expected=if_version)
         committed, refused, failed = self._commit([intent], self._target(tier), ttl)
         if key in committed:
             return committed[key]
@@ -732,7 +765,7 @@ class StateManager:
         raise ConflictError(key, if_version or 0, entry.version if entry is not None and entry.live() else 0)
 
     def set_many(
-        self, items: Mapping[str, Any], tier: Tier | str = Tier.HOT, ttl: float | None = None
+        self, items: Mapping[str, Any], tier: TierLike = Tier.HOT, ttl: Seconds | None = None
     ) -> dict[str, int]:
         """Store many values with one conditional bulk write.
 
@@ -747,7 +780,8 @@ class StateManager:
             raise ConfigurationError("set_many takes a mapping of key -> value")
         ttl = _check_ttl(ttl)
         target = self._target(tier)
-        intents = [_Intent(user_key(k), codec.encode(v)) for k, v in items.items()]
+        encode = self.codec.encode
+        intents = [_Intent(user_key(k), encode(v)) for k, v in items.items()]
         committed: dict[str, int] = {}
         failed: dict[str, BaseException] = {}
         # Everything is validated and encoded above; the writes go in chunks
@@ -777,16 +811,21 @@ class StateManager:
         wanted = list(dict.fromkeys(user_key(k) for k in validate_keys(keys)))
         return len(self._delete(wanted)) if wanted else 0
 
-    def _delete(self, keys: list[str]) -> KeySet:
-        """Turn the live entries of ``keys`` into tombstones; the keys this call deleted."""
+    def _delete(self, keys: list[str], versions: Mapping[str, int] | None = None) -> KeySet:
+        """Turn the live entries of ``keys`` into tombstones; the keys this call deleted.
+
+        :param versions: delete a key only while its live version is this one.
+        """
         if self._unchecked:
             self._ready()
         repo = self._catalog.repo
         now = time.time()
         entries = ({} if (e := repo.fetch_record(keys[0])) is None else {keys[0]: e}) \
             if len(keys) == 1 else repo.fetch_many(keys)
-        intents = [_Intent(k, None, expected=e.version, after=e.version)
-                   for k, e in entries.items() if e.live(now)]
+        pinned = versions is not None
+        intents = [_Intent(k, None, expected=e.version, after=e.version, pinned=pinned)
+                   for k, e in entries.items()
+                   if e.live(now) and (versions is None or versions.get(k) == e.version)]
         if self._cache is not None:
             self._cache.discard(keys)
         if not intents:
@@ -800,6 +839,55 @@ class StateManager:
                 raise next(iter(failed.values()))
             raise BatchError("delete_many failed for some keys", failed, sorted(committed))
         return set(committed)
+
+    def touch(self, key: str, ttl: Seconds | None) -> bool:
+        """Give ``key`` a new lifetime in every tier: ``ttl`` from now (None:
+        no expiry). Its value and version stay as they are.
+
+        The catalog entry is rewritten with one conditional write. Copies in
+        HOT are dropped rather than rewritten -- one with the old expiry must
+        never outlive the record -- so the next reads come from the catalog
+        (and, with Redis as HOT, keep doing so until the key's next write or
+        for at most five minutes).
+
+        :returns: True if the key exists, False if it is absent (or expired).
+        """
+        key = user_key(key)
+        expires_in = _check_ttl(ttl)
+        if self._unchecked:
+            self._ready()
+        repo = self._catalog.repo
+        entry = repo.fetch_record(key)
+        now = time.time()
+        if entry is None or not entry.live(now):
+            return False
+        metadata = entry.metadata.copy()
+        metadata["expires_at"] = None if expires_in is None else now + expires_in
+        # Refused only if a write or delete came in since the read: the touch
+        # then happened just before it, and was superseded by it.
+        repo.store_if_version(key, entry.payload, metadata, entry.version)
+        if self._cache is not None:
+            self._cache.discard((key,))
+        if self._hot is not None:
+            self._hot.drop({key: entry.version})
+        return True
+
+    def _claim(self, name: str, seconds: float, held: int = 0) -> int:
+        """Take (``held`` 0) or renew (``held``: its version) the lease ``name``
+        for ``seconds``, with one conditional catalog write.
+
+        :returns: the lease's new version, or 0 if someone else holds it.
+        """
+        payload = f'{{"pid":{os.getpid()},"thread":{threading.get_ident()}}}'
+        intent = _Intent(name, payload, expected=held)
+        committed, _, failed = self._commit([intent], self._catalog.tier, seconds)
+        if name in failed:
+            raise failed[name]
+        return committed.get(name, 0)
+
+    def _release(self, name: str, version: int) -> None:
+        """Give up the lease ``name`` if it is still at ``version``."""
+        self._delete([name], {name: version})
 
     def restore(
         self, records: Iterable[Record], *,
@@ -825,9 +913,9 @@ class StateManager:
             for record in chunk:
                 try:
                     key = user_key(record.key)
-                    payload = codec.encode(record.value)
+                    payload = self.codec.encode(record.value)
                     md = make_metadata(payload, int(record.version), now=record.updated_at,
-                                       created_at=record.created_at)
+                                       created_at=record.created_at, encoding=self._encoding)
                     if md["checksum"] != record.checksum:
                         raise IntegrityError(f"the value of {key!r} does not match its checksum", key)
                 except (InvalidKeyError, IntegrityError, SerializationError) as exc:
@@ -847,11 +935,15 @@ class StateManager:
                 if failed:
                     raise BatchError("restore failed for some keys", failed, sorted(committed))
                 report.restored += len(committed)
-                report.newer += len(refused)
+                kept = {it.key: it.fixed["version"] for it in intents if it.fixed is not None}
+                same = sum(1 for key, entry in refused.items()
+                           if entry is not None and entry.version == kept[key])
+                report.unchanged += same
+                report.newer += len(refused) - same
         return report
 
     # ------------------------------------------------------------ migration
-    def promote(self, key: str, to: Tier | str = Tier.HOT) -> bool:
+    def promote(self, key: str, to: TierLike = Tier.HOT) -> bool:
         """Copy ``key`` up into tier ``to``; every other copy stays.
 
         :returns: True if ``to`` now holds the current version, False if the
@@ -863,7 +955,7 @@ class StateManager:
             raise ConfigurationError(f"tier {target.value!r} is not configured")
         hot = self._hot
         token = hot.token() if hot is not None else 0.0
-        found = self._resolve_one(key, False)
+        found = self._resolve_one(key, None)
         if found is None:
             return False
         if target is Tier.HOT:
@@ -886,14 +978,16 @@ class StateManager:
             return True
         return False
 
-    def demote(self, key: str, to: Tier | str = Tier.COLD) -> bool:
+    def demote(self, key: str, to: TierLike = Tier.COLD) -> bool:
         """Move ``key`` down into tier ``to``: afterwards no copy remains above it.
 
         Into COLD under a WARM catalog: copy the payload, verify it, turn the
         entry into a stub of the same version; a write racing the move wins.
 
-        :returns: True if moved (or already only at or below ``to``), False if
-            absent or a newer write came in meanwhile.
+        :returns: True if something moved: the value went down to ``to``, or a
+            copy above ``to`` was removed. False if nothing did: the key is
+            absent, lives at or below ``to`` already with no copy above it,
+            or a newer write came in meanwhile.
         """
         key = user_key(key)
         target = Tier.parse(to)
@@ -910,15 +1004,33 @@ class StateManager:
             return False
         if self._cache is not None:
             self._cache.discard((key,))
+        lives = catalog.payload_tier if entry.kind == "stub" else None
+        if _ORDER.index(lives or catalog.tier) > _ORDER.index(target):
+            return False  # below ``to`` already: a demote never moves a key up
+        moved = False
         if target is catalog.payload_tier and entry.kind == "value":
             report = SweepReport()
             if not self._sweeper.move([entry], report):
                 if report.failed:
                     raise IntegrityError(f"{key!r} was not moved: {report.errors.get(key)}", key)
                 return False
+            moved = True
         if self._hot is not None:
-            self._hot.drop({key: entry.version})
-        return True
+            copy = self._hot_copy(key)
+            if copy is not None:
+                self._hot.drop({key: max(copy.version, entry.version)})
+                moved = True
+            elif moved:
+                self._hot.drop({key: entry.version})
+        return moved
+
+    def _hot_copy(self, key: str) -> Entry | None:
+        """The copy of ``key`` stored in HOT as it is (not a placeholder), or None."""
+        try:
+            copy = self._repos[Tier.HOT].fetch_record(key)
+        except (BackendError, IntegrityError):
+            return None
+        return copy if copy is not None and copy.kind == "value" else None
 
     def sweep(
         self, progress: Callable[[SweepReport], None] | None = None, *, dry_run: bool = False
@@ -954,10 +1066,14 @@ class StateManager:
                 tiers[tier.value] = repo.stats()
             except BackendError as exc:
                 tiers[tier.value] = {"backend": repo.backend, "tier": tier.value, "error": str(exc)}
-        catalog = tiers.get(self._catalog.tier.value)
-        if catalog is not None and "key_count" in catalog:
-            own = self._catalog.repo.fetch_many([FORMAT_KEY, *HOT_KEYS])
-            catalog["key_count"] -= sum(1 for e in own.values() if e.live())
+        for name, found in tiers.items():
+            if isinstance(found.get("key_count"), int):
+                # The library's own records (format, HOT marker and epoch, leases).
+                repo = self._repos[Tier(name)]
+                try:
+                    found["key_count"] -= sum(1 for _ in repo.iter_keys(RESERVED_PREFIX + "*"))
+                except BackendError as exc:
+                    found["error"] = str(exc)
         counters = dict(self._counters.values)
         reads = sum(counters[k] for k in ("hit_hot", "hit_warm", "hit_cold", "miss"))
         hot = self._hot
@@ -974,6 +1090,26 @@ class StateManager:
             manager["metrics"] = snapshot()
         return {"tiers": tiers, "manager": manager}
 
+    def health(self) -> dict[str, dict[str, Any]]:
+        """Reach every configured tier once.
+
+        :returns: ``tier name -> {"backend", "ok", "latency_ms", "error"}``,
+            ``error`` being the reason a tier could not be reached (text) or None.
+        """
+        return {tier.value: {**info, "error": None if info["error"] is None else str(info["error"])}
+                for tier, info in self.check().items()}
+
+    def inspect(self, key: str) -> list[CopyInfo]:
+        """Every stored copy and catalog entry of ``key``, tier by tier, as stored.
+
+        Never promotes, never repairs, never counts as a read: it shows what
+        a read would choose from (see :class:`~tiered_state.CopyInfo`).
+        """
+        key = user_key(key)
+        if self._unchecked:
+            self._ready()
+        return inspect_key(key, self._catalog, self._repos.get(Tier.HOT) if self._hot else None)
+
     def check(self) -> dict[Tier, dict[str, Any]]:
         """Reach every configured tier once: ``tier -> {backend, ok, latency_ms, error}``."""
         out: dict[Tier, dict[str, Any]] = {}
@@ -984,7 +1120,7 @@ class StateManager:
             try:
                 out[tier] = {"backend": repo.backend, "ok": True, "latency_ms": repo.ping(),
                              "error": None}
-            except BackendError as exc:
+            except (BackendError, ConfigurationError) as exc:  # unreachable, or misconfigured
                 out[tier] = {"backend": repo.backend, "ok": False, "latency_ms": None,
                              "error": exc}
         return out

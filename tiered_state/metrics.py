@@ -33,6 +33,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
+from .codec import ENCODING
 from .config import ENV_STATSD, environ, require
 from .errors import ConfigurationError
 from .record import Entry, Metadata
@@ -689,7 +690,8 @@ class InstrumentedRepository(StateRepository):
         if read_payload is not None:
             # The optional fast read, timed like fetch_record (the manager
             # looks for it, so the wrapper must not hide it).
-            self.fetch_payload = lambda key: self._read(read_payload, key)
+            self.fetch_payload = lambda key, encoding=ENCODING: self._read(
+                lambda k: read_payload(k, encoding), key)
         self._errors_name = prefix + "errors_total"
         self._batch_name = prefix + "batch_size"
         self._sampled = collector.sampled_timing

@@ -9,30 +9,62 @@ and how many records a sweep handles per batch. The sweep itself, and the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from datetime import timedelta
+from typing import overload
 
 from .errors import ConfigurationError
 from .record import Tier
 
-__all__ = ["TieringPolicy"]
+__all__ = ["Seconds", "TieringPolicy", "seconds", "seconds_of"]
+
+#: A duration: a number of seconds or a :class:`datetime.timedelta`.
+Seconds = float | timedelta
 
 
-def _check_seconds(name: str, value: float | None) -> None:
+def seconds(name: str, value: Seconds | None, *, zero: bool = False) -> float | None:
+    """``value`` as float seconds (None stays None).
+
+    :param zero: whether 0 is allowed (else the duration must be positive).
+    :raises ConfigurationError: not a number or timedelta, negative, or not finite.
+    """
     if value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
-        raise ConfigurationError(f"{name} must be a positive number of seconds or None, not {value!r}")
+        return None
+    if isinstance(value, timedelta):
+        value = value.total_seconds()
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigurationError(
+            f"{name} must be a number of seconds or a timedelta, not {value!r}")
+    if not (value >= 0 if zero else value > 0) or value == float("inf"):
+        bound = ">= 0" if zero else "> 0"
+        raise ConfigurationError(f"{name} must be a finite number of seconds {bound}, not {value!r}")
+    return float(value)
+
+
+@overload
+def seconds_of(value: Seconds) -> float: ...
+@overload
+def seconds_of(value: None) -> None: ...
+@overload
+def seconds_of(value: Seconds | None) -> float | None: ...
+def seconds_of(value: Seconds | None) -> float | None:
+    """A duration already checked by :func:`seconds` (a policy's), as float seconds."""
+    return value.total_seconds() if isinstance(value, timedelta) else value
 
 
 @dataclass(frozen=True)
 class TieringPolicy:
     """How records move between tiers.
 
+    Every duration is in seconds and may also be given as a
+    :class:`datetime.timedelta`.
+
     :param hot_ttl: seconds a copy stays in HOT after a write or promotion
         (None: until evicted or the record expires). Not the record's TTL.
     :param promote_to: where a read hit below HOT is copied (``"hot"``,
         ``"warm"``, or None for never). A promotion copies; the lower copy stays.
     :param cold_after: a sweep moves WARM records neither written nor read
-        for this many seconds to COLD (None: never).
+        for this many seconds to COLD (0: every WARM record, at the next
+        sweep; None: never).
     :param hot_max_items: cap on the embedded memory tier's item count.
     :param hot_max_bytes: cap on the embedded memory tier's payload bytes.
     :param batch_size: records a sweep handles per batch (bounds its memory).
@@ -53,25 +85,23 @@ class TieringPolicy:
         keep coming).
     """
 
-    hot_ttl: float | None = 3600
+    hot_ttl: Seconds | None = 3600
     promote_to: Tier | str | None = "hot"
-    cold_after: float | None = 7 * 86400
+    cold_after: Seconds | None = 7 * 86400
     hot_max_items: int | None = None
     hot_max_bytes: int | None = None
     batch_size: int = 500
-    purge_after: float = 300.0
-    hot_trust_window: float = 0.1
+    purge_after: Seconds = 300.0
+    hot_trust_window: Seconds = 0.1
 
     def __post_init__(self) -> None:
-        _check_seconds("hot_ttl", self.hot_ttl)
-        _check_seconds("hot_trust_window", self.hot_trust_window)
-        if self.hot_trust_window is None:
-            raise ConfigurationError("hot_trust_window must be a positive number of seconds")
-        _check_seconds("cold_after", self.cold_after)
-        if (isinstance(self.purge_after, bool) or not isinstance(self.purge_after, (int, float))
-                or not self.purge_after >= 0):
-            raise ConfigurationError(
-                f"purge_after must be a number of seconds >= 0, not {self.purge_after!r}")
+        # Durations may be given as timedelta; they are kept as float seconds.
+        for name, zero in (("hot_ttl", False), ("hot_trust_window", False),
+                           ("cold_after", True), ("purge_after", True)):
+            object.__setattr__(self, name, seconds(name, getattr(self, name), zero=zero))
+        for name in ("hot_trust_window", "purge_after"):
+            if getattr(self, name) is None:
+                raise ConfigurationError(f"{name} must be a number of seconds, not None")
         if self.promote_to is not None:
             tier = Tier.parse(self.promote_to)
             if tier is Tier.COLD:

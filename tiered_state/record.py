@@ -10,8 +10,13 @@ A repository stores a *payload* (the encoded value, see :mod:`.codec`) with a
 ``created_at``  epoch seconds (float) of the key's first write
 ``updated_at``  epoch seconds (float) of this version's write
 ``expires_at``  epoch seconds (float) after which the record is gone, or None
-``encoding``    ``json`` (``json+zlib`` where a backend compressed it)
+``encoding``    the name of the codec that wrote the payload: ``json``,
+                ``typed-json`` or a custom codec's (see :mod:`.codec`)
 ==============  =========================================================
+
+A backend that compresses a payload says so in how it packs the body
+(``json+zlib``), never in the ``encoding`` it returns: entries leave a
+repository inflated, with the codec's name as written.
 
 The payload checksum covers the payload only. A backend that keeps the
 metadata apart from the payload (a cold file's header line, an S3 object's
@@ -30,7 +35,8 @@ Entries
     What a repository stores under a key is an :class:`Entry` of one of three
     kinds, told apart by ``encoding``:
 
-    * a **value**: the payload is the encoded value (``json``);
+    * a **value**: the payload is the encoded value (``encoding``: the
+      name of its codec, ``json`` by default);
     * a **stub** (``stub``): the metadata of a value whose payload lives
       elsewhere. In the catalog the payload is a *locator* (where the bytes
       are); in HOT the payload is empty and means "ask the catalog" (a
@@ -57,7 +63,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, TypedDict
 
-from . import codec
+from .codec import Codec, decode_entry, decode_stored
 from .errors import IntegrityError, SerializationError
 
 __all__ = [
@@ -307,18 +313,26 @@ def is_value(metadata: Metadata) -> bool:
     return encoding != STUB and encoding != TOMBSTONE
 
 
-def live_value(entry: Entry | None, now: float | None = None) -> Any | None:
+def live_value(entry: Entry | None, now: float | None = None, codec: Codec | None = None
+               ) -> Any | None:
     """The decoded value of ``entry`` if it is a live value, else None.
 
-    What every repository's ``fetch`` returns.
+    What every repository's ``fetch`` returns. The payload is decoded with
+    the codec its ``encoding`` names (:func:`tiered_state.codec.decode_entry`
+    with ``codec``; without one, a repository's view: the built-in codec of
+    that name, see :func:`tiered_state.codec.decode_stored`).
 
     :raises IntegrityError: the payload fails its checksum.
+    :raises SerializationError: the record's codec is not one this reader has.
     """
     if entry is None or not is_value(entry.metadata) or entry.expired(now):
         return None
     if not entry.valid():
         raise IntegrityError(f"checksum mismatch for {entry.key!r}", entry.key)
-    return codec.decode(entry.payload)
+    encoding = entry.metadata["encoding"]
+    if codec is None:
+        return decode_stored(entry.payload, encoding)
+    return decode_entry(entry.payload, encoding, codec)
 
 
 @dataclass(slots=True)

@@ -29,7 +29,7 @@ from typing import Any
 from .catalog import RESERVED_PREFIX, Catalog, parse_payload_name
 from .errors import BackendError, BatchError
 from .metrics import MetricsCollector
-from .policy import TieringPolicy
+from .policy import TieringPolicy, seconds_of
 from .record import STUB, TOMBSTONE, Entry
 from .repositories.base import chunked
 
@@ -100,6 +100,8 @@ class Sweeper:
                  metrics: MetricsCollector | None = None) -> None:
         self.catalog = catalog
         self.policy = policy
+        self._cold_after = seconds_of(policy.cold_after)
+        self._purge_after = seconds_of(policy.purge_after)
         self._count = count
         self.metrics = metrics
 
@@ -110,8 +112,8 @@ class Sweeper:
         now = time.time()
         catalog = self.catalog
         idle_before = None
-        if catalog.payload_repo is not None and self.policy.cold_after is not None:
-            idle_before = now - self.policy.cold_after
+        if catalog.payload_repo is not None and self._cold_after is not None:
+            idle_before = now - self._cold_after
         if collect and not dry_run and catalog.payload_repo is not None:
             # First, while the entries that superseded old payloads still exist:
             # once purged, an absent entry proves nothing about a payload.
@@ -141,7 +143,7 @@ class Sweeper:
         tombstone, since ``expires_at`` for an expired record."""
         md = entry.metadata
         since = md["updated_at"] if md["encoding"] == TOMBSTONE else md["expires_at"]
-        return since is not None and now - since >= self.policy.purge_after
+        return since is not None and now - since >= self._purge_after
 
     def purge(self, dead: list[Entry], report: SweepReport) -> None:
         """Delete dead entries that still hold the version seen, then their payloads."""

@@ -73,11 +73,12 @@ Errors
     succeeded keys. No message contains a value or a password.
 
 Optional: fetch_payload
-    A backend may add ``fetch_payload(key) -> str | None``, the cheap read
-    the manager uses for a plain ``get`` when it has one: the verified
-    payload of the live value stored under ``key``; ``""`` if an entry is
-    stored but is not a live value here (a stub, a tombstone, expired); None
-    if nothing is stored. It raises ``IntegrityError`` for a payload that
+    A backend may add ``fetch_payload(key, encoding="json") -> str | None``,
+    the cheap read the manager uses for a plain ``get`` when it has one: the
+    verified payload of the live value stored under ``key`` in ``encoding``
+    (the reader's codec); ``""`` if an entry is stored but is not such a
+    value here (a stub, a tombstone, expired, another codec's); None if
+    nothing is stored. It raises ``IntegrityError`` for a payload that
     fails its checksum. memory and sqlite have it.
 
 Threads

@@ -21,9 +21,10 @@ key's SHA-256 instead, and the key is read back from the file. No name can be
 File format: one line of JSON (the key, the metadata, ``body``: ``json`` or
 ``json+zlib``, and ``meta``: the SHA-256 of all of these, see
 :func:`tiered_state.record.metadata_checksum`), a newline, then the payload
-bytes. Metadata is returned as it was stored; ``body`` only says how the
-bytes on disk are packed. The payload's own checksum covers the payload
-only, so ``meta`` is what keeps a damaged header from passing a wrong
+bytes. Metadata is returned as it was stored (``encoding`` is a value's
+codec, ``json``, ``typed-json``..., or ``stub`` / ``tombstone``); ``body``
+only says how the bytes on disk are packed. The payload's own checksum
+covers the payload only, so ``meta`` is what keeps a damaged header from passing a wrong
 version, expiry or key off as true: a header that does not parse, lacks a
 field, has a field of the wrong type or fails ``meta`` makes the read raise
 ``IntegrityError`` (listings skip the file with a warning). Files written
@@ -68,7 +69,7 @@ from typing import Any
 from urllib.parse import unquote
 
 from .. import codec
-from ..config import parse_bool, parse_number, query_options
+from ..config import parse_bool, parse_number, query_options, unknown_options
 from ..errors import BackendError, BackendUnavailableError, ConfigurationError, IntegrityError
 from ..keys import compile_pattern, is_literal, literal_prefix, validate_key, validate_pattern
 from ..record import TOMBSTONE, Entry, Metadata, inflate, live_value, metadata_checksum, stored_metadata
@@ -81,6 +82,8 @@ log = logging.getLogger(__name__)
 _SAFE = frozenset(b"abcdefghijklmnopqrstuvwxyz0123456789_-.")
 _MAX_NAME = 200  # bytes; file systems allow 255, temp names add a suffix
 _STRIPES = 64  # lock stripes: writers of different keys rarely wait for each other
+#: The URL's query options (see the module docstring).
+_OPTIONS = frozenset({"fsync", "compress_above", "compress_level"})
 _HEADER_READ = 4096
 _FANS = tuple(f"{i:02x}" for i in range(256))
 _UNAVAILABLE = {
@@ -195,9 +198,9 @@ class FileSystemStateRepository(StateRepository):
     def from_url(cls, url: str, **options: Any) -> FileSystemStateRepository:
         _, query = query_options(url)
         query.update(options)
-        unknown = set(query) - {"fsync", "compress_above", "compress_level"}
+        unknown = set(query) - _OPTIONS
         if unknown:
-            raise ConfigurationError(f"file:// does not take {sorted(unknown)}")
+            raise unknown_options("file", unknown, _OPTIONS)
         rest = url.split("?", 1)[0].partition("://")[2]
         path = unquote(rest)
         if not path:

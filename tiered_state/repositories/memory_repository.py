@@ -29,21 +29,24 @@ from collections.abc import Iterable, Iterator, Mapping
 from typing import Any
 
 from .. import codec
-from ..config import parse_number, query_options
+from ..config import parse_number, query_options, unknown_options
 from ..errors import ConfigurationError, IntegrityError
 from ..keys import compile_pattern, is_literal, literal_prefix, validate_key, validate_pattern
-from ..record import STUB, TOMBSTONE, Entry, Metadata, checksum
+from ..record import STUB, TOMBSTONE, Entry, Metadata, checksum, live_value
 from .base import Items, StateRepository
 
 __all__ = ["MemoryStateRepository"]
 
 #: What is kept per key: payload, metadata (a private copy), bytes charged
 #: against max_bytes, the deadline min(expires_at, hot_until) (inf: none) and
-#: whether the entry is a value. The last two are worked out once on store so
-#: that reads, listings and counts test one float and one bool.
+#: whether the entry is a plain ``json`` value (what fetch_payload may return).
+#: The last two are worked out once on store so that reads, listings and counts
+#: test one float and one bool.
 _Item = tuple[str, Metadata, int, float, bool]
 
 _FOREVER = math.inf
+#: The URL's query options (see the module docstring).
+_OPTIONS = frozenset({"max_items", "max_bytes"})
 _NOT_VALUES = frozenset((STUB, TOMBSTONE))
 
 
@@ -75,9 +78,9 @@ class MemoryStateRepository(StateRepository):
     def from_url(cls, url: str, **options: Any) -> MemoryStateRepository:
         _, query = query_options(url)
         query.update(options)
-        unknown = set(query) - {"max_items", "max_bytes"}
+        unknown = set(query) - _OPTIONS
         if unknown:
-            raise ConfigurationError(f"memory:// does not take {sorted(unknown)}")
+            raise unknown_options("memory", unknown, _OPTIONS)
         limits = {}
         for name in ("max_items", "max_bytes"):
             value = parse_number(query.get(name), name, minimum=1)
@@ -120,7 +123,8 @@ class MemoryStateRepository(StateRepository):
         # A value's size_bytes is its payload; a stub's describes the value it
         # stands for, which is not here.
         charge = (metadata["size_bytes"] if value else len(payload)) + len(key)
-        self._data[key] = (payload, metadata.copy(), charge, deadline, value)
+        self._data[key] = (payload, metadata.copy(), charge, deadline,
+                           metadata["encoding"] == codec.ENCODING)
         self._bytes += charge
         if self.max_items is not None or self.max_bytes is not None:
             self._evict()
@@ -175,7 +179,7 @@ class MemoryStateRepository(StateRepository):
             self._data.move_to_end(key)
         return Entry(key, item[0], item[1].copy())
 
-    def fetch_payload(self, key: str) -> str | None:
+    def fetch_payload(self, key: str, encoding: str = codec.ENCODING) -> str | None:
         # What fetch returns before decoding, without an Entry or a metadata
         # copy: only the payload leaves the lock (see "Optional: fetch_payload").
         validate_key(key)
@@ -187,8 +191,11 @@ class MemoryStateRepository(StateRepository):
                 self._remove(key)
                 return None
             self._data.move_to_end(key)
-        if not item[4]:
-            return ""  # a stub: the value is elsewhere
+        if not (item[4] if encoding == codec.ENCODING else item[1]["encoding"] == encoding):
+            # A stub (the value is elsewhere), or a value of a codec the
+            # caller did not name, which only a caller that sees its encoding
+            # may decode.
+            return ""
         payload = item[0]
         if checksum(payload) != item[1]["checksum"]:
             raise IntegrityError(f"memory: checksum mismatch for {key!r}", key)
@@ -196,6 +203,8 @@ class MemoryStateRepository(StateRepository):
 
     def fetch(self, key: str) -> Any | None:
         payload = self.fetch_payload(key)
+        if payload == "":  # a stub, or a value of another codec: read as the contract says
+            return live_value(self.fetch_record(key))
         return codec.decode(payload) if payload else None
 
     def fetch_many(self, keys: Iterable[str]) -> dict[str, Entry]:

@@ -40,7 +40,8 @@ each other)::
     updated_at     TIMESTAMPTZ
     last_accessed  TIMESTAMPTZ    last read reported by touch_many; NULL = never
     expires_at     TIMESTAMPTZ    NULL = never
-    encoding       TEXT           "json"; "stub" or "tombstone" for those kinds
+    encoding       TEXT           the value's codec ("json", "typed-json"...);
+                                  "stub" or "tombstone" for those kinds
 
 with indexes on ``(expires_at, key)`` and
 ``(greatest(updated_at, last_accessed), key)`` for the sweep. ``COLLATE "C"``
@@ -49,7 +50,9 @@ makes key order byte order and lets ``LIKE 'prefix%'`` use the primary key.
 JSONB normalises JSON text (key order, spaces, number spelling), so the text
 read back is not the text stored. On read the value is re-encoded with
 :func:`tiered_state.codec.encode` (canonical JSON), which is exactly the text
-the manager checksummed, so the checksum still verifies. Text that would not
+the manager checksummed, so the checksum still verifies. (Every codec's
+payload that is JSON goes this way: ``typed-json`` text is canonical JSON
+too, so its tags are queryable in ``data``.) Text that would not
 come back byte-identical -- strings holding ``\\u0000`` (JSONB refuses them),
 floats spelled with a positive exponent (``1e+300`` reads back as an
 integer), ``-0.0``, or any payload that is not canonical JSON -- is kept
@@ -77,6 +80,16 @@ deadlock one another. A write that still loses a deadlock (to another
 program's transaction) or a serialization conflict (under ``SERIALIZABLE``
 or ``REPEATABLE READ``) was rolled back whole; it runs again, up to five
 times in all, after a short jittered pause.
+
+Errors: a wrong role or password (SQLSTATE 28000 / 28P01), a database that
+does not exist (3D000), a missing privilege (42501), or a libpq or server
+setting refused at connect (``sslmode``, ``options``...) is a
+``ConfigurationError`` that says what the server said and what to check,
+with the URL redacted. A failed connection carries no SQLSTATE, so there the
+server's (English) message decides; a server set to another ``lc_messages``
+has these reported as unavailable. A server that is down, refuses the
+connection or times out is a ``BackendUnavailableError``; any other failed
+statement a ``BackendError``.
 """
 
 from __future__ import annotations
@@ -98,7 +111,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from urllib.parse import quote, unquote
 
 from .. import codec
-from ..config import encode_userinfo, parse_number, redact, require
+from ..config import encode_userinfo, parse_number, redact, require, unknown_options
 from ..errors import (
     BackendError,
     BackendUnavailableError,
@@ -252,7 +265,7 @@ _STORE_TEXT = (
 # dominate a point query's server time.
 _PREPARED = {
     # Only a live value: stubs and tombstones hold no value here.
-    "fetch": ("text, float8", "SELECT data::text, payload, checksum FROM {t} WHERE key = $1 "
+    "fetch": ("text, float8", "SELECT data::text, payload, checksum, encoding FROM {t} WHERE key = $1 "
               "AND (expires_at IS NULL OR expires_at > to_timestamp($2)) "
               f"AND encoding NOT IN {_NOT_VALUE}"),
     "select": ("text", f"SELECT {_COLUMNS} FROM {{t}} WHERE key = $1"),
@@ -441,6 +454,78 @@ def _entry(row: _Row) -> Entry:
     return Entry(key, payload, metadata)
 
 
+#: What each operation is called in an error message (never a method's name).
+_ACTIONS = {
+    "connect": "connecting", "ping": "a health check", "fetch": "a read", "fetch_many": "a batch read",
+    "keys": "a key listing", "scan": "a sweep scan", "stats": "a statistics query",
+    "store": "a write", "store_if_newer": "a write", "store_if_version": "a conditional write",
+    "store_many": "a batch write", "store_many_if_newer": "a batch write",
+    "store_many_if_version": "a conditional batch write", "delete": "a delete",
+    "delete_if_version": "a conditional delete", "delete_many": "a batch delete",
+    "delete_many_if_version": "a conditional batch delete", "touch_many": "recording reads",
+    "clear": "clearing the table",
+}
+#: SQLSTATEs of a wrong configuration, not of an outage, with the advice to give.
+_MISCONFIGURED_CODES = {
+    "28000": "check the user name in the URL (and the server's pg_hba.conf)",
+    "28P01": "check the user name and password in the URL",
+    "3D000": "check the database name in the URL",
+    "42501": "the role needs CONNECT on the database, USAGE and CREATE on the schema "
+    "(or a table created for it) and SELECT, INSERT, UPDATE and DELETE on the table",
+}
+#: A failed connection carries no SQLSTATE (psycopg2 has none to give before
+#: the session exists): the server's reason is matched in libpq's text, in
+#: English (a server with another lc_messages is reported as unavailable).
+#: Each pattern comes with the SQLSTATE it stands for, or with advice.
+_CONNECT_FAILURES: tuple[tuple[re.Pattern[str], str], ...] = (
+    (re.compile(r"password authentication failed|no password supplied"), "28P01"),
+    (re.compile(r"role \".*\" does not exist|no pg_hba\.conf entry|"
+                r"(?:Peer|Ident|GSSAPI|SSPI|RADIUS|LDAP|PAM|certificate) authentication failed|"
+                r"not permitted to log in"), "28000"),
+    (re.compile(r"database \".*\" does not exist"), "3D000"),
+    (re.compile(r"permission denied for database"), "42501"),
+    (re.compile(r"unrecognized configuration parameter|invalid value for parameter"),
+     "check option 'options' (the -c settings sent to the server)"),
+    (re.compile(r"invalid \w+ value .* for connection option \"(\w+)\""), "check option '{0}'"),
+    (re.compile(r"invalid (\w+) value"), "check option '{0}'"),
+    (re.compile(r"does not support SSL|SSL was required|SSL is not enabled|"
+                r"certificate|sslmode value"), "check the ssl options (sslmode, sslrootcert...)"),
+)
+#: What libpq puts before the server's own message.
+_PREFIX = re.compile(r"^.*?failed: (?:FATAL|ERROR):\s+|^(?:FATAL|ERROR):\s+")
+#: libpq's names of its connection parameters, for "did you mean" (not a list
+#: of what is accepted: libpq decides that).
+_LIBPQ_OPTIONS = frozenset({
+    "host", "hostaddr", "port", "dbname", "user", "password", "passfile", "require_auth",
+    "channel_binding", "connect_timeout", "client_encoding", "options", "application_name",
+    "fallback_application_name", "keepalives", "keepalives_idle", "keepalives_interval",
+    "keepalives_count", "tcp_user_timeout", "replication", "gssencmode", "sslmode",
+    "sslnegotiation", "sslcompression", "sslcert", "sslkey", "sslpassword", "sslcertmode",
+    "sslrootcert", "sslcrl", "sslcrldir", "sslsni", "requirepeer", "ssl_min_protocol_version",
+    "ssl_max_protocol_version", "krbsrvname", "gsslib", "gssdelegation", "service",
+    "target_session_attrs", "load_balance_hosts",
+})
+#: libpq's complaint about a connection parameter it does not know.
+_UNKNOWN_PARAMETER = re.compile(r'(?:invalid URI query parameter|invalid connection option):? "([^"]*)"')
+
+
+def _misconfigured(code: str | None, lines: Sequence[str]) -> tuple[str, str] | None:
+    """``(what the server said, advice)`` if an error means a wrong
+    configuration, else None; ``code`` is its SQLSTATE (None for a failed
+    connection, matched by its text)."""
+    if code is not None:
+        advice = _MISCONFIGURED_CODES.get(code)
+        return None if advice is None else (_PREFIX.sub("", lines[0]).strip(), advice)
+    for line in lines:
+        for pattern, meaning in _CONNECT_FAILURES:
+            match = pattern.search(line)
+            if match is not None:
+                said = _PREFIX.sub("", line).strip()
+                advice = _MISCONFIGURED_CODES.get(meaning) or meaning.format(*match.groups())
+                return said, advice
+    return None
+
+
 def _parse_table(table: str) -> tuple[str, ...]:
     """Split and validate ``table`` or ``schema.table``.
 
@@ -622,7 +707,7 @@ class _Session:
         self.link = None
         if link is None:  # failed to get a connection at all
             if isinstance(exc, repo._pg.Error):
-                repo._raise(exc, self.operation)
+                repo._raise(exc, "connect")
             return
         if exc is None:
             try:
@@ -674,7 +759,15 @@ class PostgresStateRepository(StateRepository):
         self.connect_timeout = connect_timeout
         try:
             params = self._pg.extensions.parse_dsn(dsn)
-        except self._pg.ProgrammingError:
+        except self._pg.ProgrammingError as exc:
+            unknown = _UNKNOWN_PARAMETER.search(str(exc))
+            if unknown is not None:
+                raise unknown_options(
+                    "postgresql", [unknown.group(1)], _OPTIONS | _LIBPQ_OPTIONS,
+                    more="(the tiered-state ones: " + ", ".join(sorted(_OPTIONS))
+                    + "; the others are libpq's connection parameters)",
+                ) from None
+            # libpq's reason is not shown: it may quote part of the password.
             raise ConfigurationError(f"not a valid libpq URL/DSN: {redact(dsn)}") from None
         self._url = redact(dsn)
         self._connect_kwargs: dict[str, Any] = {"dsn": dsn}
@@ -847,10 +940,34 @@ class PostgresStateRepository(StateRepository):
             self._pool.discard(link)
 
     def _raise(self, exc: Exception, operation: str) -> NoReturn:
+        """Raise ``exc`` translated: the one place psycopg2 errors are mapped.
+
+        A wrong role, password, database, schema or privilege, or a bad libpq
+        or server setting, is a :class:`ConfigurationError` (see
+        :func:`_misconfigured`); a server that is down, refuses connections or
+        times out is a :class:`BackendUnavailableError`; a deadlock, a
+        serialization failure or any other failed statement a
+        :class:`BackendError`. ``operation`` is one of :data:`_ACTIONS`
+        (``"connect"``: no connection was made).
+        """
         pg = self._pg
         code = getattr(exc, "pgcode", None)
         if code == "42P01":  # the table was dropped behind our back: recreate next time
             self._sql = None
+        # Only the primary line of a statement's error: DETAIL / CONTEXT lines
+        # may quote stored values. A failed connection's lines are all libpq's
+        # (one per address tried), the server's reason maybe on a later one.
+        lines = str(exc).strip().splitlines() or [""]
+        first = lines[0]
+        detail = f" [{code}]" if code else ""
+        log.debug("postgres: %s failed: %s%s", operation, type(exc).__name__, detail)
+        if isinstance(exc, pg.OperationalError) or code:
+            found = _misconfigured(code, lines if code is None else [first])
+            if found is not None:
+                said, advice = found
+                raise ConfigurationError(
+                    f"postgres: cannot use {self._url}: {redact(said)}; {advice}"
+                ) from exc
         cls: type[BackendError]
         if isinstance(exc, pg.extensions.TransactionRollbackError):
             cls = BackendError  # deadlock / serialization failure: a conflict, not an outage
@@ -858,14 +975,12 @@ class PostgresStateRepository(StateRepository):
             cls = BackendUnavailableError
         else:
             cls = BackendError
-        # Only the primary line: DETAIL / CONTEXT lines may quote stored values.
-        first = (str(exc).strip().splitlines() or [""])[0]
-        detail = f" [{code}]" if code else ""
-        log.debug("postgres: %s failed: %s%s", operation, type(exc).__name__, detail)
-        raise cls(
-            f"{operation} on {self.table} failed: {type(exc).__name__}{detail}: {redact(first)}",
-            self.backend,
-        ) from exc
+        if operation == "connect":
+            message = f"cannot connect to {self._url}: {redact(first)}"
+        else:
+            message = (f"{_ACTIONS.get(operation, 'a statement')} on table {self.table} failed: "
+                       f"{type(exc).__name__}{detail}: {redact(first)}")
+        raise cls(message, self.backend) from exc
 
     # ------------------------------------------------------------ reads
     def fetch_record(self, key: str) -> Entry | None:
@@ -882,7 +997,14 @@ class PostgresStateRepository(StateRepository):
             row = cur.fetchone()
         if row is None:
             return None
-        data, payload, digest = row
+        data, payload, digest, encoding = row
+        if encoding != codec.ENCODING:
+            # Another codec's payload (tagged JSON, or not JSON at all): its
+            # text, checked, then read by that codec.
+            text = _canonical(codec.decode(data)) if payload is None else payload
+            if checksum(text) != digest:
+                raise IntegrityError(f"postgres: checksum mismatch for {key!r}", key)
+            return codec.decode_stored(text, encoding)
         # Decode once: the canonical text for the checksum comes from the value.
         value = codec.decode(data if payload is None else payload)
         text = _canonical(value) if payload is None else payload

@@ -16,16 +16,24 @@ Credentials come from boto3's usual chain (environment, ``~/.aws``, instance
 role); a URL carrying credentials is refused. A ready boto3 client may be
 passed as ``client=``.
 
+Errors: a misspelt option, a bad ``region``, ``endpoint_url`` or ``profile``,
+no credentials at all, or a bucket that does not exist is a
+``ConfigurationError``; so are refused credentials (``InvalidAccessKeyId``,
+``SignatureDoesNotMatch``, ``AccessDenied``...) at :meth:`~S3StateRepository.ping`,
+which is what ``open(check=True)`` runs. An endpoint that cannot be reached
+is a ``BackendUnavailableError``.
+
 Storage format
     One object per key: ``<prefix>/<name>``. The body is the JSON payload,
     zlib-compressed when compression is on, the payload is at least
     ``compress_min_bytes`` long and compression makes it smaller. The metadata
     rides in ``x-amz-meta-*`` headers: ``checksum``, ``size-bytes``,
     ``version``, ``created-at``, ``updated-at``, ``expires-at`` (absent when
-    the entry does not expire) and ``encoding`` (the entry's: ``json``,
-    ``stub`` or ``tombstone``, with ``+zlib`` appended when the body is
-    compressed) and ``metadata-checksum``: the SHA-256 of the key, all of
-    these and how the body is packed (see
+    the entry does not expire) and ``encoding`` (the entry's: a value's
+    codec -- ``json``, ``typed-json``... -- or ``stub`` or ``tombstone``,
+    with ``+zlib`` appended when the body is compressed; entries are
+    returned inflated, without it) and ``metadata-checksum``: the SHA-256
+    of the key, all of these and how the body is packed (see
     :func:`tiered_state.record.metadata_checksum`). The payload's checksum
     covers the payload only; this one keeps damaged headers from passing a
     wrong version, expiry or key off as true -- a read of such an object
@@ -88,13 +96,14 @@ from contextlib import contextmanager
 from typing import Any, NamedTuple, TypeVar
 from urllib.parse import unquote, urlsplit
 
-from ..config import parse_bool, parse_number, query_options, redact, require
+from ..config import parse_bool, parse_number, query_options, redact, require, unknown_options
 from ..errors import (
     BackendError,
     BackendUnavailableError,
     ConfigurationError,
     IntegrityError,
     InvalidKeyError,
+    TieredStateError,
 )
 from ..keys import compile_pattern, is_literal, literal_prefix, validate_key, validate_pattern
 from ..record import TOMBSTONE, Entry, Metadata, inflate, live_value, metadata_checksum, stored_metadata
@@ -124,6 +133,22 @@ _TTL_TAG = "tiered-state-ttl=1"
 _ZLIB_SUFFIX = "+zlib"
 #: The object metadata field holding the metadata checksum.
 _DIGEST = "metadata-checksum"
+#: What ping reads when the bucket's HEAD is refused: a name no key has.
+_PING_NAME = "!ping"
+#: What a refusal at ping means, by S3 error code.
+_REFUSED = {
+    "InvalidAccessKeyId": "the server does not know the access key id "
+    "(check AWS_ACCESS_KEY_ID or the profile)",
+    "SignatureDoesNotMatch": "the secret key does not match the access key id "
+    "(check AWS_SECRET_ACCESS_KEY or the profile)",
+    "AccessDenied": "these credentials may not use the bucket "
+    "(s3:GetObject, s3:PutObject, s3:DeleteObject and s3:ListBucket are needed)",
+    "InvalidToken": "the session token is not valid (check AWS_SESSION_TOKEN)",
+    "ExpiredToken": "the session token has expired (renew the credentials)",
+    "AuthorizationHeaderMalformed": "the region does not match the bucket's (option 'region')",
+    "PermanentRedirect": "the bucket is in another region (option 'region')",
+    "IllegalLocationConstraintException": "the bucket is in another region (option 'region')",
+}
 
 # Characters AWS lists as safe in object keys, minus "!" (our marker prefix).
 _SAFE_ASCII = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.*'()")
@@ -295,13 +320,34 @@ class S3StateRepository(StateRepository):
             response_checksum_validation="when_required",
             s3={"addressing_style": "path"} if endpoint_url else {},
         )
-        session = _session(boto3, profile)
-        if region is None and endpoint_url is not None and session.region_name is None:
-            region = "us-east-1"
-        with _SESSIONS_LOCK:
-            return session.client(
-                "s3", region_name=region, endpoint_url=endpoint_url, config=config
-            )
+        exceptions = require("botocore.exceptions", extra="s3")
+        try:
+            session = _session(boto3, profile)
+            if region is None and endpoint_url is not None and session.region_name is None:
+                region = "us-east-1"
+            with _SESSIONS_LOCK:
+                return session.client(
+                    "s3", region_name=region, endpoint_url=endpoint_url, config=config
+                )
+        except exceptions.ProfileNotFound as exc:
+            raise ConfigurationError(
+                f"s3: option 'profile': no profile {profile!r} in the AWS config files "
+                "(~/.aws/config, ~/.aws/credentials)"
+            ) from exc
+        except exceptions.InvalidRegionError as exc:
+            raise ConfigurationError(
+                f"s3: option 'region' is not a region name: {region!r}"
+            ) from exc
+        except exceptions.BotoCoreError as exc:  # the profile's settings, credentials...
+            raise ConfigurationError(
+                f"s3: the AWS configuration is not usable: {redact(str(exc))}"
+            ) from exc
+        except ValueError as exc:
+            # botocore's only ValueError here is about the endpoint.
+            raise ConfigurationError(
+                "s3: option 'endpoint_url' must be an http:// or https:// URL, "
+                f"not {redact(str(endpoint_url))!r}"
+            ) from exc
 
     @classmethod
     def from_url(cls, url: str, **options: Any) -> S3StateRepository:
@@ -309,7 +355,7 @@ class S3StateRepository(StateRepository):
         query.update(options)
         unknown = set(query) - _OPTIONS
         if unknown:
-            raise ConfigurationError(f"s3:// does not take {sorted(unknown)}")
+            raise unknown_options("s3", unknown, _OPTIONS)
         parts = urlsplit(base_url)
         if parts.scheme.lower() != "s3":
             raise ConfigurationError(f"not an s3:// URL: {redact(url)!r}")
@@ -362,13 +408,15 @@ class S3StateRepository(StateRepository):
         except (exc_mod.ConnectionError, exc_mod.HTTPClientError) as exc:
             # Connect failure, connect/read timeout, connection dropped.
             raise BackendUnavailableError(
-                f"{action} failed: cannot reach the S3 endpoint ({type(exc).__name__})",
+                f"{action} failed: cannot reach the S3 endpoint"
+                f"{' ' + redact(self.endpoint_url) if self.endpoint_url else ''} ({type(exc).__name__})",
                 self.backend,
             ) from exc
         except exc_mod.NoCredentialsError as exc:
             raise ConfigurationError(
-                "s3: no AWS credentials found in boto3's chain "
-                "(environment, ~/.aws/credentials, instance role)"
+                "s3: no AWS credentials found: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, "
+                "name a profile of ~/.aws/credentials with option 'profile', or run with an "
+                "instance role (boto3 looked in the environment, ~/.aws and the instance metadata)"
             ) from exc
         except exc_mod.BotoCoreError as exc:
             raise BackendError(f"{action} failed: {type(exc).__name__}", self.backend) from exc
@@ -985,10 +1033,55 @@ class S3StateRepository(StateRepository):
 
     # ------------------------------------------------------------ lifecycle
     def ping(self) -> float:
+        """Reach the bucket; a missing bucket, refused credentials or access are
+        a :class:`ConfigurationError` (with ``create_bucket`` a missing bucket
+        is fine: the first write creates it).
+
+        A refused HEAD carries no error code (the answer has no body), so it is
+        asked again as a GET of an object that does not exist, whose answer
+        says why: ``NoSuchKey`` means the object calls are allowed.
+        """
         start = time.perf_counter()
-        with self._errors("ping"):
-            self._client.head_bucket(Bucket=self.bucket)
+        client_error = self._botocore.ClientError
+        with self._errors("reaching the bucket"):
+            try:
+                self._client.head_bucket(Bucket=self.bucket)
+            except client_error as exc:
+                code, status = _error_code(exc)
+                if status == 404 or code in ("404", "NoSuchBucket", "NotFound"):
+                    if not self.create_bucket:
+                        raise ConfigurationError(
+                            f"s3: bucket {self.bucket!r} does not exist "
+                            "(create it, or open with create_bucket=true)"
+                        ) from exc
+                elif status in (400, 401, 403):
+                    try:
+                        found = self._client.get_object(
+                            Bucket=self.bucket, Key=self._object(_PING_NAME)
+                        )
+                    except client_error as again:
+                        if _error_code(again)[0] != "NoSuchKey":
+                            raise self._refused(again) from again
+                    else:
+                        found["Body"].close()
+                else:
+                    raise
         return (time.perf_counter() - start) * 1000.0
+
+    def _refused(self, exc: Any) -> TieredStateError:
+        """The error for a request the server refused at :meth:`ping`."""
+        code, status = _error_code(exc)
+        hint = _REFUSED.get(code)
+        if hint is None:
+            if status == 503 or code in ("SlowDown", "ServiceUnavailable", "RequestTimeout"):
+                return BackendUnavailableError(f"the S3 endpoint is unavailable ({code})", self.backend)
+            if status not in (400, 401, 403):
+                return BackendError(f"reaching the bucket failed: {code or 'HTTP'} (HTTP {status})",
+                                    self.backend)
+            hint = "check the credentials, region and endpoint_url"
+        return ConfigurationError(
+            f"s3: bucket {self.bucket!r} refused the request ({code or status}): {hint}"
+        )
 
     def close(self) -> None:
         pool, self._pool = self._pool, None

@@ -14,10 +14,11 @@ returned survives a power loss too, at the price of one fsync per write.
 
 Storage: one table (schema created on first use, see :data:`_SCHEMA`) with a
 row per key; the payload is stored as given, whatever the entry's kind (a
-value's JSON text, a stub's locator, a tombstone's empty text) and
-``encoding`` tells the kinds apart. Expired rows and tombstones stay until
-deleted (see :mod:`.base`). ``last_accessed`` is the later of the write time
-and the last :meth:`touch_many`, so the sweep's idle test is one pass.
+value's text as its codec wrote it, a stub's locator, a tombstone's empty
+text) and ``encoding`` tells the kinds apart (a value's is its codec's
+name). Expired rows and tombstones stay until deleted (see :mod:`.base`).
+``last_accessed`` is the later of the write time and the last
+:meth:`touch_many`, so the sweep's idle test is one pass.
 
 Concurrency: one connection per thread (reopened after ``fork`` and after
 :meth:`close`), several processes may share the file. Every write takes the
@@ -69,10 +70,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from .. import codec
-from ..config import parse_number, query_options
+from ..config import parse_number, query_options, unknown_options
 from ..errors import BackendError, BackendUnavailableError, ConfigurationError, IntegrityError
 from ..keys import has_class, is_literal, literal_prefix, matches, to_like, validate_key, validate_pattern
-from ..record import STUB, TOMBSTONE, Entry, Metadata, checksum
+from ..record import STUB, TOMBSTONE, Entry, Metadata, checksum, live_value
 from .base import Items, StateRepository, chunked
 
 __all__ = ["SQLiteStateRepository"]
@@ -82,6 +83,8 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 _SYNCHRONOUS = ("OFF", "NORMAL", "FULL", "EXTRA")
+#: The URL's query options (see the module docstring).
+_OPTIONS = frozenset({"busy_timeout", "synchronous", "table"})
 _IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}\Z")
 #: Keys per statement in ``IN (...)`` lists; SQLite before 3.32 allowed 999 parameters.
 _CHUNK = 500
@@ -405,9 +408,9 @@ class SQLiteStateRepository(StateRepository):
         query.update(options)
         # Not urlsplit's path: it would fold sqlite:////abs into //abs.
         base = url.split("?", 1)[0]
-        unknown = set(query) - {"busy_timeout", "synchronous", "table"}
+        unknown = set(query) - _OPTIONS
         if unknown:
-            raise ConfigurationError(f"sqlite:// does not take {sorted(unknown)}")
+            raise unknown_options("sqlite", unknown, _OPTIONS)
         rest = base.partition("://")[2]
         # SQLAlchemy: sqlite:///relative.db and sqlite:////abs/path.db; the
         # part between // and the next / is an (empty) host.
@@ -724,7 +727,7 @@ class SQLiteStateRepository(StateRepository):
             "encoding": encoding,
         })
 
-    def fetch_payload(self, key: str) -> str | None:
+    def fetch_payload(self, key: str, encoding: str = codec.ENCODING) -> str | None:
         # The catalog's read for a plain get (see "Optional: fetch_payload"):
         # four columns, no Entry, no metadata dict.
         validate_key(key)
@@ -741,9 +744,11 @@ class SQLiteStateRepository(StateRepository):
             row = self._row_again(local, exc, self._sql_fetch_payload, (key,))
         if row is None:
             return None
-        payload, digest, expires_at, encoding = row
-        if encoding == STUB or encoding == TOMBSTONE or (
-                expires_at is not None and expires_at <= time.time()):
+        payload, digest, expires_at, stored = row
+        # A stub, a tombstone, or a value of a codec the caller did not name
+        # (which only a caller that sees its encoding may decode): the
+        # caller's slow path.
+        if stored != encoding or (expires_at is not None and expires_at <= time.time()):
             return ""
         if checksum(payload) != digest:
             raise IntegrityError(f"sqlite: checksum mismatch for {key!r}", key)
@@ -751,6 +756,8 @@ class SQLiteStateRepository(StateRepository):
 
     def fetch(self, key: str) -> Any | None:
         payload = self.fetch_payload(key)
+        if payload == "":  # not a live json value: maybe another codec's
+            return live_value(self.fetch_record(key))
         return codec.decode(payload) if payload else None
 
     def fetch_many(self, keys: Iterable[str]) -> dict[str, Entry]:
