@@ -4,6 +4,7 @@ import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,6 +31,25 @@ def redis_url() -> str:
 def postgres_url() -> str:
     """URL of the real PostgreSQL (TIERED_STATE_TEST_POSTGRES_URL)."""
     return server_url("postgres")
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[Any]:
+    """A private Redis Cluster (3 primaries + 3 replicas) for the session's tests
+    that only read and write; tests that kill nodes start their own."""
+    from .servers import PrivateRedisCluster
+
+    with PrivateRedisCluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture(scope="session")
+def redis_sentinel() -> Iterator[Any]:
+    """A private primary + replica + three Sentinels, shared like redis_cluster."""
+    from .servers import PrivateSentinel
+
+    with PrivateSentinel() as sentinel:
+        yield sentinel
 
 
 @pytest.fixture(scope="session")

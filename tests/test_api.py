@@ -3,8 +3,8 @@ incr/decr, pop, touch, inspect, promote=, durations as timedelta, demote's
 answer, health and the reserved keys in stats.
 
 Each runs on the embedded layout (memory + SQLite + files) and on the server
-layout (Redis + PostgreSQL + S3); the compute-once and counter tests run 4
-processes x 4 threads against one store.
+layouts (Redis, Redis Cluster or Sentinel + PostgreSQL + S3); the
+compute-once and counter tests run 4 processes x 4 threads against one store.
 """
 
 from __future__ import annotations
@@ -42,14 +42,19 @@ THREADS = 4
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(params=["embedded", "server"])
+@pytest.fixture(params=["embedded", "server", "cluster", "sentinel"])
 def layout(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[dict[str, Any]]:
-    """``tiered_state.open`` arguments of a fresh store; the server one is removed afterwards."""
+    """``tiered_state.open`` arguments of a fresh store; the server ones are
+    removed afterwards. HOT is one Redis ("server"), a Redis Cluster or a
+    Sentinel-managed primary; WARM PostgreSQL, COLD S3."""
     config: dict[str, Any] = {"path": str(tmp_path / "store")}
     if request.param == "embedded":
         yield config
         return
-    redis_url = request.getfixturevalue("redis_url")
+    redis_url = {"server": lambda: request.getfixturevalue("redis_url"),
+                 "cluster": lambda: request.getfixturevalue("redis_cluster").url,
+                 "sentinel": lambda: request.getfixturevalue("redis_sentinel").url,
+                 }[request.param]()
     postgres_url = request.getfixturevalue("postgres_url")
     s3_url = request.getfixturevalue("s3_url")
     table = unique_name("api").replace("-", "_")

@@ -39,6 +39,8 @@ from .support import TCPProxy
 
 redis = pytest.importorskip("redis")
 
+from tiered_state.repositories.redis_repository import unpack_record  # noqa: E402
+
 ROOT = Path(__file__).resolve().parent.parent
 #: Short client timeouts, so an unreachable Redis costs a call well under a second.
 TIMEOUTS = "socket_timeout=0.5&socket_connect_timeout=0.25"
@@ -53,13 +55,17 @@ def hot_url(address: str) -> str:
     return f"redis://{address}/0?{TIMEOUTS}&prefix={PREFIX}"
 
 
-def meta_key(key: str) -> bytes:
-    """The Redis key of a record's metadata (see redis_repository's storage format)."""
-    return (PREFIX + "\x1fmeta:" + key).encode("utf-8")
-
-
 def value_key(key: str) -> bytes:
+    """The Redis key of a record (see redis_repository's storage format)."""
     return (PREFIX + key).encode("utf-8")
+
+
+def raw_payload(server: PrivateRedis, key: str) -> bytes | None:
+    """The payload Redis holds for ``key`` (a raw GET around any proxy, the
+    record's header taken off); a value that is no record, as it is."""
+    data = server.raw_get(value_key(key))
+    found = None if data is None else unpack_record(data)
+    return data if found is None else found[0].encode("utf-8")
 
 
 def counters(state: tiered_state.StateManager) -> dict[str, Any]:
@@ -138,7 +144,7 @@ def test_steady_writes_reach_redis_again_soon_after_a_cut(
 ) -> None:
     with open_store(hot_url(proxy.address), warm) as state:
         state.set("k", 0)
-        assert server.raw_get(value_key("k")) == b"0", "HOT is not in use before the fault"
+        assert raw_payload(server, "k") == b"0", "HOT is not in use before the fault"
         proxy.cut()
         n = 0
         cut_until = time.monotonic() + 2.0
@@ -149,7 +155,7 @@ def test_steady_writes_reach_redis_again_soon_after_a_cut(
             state.set("k", n)  # succeeds on WARM while HOT is cut
             time.sleep(0.05)
         assert state.get("k") == n
-        assert server.raw_get(value_key("k")) == b"0"  # nothing reached Redis meanwhile
+        assert raw_payload(server, "k") == b"0"  # nothing reached Redis meanwhile
         proxy.restore()
         restored = time.monotonic()
         reached_after = None
@@ -158,13 +164,13 @@ def test_steady_writes_reach_redis_again_soon_after_a_cut(
                 break
             n += 1
             state.set("k", n)
-            if server.raw_get(value_key("k")) == str(n).encode():
+            if raw_payload(server, "k") == str(n).encode():
                 reached_after = time.monotonic() - restored
                 break
             time.sleep(0.05)
         assert reached_after is not None, (
             f"5 s after the cut was repaired, none of the steady writes (up to {n}) reached "
-            f"Redis; raw GET shows {server.raw_get(value_key('k'))!r}, "
+            f"Redis; raw GET shows {raw_payload(server, 'k')!r}, "
             f"manager counters: {counters(state)}")
         assert reached_after <= RECOVERY + SLACK, (
             f"writes reached Redis again only {reached_after:.2f}s after the repair")
@@ -180,14 +186,14 @@ def test_restart_from_an_older_snapshot_never_serves_it(server: PrivateRedis, wa
         # Round 1: a new process is the first to reach the restarted Redis.
         state.set("k", 100)
         state.set("gone", "old")
-        assert server.raw_get(value_key("k")) == b"100", "HOT is not in use before the fault"
+        assert raw_payload(server, "k") == b"100", "HOT is not in use before the fault"
         server.save()  # the snapshot holds k=100 and gone="old"...
         state.set("k", 200)  # ...which these acknowledged writes supersede
         assert state.delete("gone") is True
-        assert server.raw_get(value_key("k")) == b"200"
+        assert raw_payload(server, "k") == b"200"
         server.kill()
         server.start()  # from the snapshot
-        assert server.raw_get(value_key("k")) == b"100", "the restart did not load the snapshot"
+        assert raw_payload(server, "k") == b"100", "the restart did not load the snapshot"
         seen = new_process_reads(hot, warm, keys)
         assert seen == {"get": [200, None], "get_many": {"k": 200}, "get_record": [200, None]}, (
             f"a new process read the stale snapshot: {seen}")
@@ -203,7 +209,7 @@ def test_restart_from_an_older_snapshot_never_serves_it(server: PrivateRedis, wa
         assert state.delete("gone") is True
         server.kill()
         server.start()
-        assert server.raw_get(value_key("k")) == b"300", "the restart did not load the snapshot"
+        assert raw_payload(server, "k") == b"300", "the restart did not load the snapshot"
         reads = reads_for(lambda: [state.get("k"), state.get_many(keys), state.get("gone")], 1.5)
         assert distinct(reads) == distinct([[400, {"k": 400}, None]]), (
             f"the manager that wrote 400 read the stale snapshot: {distinct(reads)}")
@@ -223,7 +229,7 @@ def test_flushall_with_copies_held_never_serves_stale(
         a.set("k", 1)
         a.set("kept", "x")
         assert a.get("k") == 1 and b.get("k") == 1 and b.get("kept") == "x"
-        assert server.raw_get(value_key("k")) == b"1", "HOT is not in use before the fault"
+        assert raw_payload(server, "k") == b"1", "HOT is not in use before the fault"
         if when == "before":  # another manager writes, then Redis is flushed
             b.set("k", 2)
             server.command("FLUSHALL")
@@ -281,7 +287,7 @@ def test_flushall_during_a_read_never_lets_its_old_copy_in(
             reads = reads_for(functools.partial(read_both, manager, ["k"]), 1.2)
             assert distinct(reads) == distinct([[2, {"k": 2}]]), (
                 f"the reader's old copy went into the flushed Redis: {distinct(reads)}; "
-                f"raw GET {server.raw_get(value_key('k'))!r}")
+                f"raw GET {raw_payload(server, 'k')!r}")
         with open_store(hot, warm) as c:
             assert c.get("k") == 2
 
@@ -305,7 +311,7 @@ def test_flushall_during_a_write_below_hot_never_leaves_an_older_copy(
             if key == "k" and not fired:
                 server.command("FLUSHALL")  # the writer's placeholder goes
                 fired.append([b.get("k") for _ in range(3)])
-                fired.append(server.raw_get(value_key("k")))  # b filled the old value in
+                fired.append(raw_payload(server, "k"))  # b filled the old value in
             return real(key, *args)
 
         monkeypatch.setattr(catalog, "store_if_newer", store_if_newer)
@@ -328,14 +334,14 @@ def test_partial_partition_the_others_see_a_cut_off_writer_at_once(
         for key in ("k", "d", "m"):
             a.set(key, "old")
         assert c.get("k") == "old" and c.get_many(["d", "m"]) == {"d": "old", "m": "old"}
-        assert server.raw_get(value_key("k")) == b'"old"', "HOT is not in use before the fault"
+        assert raw_payload(server, "k") == b'"old"', "HOT is not in use before the fault"
         proxy.cut()
         stale: list[str] = []
         for i in range(3):
             value = f"new{i}"
             a.set("k", value)
             if i == 0:  # the partition is real: A's write did not reach Redis
-                assert server.raw_get(value_key("k")) == b'"old"'
+                assert raw_payload(server, "k") == b'"old"'
             if c.get("k") != value:
                 stale.append(f"get after set {value!r}: {c.get('k')!r}")
             many = c.get_many(["k", "m"])
@@ -405,12 +411,12 @@ def inject(kind: str, server: PrivateRedis, stack: list[Callable[[], None]]) -> 
         server.command("SCRIPT", "FLUSH")
     elif kind in ("corrupt_metadata", "wrongtype_metadata"):
         with server.client() as c:
-            for key in ("hot", "batch"):
-                c.delete(meta_key(key))
+            for key in ("hot", "batch"):  # the records' headers: not ours any more
+                c.delete(value_key(key))
                 if kind == "corrupt_metadata":
-                    c.set(meta_key(key), b"\x00not json{")
+                    c.set(value_key(key), b"\x00not json{")
                 else:
-                    c.rpush(meta_key(key), b"a list, not metadata")
+                    c.rpush(value_key(key), b"a list, not a record")
     else:  # pragma: no cover
         raise ValueError(kind)
 
@@ -424,7 +430,7 @@ def test_redis_errors_other_than_connection_loss(server: PrivateRedis, warm: str
         state.set("hot", "v1")
         state.set("batch", "b1")
         state.set("warm_only", "w1", tier="warm")
-        assert server.raw_get(value_key("hot")) == b'"v1"', "HOT is not in use before the fault"
+        assert raw_payload(server, "hot") == b'"v1"', "HOT is not in use before the fault"
         before = counters(state)
         try:
             inject(kind, server, repairs)
@@ -435,8 +441,8 @@ def test_redis_errors_other_than_connection_loss(server: PrivateRedis, warm: str
                 assert state.get_many(["batch", "warm_only"]) == {"batch": "b1", "warm_only": "w1"}
                 with server.client() as c:
                     for key in ("hot", "batch"):
-                        kind_of = c.type(meta_key(key))
-                        kept = c.get(meta_key(key)) if kind_of == b"string" else None
+                        kind_of = c.type(value_key(key))
+                        kept = c.get(value_key(key)) if kind_of == b"string" else None
                         assert kind_of != b"list" and kept != b"\x00not json{", (
                             f"the corrupt HOT copy of {key!r} is still there: {kind_of!r} {kept!r}")
                 after = counters(state)
@@ -463,7 +469,7 @@ def test_redis_errors_other_than_connection_loss(server: PrivateRedis, warm: str
                 assert after["tier_errors"] > before["tier_errors"], (
                     f"{kind}: HOT errors were not counted: {after}")
             if kind == "noscript":  # lost scripts are loaded again: HOT keeps working
-                assert server.raw_get(value_key("hot")) == b'"v2"'
+                assert raw_payload(server, "hot") == b'"v2"'
         finally:
             for repair in reversed(repairs):
                 repair()

@@ -238,13 +238,29 @@ class ManagerMachine(RuleBasedStateMachine):
     @rule(which=st.integers(0, 1), key=keys, to=st.sampled_from(["hot", "warm"]))
     def promote(self, which: int, key: str, to: str) -> None:
         item = self.live(key)
-        assert self.pick(which).promote(key, to=to) == (item is not None)
+        manager = self.pick(which)
+        promoted = manager.promote(key, to=to)
+        if item is None or promoted:
+            assert promoted == (item is not None)
+            return
+        # A shared HOT refuses a copy of the version a demote (or touch) just
+        # dropped: its placeholder, one version above, keeps out every copy
+        # a reader may have read before the drop -- this one too.
+        assert to == "hot", (key, to)
+        hot = manager.repositories[Tier.HOT].fetch_record(key)
+        assert hot is not None and hot.kind == "stub" and hot.version > item.version, (key, hot)
 
     @rule(which=st.integers(0, 1), key=keys, to=st.sampled_from(["warm", "cold"]))
     def demote(self, which: int, key: str, to: str) -> None:
         item = self.live(key)
         manager = self.pick(which)
-        assert manager.demote(key, to=to) == (item is not None)
+        moved = manager.demote(key, to=to)
+        assert item is not None or not moved  # an absent key never moves
+        if item is not None:
+            # Moved or not, no copy of the value is left above ``to`` (False:
+            # there was none to move).
+            hot = manager.repositories[Tier.HOT].fetch_record(key)
+            assert hot is None or hot.kind != "value", (key, hot)
         if item is not None and to == "cold":
             # Moved: no copy of the value is left above COLD -- HOT holds none
             # and the catalog (WARM) holds a stub pointing at the payload below.

@@ -10,6 +10,7 @@ successful ``set`` -- in this process or a new one.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import time
@@ -28,7 +29,10 @@ from .support import TCPProxy
 
 redis = pytest.importorskip("redis")
 
-from tiered_state.repositories.redis_repository import RedisStateRepository  # noqa: E402
+from tiered_state.repositories.redis_repository import (  # noqa: E402
+    RedisStateRepository,
+    unpack_record,
+)
 
 #: Timeouts the repositories under test are configured with, and the slack a
 #: loaded CI machine gets on top of them.
@@ -56,6 +60,14 @@ def proxy(server: RedisServer) -> Iterator[TCPProxy]:
 def repo(proxy: TCPProxy) -> Iterator[RedisStateRepository]:
     with RedisStateRepository.from_url(f"redis://{proxy.address}/0?{TIMEOUTS}") as r:
         yield r
+
+
+def stored_payload(server: RedisServer, name: str) -> bytes | None:
+    """The payload of the record Redis holds under ``name`` (raw GET, around
+    the proxy), without its header; None if there is none."""
+    data = server.raw_get(name)
+    found = None if data is None else unpack_record(data)
+    return None if found is None else found[0].encode()
 
 
 def timed(fn):  # type: ignore[no-untyped-def]
@@ -157,7 +169,7 @@ def test_manager_serves_from_warm_and_never_stale_after_outage(
     version, elapsed = timed(lambda: state.set("position:BTC", {"qty": 2}))
     assert isinstance(version, int) and elapsed < bound
     assert state.get("position:BTC") == {"qty": 2}
-    assert server.raw_get("faults:position:BTC") == b'{"qty":1}'  # the stale copy is there
+    assert stored_payload(server, "faults:position:BTC") == b'{"qty":1}'  # the stale copy is there
     proxy.restore()
     # Redis still holds {"qty": 1}; no read may ever return it.
     assert _reads_after_restore(state, "position:BTC") == {repr({"qty": 2})}
@@ -175,7 +187,7 @@ def test_manager_delete_during_outage_is_not_undone(state: tiered_state.StateMan
     proxy.cut()
     assert state.delete("gone") is True
     assert state.get("gone") is None
-    assert server.raw_get("faults:gone") == b'"value"'
+    assert stored_payload(server, "faults:gone") == b'"value"'
     proxy.restore()
     assert _reads_after_restore(state, "gone") == {repr("<absent>")}
 
@@ -187,13 +199,13 @@ def test_manager_new_process_after_outage_gets_no_stale_value(
         for _ in range(20):  # on a loaded machine a HOT write may time out: then again
             first.set("k", "old")
             first.set("d", "old")
-            if server.raw_get("faults:k") == server.raw_get("faults:d") == b'"old"':
+            if stored_payload(server, "faults:k") == stored_payload(server, "faults:d") == b'"old"':
                 break
             time.sleep(1.1)  # past the retry interval of a HOT marked down
         proxy.cut()
         first.set("k", "new")
         first.delete("d")
-    assert server.raw_get("faults:k") == server.raw_get("faults:d") == b'"old"'
+    assert stored_payload(server, "faults:k") == stored_payload(server, "faults:d") == b'"old"'
     proxy.restore()
     # Redis still holds k="old" and d="old"; a fresh process must see neither.
     script = (
@@ -217,3 +229,28 @@ def test_manager_survives_redis_restart(state: tiered_state.StateManager,
     state.set("k", 2)
     assert state.get("k") == 2
     assert _hot(state).fetch("k") == 2  # HOT was used again at once
+
+
+def test_a_server_back_with_the_two_key_layout_serves_nothing_of_it(
+    state: tiered_state.StateManager, server: RedisServer
+) -> None:
+    """Redis restarts from a snapshot taken before the upgrade to one key per
+    record (tiered-state 0.1's layout, here with a stale copy of ``k`` whose
+    version beats everything): the manager must read the catalog, and the
+    old keys must go."""
+    state.set("k", "new")
+    state.set("gone", "x")
+    state.delete("gone")
+    server.restart()
+    with server.client() as c:
+        for key, payload in (("k", b'"old"'), ("gone", b'"stale"')):
+            _, md = make(payload.decode(), version=2**63 - 1)
+            c.set(f"faults:{key}", payload)
+            c.set(f"faults:\x1fmeta:{key}", json.dumps(dict(md)))
+    assert _reads_after_restore(state, "k", seconds=1.0) == {repr("new")}
+    assert state.get("gone") is None and state.get_many(["k", "gone"]) == {"k": "new"}
+    with server.client() as c:
+        left = set(c.scan_iter(match="faults:*"))
+    assert not any(b"\x1fmeta:" in name for name in left), left
+    state.set("k", "newer")
+    assert state.get("k") == "newer" and _hot(state).fetch("k") == "newer"

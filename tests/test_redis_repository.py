@@ -7,6 +7,7 @@ afterwards, so runs never see each other's keys.
 from __future__ import annotations
 
 import logging
+import struct
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -21,9 +22,10 @@ from tiered_state.errors import (
     BatchError,
     ConfigurationError,
     IntegrityError,
+    SerializationError,
 )
 from tiered_state.keys import matches
-from tiered_state.record import make_stub, make_tombstone
+from tiered_state.record import Tier, make_stub, make_tombstone
 
 from .conformance import RepositoryConformance, make
 from .support import free_port, unique_name
@@ -32,8 +34,13 @@ redis = pytest.importorskip("redis")
 
 from tiered_state.repositories.redis_repository import (  # noqa: E402
     CHUNK,
+    EPOCH_MARK,
+    FORMAT_MARK,
+    HEADER_SIZE,
     META_MARK,
     RedisStateRepository,
+    pack_record,
+    unpack_record,
 )
 
 
@@ -52,6 +59,7 @@ def raw(redis_url: str) -> Iterator[redis.Redis]:
 @pytest.fixture
 def repository(redis_url: str, prefix: str, raw: redis.Redis) -> Iterator[RedisStateRepository]:
     with RedisStateRepository.from_url(redis_url, prefix=prefix) as repo:
+        repo.ping()  # the first call marks the prefix (format 2): raw writes after it stay
         yield repo
     leftovers = list(raw.scan_iter(match=prefix.replace("*", "\\*") + "*", count=1000))
     if leftovers:
@@ -66,30 +74,105 @@ class TestRedisConformance(RepositoryConformance):
 
 
 # ---------------------------------------------------------------- storage format
-def test_redis_cli_get_shows_the_json_value(repository: RedisStateRepository, raw: redis.Redis,
-                                            prefix: str) -> None:
-    payload, metadata = make({"qty": 1.5, "side": "buy"}, version=42)
+def under(raw: redis.Redis, prefix: str) -> set[bytes]:
+    """Every key under ``prefix``, the store's own (``\\x1f...``) included."""
+    return set(raw.scan_iter(match=prefix.replace("*", "\\*") + "*", count=1000))
+
+
+def test_one_key_per_record_and_redis_cli_shows_the_json(
+        repository: RedisStateRepository, raw: redis.Redis, prefix: str) -> None:
+    payload, metadata = make({"qty": 1.5, "side": "buy"}, version=1806491410558419291)
     repository.store("position:BTC", payload, metadata)
-    assert raw.get(f"{prefix}position:BTC") == b'{"qty":1.5,"side":"buy"}'
-    meta = codec.decode(raw.get(f"{prefix}{META_MARK}position:BTC").decode())
-    assert meta["version"] == 42 and meta["checksum"] == metadata["checksum"]
-    assert set(meta) == set(metadata)
-    # No TTL: both keys persist.
-    assert raw.pttl(f"{prefix}position:BTC") == -1
-    assert raw.pttl(f"{prefix}{META_MARK}position:BTC") == -1
+    stored = raw.get(f"{prefix}position:BTC")
+    assert stored is not None
+    # The header, then the JSON byte for byte: GETRANGE from HEADER_SIZE is the value.
+    assert stored[:3] == b"ts\x02" and len(stored) == HEADER_SIZE + len(payload)
+    assert stored[HEADER_SIZE:] == b'{"qty":1.5,"side":"buy"}'
+    assert raw.getrange(f"{prefix}position:BTC", HEADER_SIZE, -1) == b'{"qty":1.5,"side":"buy"}'
+    assert unpack_record(stored) == (payload, metadata)
+    # One key for the record; beside it only the format key.
+    assert under(raw, prefix) == {f"{prefix}position:BTC".encode(),
+                                  f"{prefix}{FORMAT_MARK}".encode()}
+    assert raw.get(f"{prefix}{FORMAT_MARK}") == b"2"
+    assert raw.pttl(f"{prefix}position:BTC") == -1  # no TTL
 
 
-def test_ttl_is_native_on_both_keys(repository: RedisStateRepository, raw: redis.Redis,
-                                    prefix: str) -> None:
+def test_the_header_byte_by_byte(repository: RedisStateRepository, raw: redis.Redis,
+                                 prefix: str) -> None:
+    """The layout docs/redis.rst documents, field by field."""
+    payload, metadata = make([1, 2], version=2**63 - 1, ttl=60)
+    copy = {**metadata, "hot_until": metadata["updated_at"] + 30}
+    repository.store("k", payload, copy)  # type: ignore[arg-type]
+    data = raw.get(f"{prefix}k")
+    fields = struct.unpack(">3sBBQ32sQdddd", data[:HEADER_SIZE])
+    assert fields == (b"ts\x02", 0x01 | 0x02, 1, 2**63 - 1,
+                      bytes.fromhex(metadata["checksum"]), len(payload),
+                      metadata["created_at"], metadata["updated_at"], metadata["expires_at"],
+                      copy["hot_until"])
+    assert data[HEADER_SIZE:] == b"[1,2]"
+    entry = repository.fetch_record("k")
+    assert entry is not None and entry.metadata == copy  # hot_until comes back too
+
+
+@pytest.mark.parametrize("encoding", ["json", "typed-json", "json+zlib", "my-codec.v2",
+                                      "x" * 64])
+def test_every_encoding_round_trips(repository: RedisStateRepository, raw: redis.Redis,
+                                    prefix: str, encoding: str) -> None:
+    payload, metadata = make({"a": 1})
+    metadata["encoding"] = encoding
+    repository.store("k", payload, metadata)
+    assert repository.store_many_if_newer({"m": (payload, metadata)}) == {"m"}
+    for key in ("k", "m"):
+        entry = repository.fetch_record(key)
+        assert entry is not None and entry.metadata == metadata and entry.payload == payload
+        assert repository.fetch_many([key])[key].metadata == metadata
+    data = raw.get(f"{prefix}k")
+    if encoding in ("json", "typed-json", "json+zlib"):
+        assert data[HEADER_SIZE:] == payload.encode()
+    else:  # a codec of its own: the name (length byte first) comes before the payload
+        name = encoding.encode()
+        assert data[4] == 0 and data[HEADER_SIZE:] == bytes([len(name)]) + name + payload.encode()
+
+
+def test_a_checksum_that_is_no_digest_reads_back_as_empty(repository: RedisStateRepository) -> None:
+    """Only a SHA-256 hex digest fits the header. Anything else matches no
+    payload, and comes back as "", which matches none either."""
+    for n, odd in enumerate(["", "abc", "A" * 64, "g" * 64, "é" * 32]):
+        payload, metadata = make(n)
+        metadata["checksum"] = odd
+        repository.store(f"k{n}", payload, metadata)
+        entry = repository.fetch_record(f"k{n}")
+        assert entry is not None and entry.metadata["checksum"] == "" and not entry.valid()
+        assert entry.version == metadata["version"]
+
+
+def test_metadata_that_does_not_fit_raises_before_any_write(
+        repository: RedisStateRepository) -> None:
+    payload, good = make(1)
+    for bad in ({**good, "version": -1}, {**good, "version": 2**64}, {**good, "size_bytes": -5},
+                {**good, "created_at": "yesterday"}, {**good, "encoding": "e" * 300}):
+        with pytest.raises(SerializationError):
+            repository.store("k", payload, bad)  # type: ignore[arg-type]
+        with pytest.raises(SerializationError):
+            repository.store_many({"a": (payload, good), "k": (payload, bad)})  # type: ignore[dict-item]
+        with pytest.raises(SerializationError):
+            repository.store_many_if_newer({"a": (payload, good), "k": (payload, bad)})  # type: ignore[dict-item]
+    with pytest.raises(SerializationError):
+        repository.store("k", "\ud800", good)  # a lone surrogate is no UTF-8 text
+    assert repository.keys() == []
+
+
+def test_ttl_is_native(repository: RedisStateRepository, raw: redis.Redis, prefix: str) -> None:
     repository.store("k", *make("v", ttl=60))
-    for name in (f"{prefix}k", f"{prefix}{META_MARK}k"):
-        assert 59_000 < raw.pttl(name) <= 60_000
-    # Overwriting without a TTL removes the old expiry from both keys.
+    assert 59_000 < raw.pttl(f"{prefix}k") <= 60_000
+    # Overwriting without a TTL removes the old expiry.
     repository.store("k", *make("v2"))
-    assert raw.pttl(f"{prefix}k") == -1 and raw.pttl(f"{prefix}{META_MARK}k") == -1
+    assert raw.pttl(f"{prefix}k") == -1
     repository.store_many({"a": make(1, ttl=30), "b": make(2)})
-    assert 29_000 < raw.pttl(f"{prefix}{META_MARK}a") <= 30_000
+    assert 29_000 < raw.pttl(f"{prefix}a") <= 30_000
     assert raw.pttl(f"{prefix}b") == -1
+    assert repository.store_if_newer("c", *make(3, ttl=20)) is True
+    assert 19_000 < raw.pttl(f"{prefix}c") <= 20_000
 
 
 def test_expired_record_replaces_older_copy_with_nothing(repository: RedisStateRepository,
@@ -98,7 +181,7 @@ def test_expired_record_replaces_older_copy_with_nothing(repository: RedisStateR
     old = make("old", now=time.time() - 10, ttl=5)
     repository.store("a", *old)
     repository.store_many({"b": old})
-    assert raw.exists(f"{prefix}a", f"{prefix}{META_MARK}a", f"{prefix}b") == 0
+    assert raw.exists(f"{prefix}a", f"{prefix}b") == 0
     assert repository.fetch_record("a") is None
 
 
@@ -115,41 +198,219 @@ def test_default_ttl_applies_only_to_records_without_expiry(redis_url: str, pref
         repo.clear()
 
 
-def test_half_written_record_reads_as_absent(repository: RedisStateRepository, raw: redis.Redis,
-                                             prefix: str) -> None:
-    raw.set(f"{prefix}by-hand", b'{"x":1}')  # another tool wrote a value, no metadata
-    assert repository.fetch_record("by-hand") is None
-    assert repository.fetch_many(["by-hand"]) == {}
+def _damaged() -> list[bytes]:
+    """Values with no record of this format in them, as Python and the scripts agree."""
+    good = pack_record(*make({"x": 1}, version=5))
+    return [
+        b'{"x":1}',  # another tool wrote plain JSON (or tiered-state 0.1 did)
+        b"",  # an empty string (0.1\'s placeholder)
+        b"not json",
+        b"ts\x01" + good[3:],  # another format
+        good[:HEADER_SIZE - 1],  # a truncated header
+        good[:3] + bytes([0x80]) + good[4:],  # a flag nobody defined
+        good[:4] + bytes([200]) + good[5:],  # an encoding code nobody defined
+        good[:4] + bytes([0]) + good[5:HEADER_SIZE] + bytes([40]) + b"json",  # a name cut short
+    ]
 
 
-
-def test_unreadable_metadata_reads_as_a_corrupt_record(repository: RedisStateRepository,
-                                                       raw: redis.Redis, prefix: str) -> None:
+@pytest.mark.parametrize("index", range(len(_damaged())))
+def test_a_value_that_is_no_record_reads_as_a_corrupt_one(
+        repository: RedisStateRepository, raw: redis.Redis, prefix: str, index: int) -> None:
     """Not as absent: the manager must count it and use another copy, and any
-    write replaces it."""
-    for n, meta in enumerate((b"not json", b'{"version": 5}', b'{"version": "5", "checksum": 1}',
-                              b"[1, 2]")):
-        key = f"garbled{n}"
-        raw.set(f"{prefix}{META_MARK}{key}", meta)
-        raw.set(f"{prefix}{key}", b"1")
-        entry = repository.fetch_record(key)
-        assert entry is not None and not entry.valid() and entry.version == 0
-        assert not repository.fetch_many([key])[key].valid()
-        with pytest.raises(IntegrityError):
-            repository.fetch(key)
-        assert repository.store_if_newer(key, *make(2, version=1)) is True
-        assert repository.fetch(key) == 2
+    conditional write replaces it."""
+    raw.set(f"{prefix}k", _damaged()[index])
+    entry = repository.fetch_record("k")
+    assert entry is not None and not entry.valid() and entry.version == 0
+    assert entry.metadata["checksum"] == ""
+    got = repository.fetch_many(["k"])["k"]
+    assert not got.valid() and got.version == 0
+    assert repository.fetch_many_in_epoch(["k"], "e") is None  # no epoch yet
+    with pytest.raises(IntegrityError):
+        repository.fetch("k")
+    assert repository.keys() == ["k"]  # listed, as any key under the prefix
+    assert repository.store_if_newer("k", *make(2, version=1)) is True
+    assert repository.fetch("k") == 2
+    raw.set(f"{prefix}k", _damaged()[index])
+    assert repository.store_many_if_version({"k": make(3, version=2)}, {"k": 0}) == {"k"}
+    raw.set(f"{prefix}k", _damaged()[index])
+    assert repository.delete_if_version("k", 0) is False  # version 0 is nobody's
+    assert repository.store_many_if_newer({"k": make(4, version=1)}) == {"k"}
+    assert repository.fetch("k") == 4
+
+
+def test_python_and_the_scripts_agree_on_every_bit_flip_of_a_header(
+        repository: RedisStateRepository, raw: redis.Redis, prefix: str) -> None:
+    """Flip each bit of the header (and the byte after it): the reader and
+    the Lua scripts must agree on what is stored -- a record of version v, or
+    no record (version 0) -- or a conditional write could be refused forever
+    by a copy the manager reads as corrupt. Reads never raise."""
+    payload, metadata = make({"qty": 1.5}, version=(1 << 60) + 12345, ttl=60)
+    good = pack_record(payload, metadata)
+    for bit in range((HEADER_SIZE + 1) * 8):
+        flipped = bytearray(good)
+        flipped[bit // 8] ^= 1 << (bit % 8)
+        raw.set(f"{prefix}k", bytes(flipped))
+        entry = repository.fetch_record("k")
+        assert entry is not None, bit
+        assert repository.fetch_many(["k"])["k"] == entry, bit  # both read paths agree
+        # Stored iff the scripts see exactly the version the reader saw.
+        assert repository.store_if_version("k", *make(1, version=entry.version),
+                                           expected=entry.version) is True, (bit, entry)
 
 
 def test_corrupt_payload_fails_its_checksum(repository: RedisStateRepository, raw: redis.Redis,
                                             prefix: str) -> None:
     repository.store("k", *make({"a": 1}))
-    raw.set(f"{prefix}k", b'{"a":2}')
+    raw.setrange(f"{prefix}k", HEADER_SIZE, b'{"a":2}')
     with pytest.raises(IntegrityError):
         repository.fetch("k")
-    raw.set(f"{prefix}k", b"\xff\xfe")  # not even UTF-8
+    entry = repository.fetch_record("k")
+    assert entry is not None and entry.version == 1  # the header is intact
+    raw.setrange(f"{prefix}k", HEADER_SIZE, b"\xff\xfe")  # not even UTF-8
     entry = repository.fetch_record("k")
     assert entry is not None and not entry.valid()
+    assert not repository.fetch_many(["k"])["k"].valid()
+
+
+def test_a_key_of_another_type_reads_as_absent_and_is_replaced(
+        repository: RedisStateRepository, raw: redis.Redis, prefix: str) -> None:
+    """A key another tool turned into a hash is not a string to MGET: reads
+    skip it, and a conditional write replaces it instead of failing on WRONGTYPE."""
+    raw.hset(f"{prefix}wrongtype", "a", "b")
+    assert repository.fetch_record("wrongtype") is None
+    assert repository.fetch_many(["wrongtype"]) == {}
+    assert repository.store_if_newer("wrongtype", *make(1, version=3)) is True
+    assert repository.fetch("wrongtype") == 1
+    raw.delete(f"{prefix}w2")
+    raw.rpush(f"{prefix}w2", "a")
+    assert repository.store_many_if_version({"w2": make(2, version=4)}, {"w2": 0}) == {"w2"}
+    raw.delete(f"{prefix}w3")
+    raw.sadd(f"{prefix}w3", "a")
+    assert repository.delete_if_version("w3", 1) is False
+    repository.store("w3", *make(3))  # a plain store replaces it too
+    assert repository.fetch("w3") == 3
+
+
+# ---------------------------------------------------------------- the format key (upgrades)
+def write_format_1(raw: redis.Redis, prefix: str, key: str, value: Any, version: int,
+                   ttl_ms: int | None = None) -> None:
+    """A record as tiered-state 0.1 (and main before format 2) stored it: two keys."""
+    payload, metadata = make(value, version=version)
+    raw.set(f"{prefix}{key}", payload, px=ttl_ms)
+    raw.set(f"{prefix}{META_MARK}{key}", codec.encode(dict(metadata)), px=ttl_ms)
+
+
+def test_a_store_of_the_two_key_layout_is_flushed_on_open(
+        redis_url: str, raw: redis.Redis, prefix: str) -> None:
+    write_format_1(raw, prefix, "position:BTC", {"qty": 1}, version=2**62)
+    write_format_1(raw, prefix, "timed", "old", version=7, ttl_ms=60_000)
+    raw.set(f"{prefix}placeholder", b"")  # 0.1\'s placeholder: an empty value...
+    raw.set(f"{prefix}{META_MARK}placeholder", b'{"version":9,"encoding":"stub"}')
+    raw.set(f"{prefix}\x1fepoch", b"e-old")
+    others = unique_name("other") + ":"
+    write_format_1(raw, others, "position:BTC", {"qty": 1}, version=3)  # another prefix
+    with RedisStateRepository(redis_url, prefix=prefix) as repo:
+        # The first call checks the format: nothing old is ever read as a record.
+        assert repo.fetch("position:BTC") is None
+        assert repo.fetch_many(["position:BTC", "timed", "placeholder"]) == {}
+        assert under(raw, prefix) == {f"{prefix}{FORMAT_MARK}".encode()}
+        assert repo.epoch_state()[1] is None  # the epoch went first: every guard flushes again
+        # A write of any version goes in: nothing old blocks it.
+        assert repo.store_if_newer("position:BTC", *make({"qty": 2}, version=5)) is True
+        assert repo.fetch("position:BTC") == {"qty": 2}
+        assert repo.keys() == ["position:BTC"]
+    assert raw.get(f"{others}position:BTC") == b'{"qty":1}'  # other prefixes untouched
+    raw.delete(f"{others}position:BTC", f"{others}{META_MARK}position:BTC")
+    with RedisStateRepository(redis_url, prefix=prefix) as again:  # marked: no second flush
+        assert again.fetch("position:BTC") == {"qty": 2}
+
+
+def test_a_store_of_the_two_key_layout_is_flushed_before_a_manager_serves(
+        redis_url: str, raw: redis.Redis, prefix: str, tmp_path: Any) -> None:
+    """Through the manager: Redis holds 0.1\'s copy of a key the catalog has
+    since moved on from; the first read serves the catalog\'s value."""
+    import tiered_state
+
+    urls = {"hot": f"{redis_url}?prefix={prefix}", "warm": f"sqlite:///{tmp_path / 'w.db'}",
+            "cold": "none"}
+    with tiered_state.open(**urls) as state:
+        state.set("k", "new")
+        state.set("gone", "x")
+        state.delete("gone")
+    raw.unlink(*under(raw, prefix))
+    write_format_1(raw, prefix, "k", "old", version=2**63 - 1)  # a version nothing beats
+    write_format_1(raw, prefix, "gone", "stale", version=2**63 - 1)
+    with tiered_state.open(**urls) as state:
+        assert state.get("k") == "new" and state.get("gone") is None
+        assert state.get_many(["k", "gone"]) == {"k": "new"}
+        assert not any(META_MARK.encode() in name for name in under(raw, prefix))
+        hot = state.repositories[Tier.HOT]
+        hot = getattr(hot, "inner", hot)
+        assert isinstance(hot, RedisStateRepository)
+        assert hot.fetch("k") in (None, "new") and hot.fetch("gone") is None
+        state.set("k", "newer")
+        assert state.get("k") == "newer"
+
+
+def test_a_newer_format_is_refused_and_left_alone(redis_url: str, raw: redis.Redis,
+                                                  prefix: str) -> None:
+    raw.set(f"{prefix}{FORMAT_MARK}", b"3")
+    raw.set(f"{prefix}k", b"a format 3 record")
+    with RedisStateRepository(redis_url, prefix=prefix) as repo:
+        for call in (lambda: repo.fetch("k"), lambda: repo.store("k", *make(1)), repo.clear):
+            with pytest.raises(BackendError, match=r"format 3.*upgrade tiered-state"):
+                call()
+    assert raw.get(f"{prefix}k") == b"a format 3 record"
+    assert raw.get(f"{prefix}{FORMAT_MARK}") == b"3"
+
+
+def test_clear_leaves_nothing_and_the_next_call_marks_again(
+        repository: RedisStateRepository, raw: redis.Redis, prefix: str) -> None:
+    repository.store_many({"a": make(1), "b": make(2)})
+    repository.reset_epoch("e1")  # a clear() too; the epoch and the format key come back
+    assert under(raw, prefix) == {f"{prefix}{EPOCH_MARK}".encode(),
+                                  f"{prefix}{FORMAT_MARK}".encode()}
+    repository.store("a", *make(1))
+    assert repository.clear() == 1
+    assert under(raw, prefix) == set()  # nothing left behind
+    repository.store("b", *make(2))  # marks the prefix first, flushing nothing
+    assert raw.get(f"{prefix}{FORMAT_MARK}") == b"2"
+    assert repository.keys() == ["b"]
+
+
+def test_a_lost_format_key_costs_one_flush(redis_url: str, raw: redis.Redis, prefix: str,
+                                           caplog: pytest.LogCaptureFixture) -> None:
+    with RedisStateRepository(redis_url, prefix=prefix) as repo:
+        repo.store("a", *make(1))
+    raw.delete(f"{prefix}{FORMAT_MARK}")  # evicted, or deleted by hand
+    with caplog.at_level(logging.WARNING), RedisStateRepository(redis_url, prefix=prefix) as repo:
+        assert repo.fetch("a") is None
+        assert "flushed 1 keys" in caplog.text
+        assert raw.get(f"{prefix}{FORMAT_MARK}") == b"2"
+
+
+def test_the_format_is_checked_once_by_concurrent_first_calls(
+        redis_url: str, raw: redis.Redis, prefix: str) -> None:
+    import threading
+
+    write_format_1(raw, prefix, "old", 1, version=1)
+    with RedisStateRepository(redis_url, prefix=prefix) as repo:
+        errors: list[BaseException] = []
+
+        def work(n: int) -> None:
+            try:
+                repo.store(f"k{n}", *make(n))
+                assert repo.fetch(f"k{n}") == n
+            except BaseException as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        assert sorted(repo.keys()) == sorted(f"k{n}" for n in range(8))
 
 
 # ---------------------------------------------------------------- namespaces
@@ -333,21 +594,6 @@ def test_unreachable_server_is_backend_unavailable() -> None:
             call()
 
 
-def test_metadata_of_another_type_reads_as_absent_and_is_replaced(
-        repository: RedisStateRepository, raw: redis.Redis, prefix: str) -> None:
-    """A key another tool turned into a hash is not a record: reads skip it,
-    and a conditional write replaces it instead of failing on WRONGTYPE."""
-    raw.hset(f"{prefix}{META_MARK}wrongtype", "a", "b")
-    raw.set(f"{prefix}wrongtype", b"1")
-    assert repository.fetch_record("wrongtype") is None
-    assert repository.fetch_many(["wrongtype"]) == {}
-    assert repository.store_if_newer("wrongtype", *make(1, version=3)) is True
-    assert repository.fetch("wrongtype") == 1
-    raw.hset(f"{prefix}{META_MARK}w2", "a", "b")
-    raw.set(f"{prefix}w2", b"1")
-    assert repository.store_many_if_version({"w2": make(2, version=4)}, {"w2": 0}) == {"w2"}
-
-
 def test_other_driver_errors_are_backend_errors(private_redis: str) -> None:
     """Out of memory is not an outage: a BackendError, not BackendUnavailableError."""
     with RedisStateRepository(private_redis, prefix="oom:") as repo:
@@ -489,7 +735,8 @@ def test_placeholders_round_trip_as_empty_values(repository: RedisStateRepositor
     repository.store_many({"timed": (locator, timed)})  # type: ignore[dict-item]
     keys = ["single", "many", "newer", "batch", "timed"]
     for key in keys:
-        assert raw.get(f"{prefix}{key}") == b""
+        stored = raw.get(f"{prefix}{key}")
+        assert len(stored) == HEADER_SIZE and stored[4] == 3  # a header alone: encoding "stub"
         entry = repository.fetch_record(key)
         assert entry is not None and entry.payload == "" and entry.kind == "stub", key
         assert entry.live() and entry.version == 7
@@ -546,7 +793,11 @@ def test_batches_take_one_round_trip(repository: RedisStateRepository,
         lambda: repository.fetch_many([f"k{i}" for i in range(n)]),
         lambda: repository.delete_many_if_version({f"k{i}": 12 for i in range(0, n, 2)}),
         lambda: repository.delete_many([f"k{i}" for i in range(n)]),
+        lambda: repository.store_many_if_newer_in_epoch({f"k{i}": make(i, 13) for i in range(n)},
+                                                        "e1"),
+        lambda: repository.fetch_many_in_epoch([f"k{i}" for i in range(n)], "e1"),
     ]
+    repository.reset_epoch("e1")
     for call in calls:  # once to load the scripts, should this server not have them yet
         call()
     for call in calls:
@@ -562,37 +813,72 @@ def test_batches_take_one_round_trip(repository: RedisStateRepository,
         assert round_trips[0] - before == 1
 
 
+def test_every_script_call_touches_one_record_key(repository: RedisStateRepository,
+                                                 monkeypatch: pytest.MonkeyPatch,
+                                                 prefix: str) -> None:
+    """The shape Redis Cluster needs: a script call names one record key,
+    and the epoch key when it is fenced -- in batches too."""
+    sent: list[tuple[Any, ...]] = []
+    for serializer in (redis.connection.HiredisRespSerializer,
+                       redis.connection.PythonRespSerializer):
+        original = serializer.pack
+
+        def pack(self: Any, *args: Any, _original: Any = original) -> Any:
+            sent.append(args)
+            return _original(self, *args)
+
+        monkeypatch.setattr(serializer, "pack", pack)
+    repository.reset_epoch("e1")
+    items = {f"k{i}": make(i, 5) for i in range(CHUNK + 3)}
+    repository.store_many_if_newer(items)
+    repository.store_many_if_version({k: make(1, 6) for k in items}, {k: 5 for k in items})
+    repository.store_many_if_newer_in_epoch({k: make(1, 7) for k in items}, "e1")
+    repository.store_if_newer_in_epoch("single", *make(1, 7), "e1")
+    repository.store_if_newer("single", *make(1, 8))
+    repository.store_if_version("single", *make(1, 9), expected=8)
+    repository.delete_if_version("single", 9)
+    repository.delete_many_if_version({k: 7 for k in items})
+    scripts = [args for args in sent if args and args[0] in ("EVALSHA", b"EVALSHA", "EVAL")]
+    assert len(scripts) >= 4 * len(items) + 4
+    epoch_key = f"{prefix}{EPOCH_MARK}".encode()
+    for args in scripts:
+        numkeys, keys = int(args[2]), args[3:3 + int(args[2])]
+        assert numkeys in (1, 2) and keys[0].startswith(prefix.encode()), args[:4]
+        assert numkeys == 1 or keys[1] == epoch_key, args[:5]
+    assert repository.keys() == []
+
+
 def test_conditional_batch_reports_failed_and_written_keys(private_redis: str) -> None:
     """One script call of a batch refused by the server (an ACL that denies
-    one key): the keys of that call are failed, the others written."""
+    one key): that key is failed, the others written or refused. Every call
+    is one record, so one refusal costs no other key."""
     prefix = "acl:"
     keys = [f"k{i:04d}" for i in range(2 * CHUNK)]
-    bad = keys[CHUNK + 10]  # k0510, in the second script call
+    bad = keys[CHUNK + 10]  # k0510
     admin = redis.Redis.from_url(private_redis)
-    # Every key but k0510 (ACL patterns cannot deny, so they enumerate the rest).
-    allowed = ["k0[0-4]*", "k050*", "k051[1-9]", "k05[2-9]*", "k0[6-9]*"]
+    # Every key but k0510 (ACL patterns cannot deny, so they enumerate the rest),
+    # and the format key.
+    allowed = ["k0[0-4]*", "k050*", "k051[1-9]", "k05[2-9]*", "k0[6-9]*", FORMAT_MARK]
     admin.execute_command("ACL", "SETUSER", "limited", "on", "nopass", "+@all",
-                          *[f"~{p}{mark}{pattern}" for pattern in allowed for p, mark in
-                            ((prefix, ""), (prefix, META_MARK))])
+                          *[f"~{prefix}{pattern}" for pattern in allowed])
     url = private_redis.replace("redis://", "redis://limited:@")
     try:
         with RedisStateRepository(private_redis, prefix=prefix) as full:
             full.store_many({k: make(k, 5) for k in keys})
         with RedisStateRepository(url, prefix=prefix) as repository:
-            items = {k: make(k, 6 if i % 2 else 4) for i, k in enumerate(keys)}
+            items = {k: make(k, 6 if i % 2 == 0 else 4) for i, k in enumerate(keys)}
             with pytest.raises(BatchError) as info:
                 repository.store_many_if_newer(items)
-            second = set(keys[CHUNK:])
-            assert set(info.value.failed) == second
+            assert set(info.value.failed) == {bad}
             assert isinstance(info.value.failed[bad], redis.exceptions.ResponseError)
-            # written keys only: the refused ones (even indexes) are in neither list
-            assert set(info.value.succeeded) == {k for i, k in enumerate(keys[:CHUNK]) if i % 2}
-            entry = repository.fetch_record(keys[1])
-            assert entry is not None and entry.version == 6 and repository.fetch(keys[1]) == keys[1]
+            # written keys only: the refused ones (odd indexes) are in neither list
+            assert set(info.value.succeeded) == {k for i, k in enumerate(keys) if i % 2 == 0} - {bad}
+            entry = repository.fetch_record(keys[0])
+            assert entry is not None and entry.version == 6 and repository.fetch(keys[0]) == keys[0]
             with pytest.raises(BatchError) as info:
                 repository.delete_many_if_version({k: 6 for k in keys})
-            assert set(info.value.failed) == second
-            assert set(info.value.succeeded) == {k for i, k in enumerate(keys[:CHUNK]) if i % 2}
+            assert set(info.value.failed) == {bad}
+            assert set(info.value.succeeded) == {k for i, k in enumerate(keys) if i % 2 == 0} - {bad}
     finally:
         admin.execute_command("ACL", "DELUSER", "limited")
         admin.close()
@@ -675,3 +961,21 @@ def test_batch_scripts_are_reloaded_after_the_server_lost_them(private_redis: st
         repo.client.script_flush()
         assert repo.store_if_newer("d", *make(7, 1)) is True
         assert repo.keys() == ["d"]
+
+
+def test_without_a_prefix_nothing_is_flushed(private_redis: str) -> None:
+    """An empty prefix shares the whole database: the upgrade only marks it,
+    and the old layout's values still never pass for records."""
+    raw = redis.Redis.from_url(private_redis)
+    try:
+        write_format_1(raw, "", "k", "old", version=2**63 - 1)
+        raw.set("someone-else", b"theirs")
+        with RedisStateRepository(private_redis, prefix="") as repo:
+            entry = repo.fetch_record("k")
+            assert entry is not None and not entry.valid() and entry.version == 0
+            assert raw.get("someone-else") == b"theirs"
+            assert raw.get(FORMAT_MARK) == b"2"
+            assert repo.store_if_newer("k", *make("new", version=3)) is True
+            assert repo.fetch("k") == "new"
+    finally:
+        raw.close()

@@ -604,6 +604,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         if store is not None and store["ok"]:
             backend = tiers[store["catalog"]]["backend"]
             emit(f"store: ok, catalog in {store['catalog']} ({backend}), format current")
+            for name, row in store["health"].items():
+                if row.get("primaries"):
+                    emit(f"{name}: {row['topology']}, primaries {', '.join(row['primaries'])}")
         elif store is not None:
             emit("store: does not open" if store["catalog"] is None
                  else "store: opens, but a tier fails its health check")

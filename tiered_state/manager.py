@@ -1004,10 +1004,7 @@ class StateManager(Operations):
             return False
         if self._cache is not None:
             self._cache.discard((key,))
-        lives = catalog.payload_tier if entry.kind == "stub" else None
-        if _ORDER.index(lives or catalog.tier) > _ORDER.index(target):
-            return False  # below ``to`` already: a demote never moves a key up
-        moved = False
+        moved = False  # a key below ``to`` already is never moved up; a HOT copy goes
         if target is catalog.payload_tier and entry.kind == "value":
             report = SweepReport()
             if not self._sweeper.move([entry], report):
@@ -1094,10 +1091,23 @@ class StateManager(Operations):
         """Reach every configured tier once.
 
         :returns: ``tier name -> {"backend", "ok", "latency_ms", "error"}``,
-            ``error`` being the reason a tier could not be reached (text) or None.
+            ``error`` being the reason a tier could not be reached (text) or
+            None; a backend with several servers (Redis Cluster, Sentinel)
+            adds ``"topology"`` and ``"primaries"`` (``host:port`` of each
+            primary serving it now).
         """
-        return {tier.value: {**info, "error": None if info["error"] is None else str(info["error"])}
-                for tier, info in self.check().items()}
+        out: dict[str, dict[str, Any]] = {}
+        for tier, info in self.check().items():
+            row = out[tier.value] = {**info, "error": None if info["error"] is None
+                                     else str(info["error"])}
+            repo = getattr(self._repos[tier], "inner", self._repos[tier])
+            primaries = getattr(repo, "primaries", None)
+            if row["ok"] and callable(primaries):
+                try:
+                    row.update(topology=getattr(repo, "topology", None), primaries=primaries())
+                except BackendError as exc:
+                    row.update(ok=False, error=str(exc))
+        return out
 
     def inspect(self, key: str) -> list[CopyInfo]:
         """Every stored copy and catalog entry of ``key``, tier by tier, as stored.

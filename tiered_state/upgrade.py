@@ -153,7 +153,9 @@ def upgrade(
             return report
         hot_repo = repos.get(Tier.HOT)
         if hot_repo is not None and hot_repo.shared and tier is not Tier.HOT:
-            report.hot_flushed = hot_repo.clear()  # copies only: the catalog has the records
+            # Copies only: the catalog has the records. A backend may have
+            # flushed another layout's keys already, when it was first used.
+            report.hot_flushed = hot_repo.clear() + getattr(hot_repo, "flushed_on_open", 0)
         catalog.repo.delete(_OLD_SIGNAL)
         if catalog.payload_repo is not None:
             _adopt_cold(catalog, catalog.payload_repo, report)

@@ -5,6 +5,15 @@ URL: redis-py's own forms, plus this backend's query options::
     redis://[[user]:password@]host[:port][/db][?prefix=app:&default_ttl=3600]
     rediss://...                       (TLS; redis-py's ssl_* query options)
     unix:///path/to/redis.sock[?db=0&prefix=app:]
+    redis+cluster://[[user]:password@]host:port[,host:port...][/0][?prefix=app:]
+    redis+sentinel://[[user]:password@]host:port[,host:port...]/service[/db][?prefix=app:]
+
+``redis+cluster://`` lists startup nodes of a Redis Cluster (any of its
+nodes; the client learns the rest and follows ``MOVED``/``ASK`` during
+resharding). ``redis+sentinel://`` lists Sentinels and names the monitored
+service: the client asks them for the current primary, and again after a
+failover. Both take the same options as ``redis://`` where they apply; the
+password is the data servers' (``sentinel_password=`` is the Sentinels').
 
 ``prefix`` (default ``tiered_state:``) namespaces every key; ``default_ttl``
 (seconds, default none) is how long a record *without* its own ``expires_at``
@@ -15,59 +24,103 @@ stays in Redis. Every other query option goes to redis-py unchanged
 not minutes; a lost connection (server restart) is retried once at once on a
 fresh connection, so the next call after a restart just works.
 
-Storage format (what ``redis-cli`` shows), for a record ``key``:
+Storage format 2 (what ``redis-cli`` shows). One string key per record,
+``<prefix><key>``, holding a fixed 85-byte header and then the payload (the
+JSON text of the value, byte for byte), so ``redis-cli GET`` shows the JSON
+after the header and ``redis-cli --raw GETRANGE <prefix><key> 85 -1`` shows
+the JSON alone. Big-endian throughout:
 
-``<prefix><key>``
-    the payload itself: the JSON text of the value, byte for byte, so
-    ``redis-cli GET 'tiered_state:position:BTC'`` prints ``{"qty":1.5}`` and
-    any other tool can read it. For a stub it is the stub's payload: empty
-    for the placeholders the manager leaves while it writes a key (an empty
-    string is a present value, never taken for "absent").
-``<prefix>\\x1fmeta:<key>``
-    the metadata as a JSON object (checksum, size_bytes, version, created_at,
-    updated_at, expires_at, encoding, and ``hot_until`` for a HOT copy).
-    ``\\x1f`` is a control character, which no valid key contains, so a
-    metadata key can never collide with a record key and both stay under one
-    prefix (one ACL pattern, one SCAN).
+======  ====  =======  =====================================================
+offset  size  type     field
+======  ====  =======  =====================================================
+0       3     bytes    magic and format: ``ts`` and the byte 0x02
+3       1     u8       flags: 0x01 ``expires_at`` is set, 0x02 ``hot_until``
+                       is set, 0x04 the checksum is not a SHA-256 hex digest
+                       (it reads back as ``""``); other bits 0
+4       1     u8       encoding: 1 ``json``, 2 ``typed-json``, 3 ``stub``,
+                       4 ``tombstone``, 5 ``json+zlib``; 0: the name follows
+                       the header (one length byte, then its UTF-8 bytes)
+5       8     u64      version
+13      32    bytes    checksum: the SHA-256 digest itself (zeros with 0x04)
+45      8     u64      size_bytes
+53      8     f64      created_at
+61      8     f64      updated_at
+69      8     f64      expires_at (0.0 when the flag is clear)
+77      8     f64      hot_until (0.0 when the flag is clear)
+85      rest  bytes    the payload, UTF-8 (after the name for encoding 0)
+======  ====  =======  =====================================================
 
-Both keys are written in one atomic command (``MSET``, or a Lua script when
-they carry a TTL) with the same ``PX``, read with one ``MGET``, and deleted
-together; a record whose two keys are not both there reads as absent.
+A stub's payload is its locator: empty for the placeholders the manager
+leaves while it writes a key, so a placeholder is exactly 85 bytes. A value
+that does not start with the magic and format byte (another tool wrote it,
+or an earlier layout) reads as a corrupt record -- version 0, checksum ``""``
+-- which the manager counts and replaces; a key of another type is not a
+string to ``MGET`` and reads as absent. Either way the next conditional write
+replaces it. The header has no checksum of its own: a Redis value is not a
+medium that decays, and whoever can write one can write any header.
 
-One more key, ``<prefix>\\x1fepoch``, holds the HOT epoch when the manager
-uses this store as a shared HOT (see "the HOT epoch" below).
+Two more keys live under the prefix, behind a control character that no
+record key contains:
+
+``<prefix>\\x1fformat``
+    ``2``: the layout of the records under the prefix. A repository reads it
+    before its first command; a prefix without it -- written by tiered-state
+    0.1 (value and metadata as two keys, ``<prefix><key>`` and
+    ``<prefix>\\x1fmeta:<key>``), or flushed -- is flushed (it is a cache) and
+    marked, so no key of an earlier layout is ever read as a record. A
+    higher number (a newer tiered-state wrote the prefix) is refused with a
+    :class:`~tiered_state.errors.BackendError` and left untouched.
+``<prefix>\\x1fepoch``
+    The HOT epoch when the manager uses this store as a shared HOT (see
+    "the HOT epoch" below).
 
 Volatile: records expire natively at ``min(expires_at, hot_until)`` (``PX``),
 and an already expired record is never stored (any older copy is deleted
 instead) -- so a tombstone, born expired, leaves nothing here, and the
 stored version of a key is also its live version.
 
-Conditional writes and their batch forms are Lua scripts, atomic across all
-clients. They compare versions exactly, as decimal digit strings: versions
-exceed 2**53, where Lua's numbers would round. A batch is one pipeline round
-trip per :data:`PIPELINE_RECORDS` records (one script call per :data:`CHUNK`
-records); when part of it fails, the
-:class:`~tiered_state.errors.BatchError` names the failed keys (their
-outcome is unknown) and, as ``succeeded``, the keys written or deleted.
+Conditional writes are Lua scripts, atomic across all clients. Every script
+call touches one record key and at most the epoch key (the shape Redis
+Cluster will need), so a batch is a pipeline of script calls, one per
+record, one round trip per :data:`PIPELINE_RECORDS` records; when part of it
+fails, the :class:`~tiered_state.errors.BatchError` names the failed keys
+(their outcome is unknown) and, as ``succeeded``, the keys written or
+deleted. Scripts compare versions exactly: as the header's eight bytes, in
+two 32-bit halves, never as one Lua number (a double: versions exceed 2**53).
 
-Redis Cluster is not supported yet: the two keys of a record are not
-hash-tagged into one slot.
+Redis Cluster: a command or script may only touch keys of one hash slot,
+so batches are split per slot (one ``MGET``/``UNLINK`` per slot's keys, one
+``SET`` or script call per record), pipelined per node; ``keys``, ``stats``
+and ``clear`` scan every primary. The HOT epoch is kept per slot, in
+``<prefix>\x1fepoch{<tag>}``, where ``<tag>`` is the shortest decimal hash
+tag of that slot, so that a fenced script's record and epoch keys share a
+slot (a prefix holding a whole hash tag, ``{app}:``, keeps every key in one
+slot and has one epoch key).
 """
 
 from __future__ import annotations
 
-import json
+import binascii
+import contextlib
 import logging
 import math
 import re
+import struct
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, Any
-from urllib.parse import parse_qsl, urlencode
+from urllib.parse import parse_qsl, unquote, urlencode
 
 from ..config import encode_userinfo, parse_number, redact, require
-from ..errors import BackendError, BackendUnavailableError, ConfigurationError, InvalidKeyError
+from ..errors import (
+    BackendError,
+    BackendUnavailableError,
+    ConfigurationError,
+    InvalidKeyError,
+    SerializationError,
+)
 from ..keys import (
     compile_pattern,
     is_literal,
@@ -82,162 +135,343 @@ from .base import Items, StateRepository, chunked
 if TYPE_CHECKING:
     import redis
 
-__all__ = ["RedisStateRepository"]
+__all__ = ["FORMAT", "HEADER_SIZE", "RedisStateRepository", "pack_record", "unpack_record"]
 
 log = logging.getLogger(__name__)
 
 DEFAULT_PREFIX = "tiered_state:"
 DEFAULT_SOCKET_TIMEOUT = 1.0
 DEFAULT_CONNECT_TIMEOUT = 0.5
-#: Marker between the prefix and a key for metadata keys (a control
-#: character, so no valid key can start with it).
-META_MARK = "\x1fmeta:"
-#: The key (after the prefix) of the HOT epoch; a control character again,
-#: so it is never a record key.
+#: The storage format: the third byte of every record and the value of the
+#: format key. 1 was tiered-state 0.1's two keys per record.
+FORMAT = 2
+#: Bytes before the payload (before the encoding's name, for encoding 0).
+HEADER_SIZE = 85
+#: The key (after the prefix) of the format marker and of the HOT epoch. A
+#: control character: no record key starts with one.
+FORMAT_MARK = "\x1fformat"
 EPOCH_MARK = "\x1fepoch"
-#: Records per MGET / MSET / Lua call, and keys per SCAN batch.
+#: Where format 1 (tiered-state 0.1) kept a record's metadata:
+#: ``<prefix>\x1fmeta:<key>``. Such a store is flushed on open (see
+#: RedisStateRepository._check_format); nothing reads these keys.
+META_MARK = "\x1fmeta:"
+#: Keys per MGET / MSET / UNLINK, and per SCAN batch.
 CHUNK = 500
 SCAN_COUNT = 1000
-#: Records per pipeline round trip in store_many (bounds client memory).
+#: Records per pipeline round trip of a batch write (bounds client memory).
 PIPELINE_RECORDS = 10_000
+
+# The scripts below spell these out too ('ts\2', 85 bytes, flags < 8,
+# encodings < 6): change them together.
+_MAGIC = b"ts" + bytes([FORMAT])
+#: magic+format, flags, encoding, version, checksum, size_bytes, created_at,
+#: updated_at, expires_at, hot_until.
+_HEAD = struct.Struct(">3sBBQ32sQdddd")
+assert _HEAD.size == HEADER_SIZE
+_EXPIRES, _HOT_UNTIL, _NO_DIGEST = 0x01, 0x02, 0x04
+_FLAGS = _EXPIRES | _HOT_UNTIL | _NO_DIGEST
+#: Encoding codes. Never renumber: stored records carry them.
+_CODES = {"json": 1, "typed-json": 2, "stub": 3, "tombstone": 4, "json+zlib": 5}
+#: code -> name, None for 0 (the name follows the header) and unused codes.
+_NAMES: tuple[str | None, ...] = tuple(
+    {v: k for k, v in _CODES.items()}.get(code) for code in range(256))
+_VERSION = struct.Struct(">Q")
+_ZERO_DIGEST = bytes(32)
+#: redis-py's per-command option for "hand me the reply's bytes": records are
+#: not text, even for a client made with ``decode_responses=True``.
+_RAW = {"NEVER_DECODE": True}
 
 #: One command of a pipeline: (script, keys, args) for an EVALSHA of a
 #: registered script, or (None, (), command) for a plain command.
 _Call = tuple[Any, Sequence[bytes], Sequence[Any]]
 
-_META_FIELDS = ("checksum", "size_bytes", "version", "created_at", "updated_at",
-                "expires_at", "encoding")
 
-_dumps: Callable[[Any], bytes]
-_loads: Callable[[bytes | str], Any]
-try:  # pragma: no cover - depends on what is installed
-    import orjson
+def _digest(checksum: Any) -> bytes | None:
+    """The 32 bytes of a SHA-256 hex digest; None for anything else (which
+    matches no payload, and reads back as ``""``, which matches none either)."""
+    if type(checksum) is not str or len(checksum) != 64:
+        return None
+    try:
+        digest = bytes.fromhex(checksum)
+    except ValueError:
+        return None
+    return digest if digest.hex() == checksum else None  # lowercase only
 
-    _dumps = orjson.dumps
-    _loads = orjson.loads
-except ImportError:  # pragma: no cover
-    _encoder = json.JSONEncoder(separators=(",", ":"))
 
-    def _dumps(obj: Any) -> bytes:
-        return _encoder.encode(obj).encode("utf-8")
+def pack_record(payload: str, metadata: Metadata) -> bytes:
+    """The stored bytes of a record: the format 2 header, then the payload.
 
-    _loads = json.loads
+    :raises SerializationError: a field does not fit the header (a version or
+        size outside 0..2**64-1, a timestamp that is not a number, an
+        encoding name over 255 bytes), or the payload is not UTF-8 text.
+    """
+    expires_at = metadata["expires_at"]
+    hot_until: float | None = metadata.get("hot_until")  # type: ignore[assignment]
+    encoding = metadata["encoding"]
+    digest = _digest(metadata["checksum"])
+    flags = 0 if digest is not None else _NO_DIGEST
+    if expires_at is not None:
+        flags |= _EXPIRES
+    if hot_until is not None:
+        flags |= _HOT_UNTIL
+    try:
+        code = _CODES.get(encoding, 0)
+        head = _HEAD.pack(_MAGIC, flags, code, metadata["version"], digest or _ZERO_DIGEST,
+                          metadata["size_bytes"], metadata["created_at"], metadata["updated_at"],
+                          expires_at or 0.0, hot_until or 0.0)
+        if not code:
+            name = encoding.encode("utf-8")
+            if not 0 < len(name) < 256:
+                raise ValueError("an encoding name is 1 to 255 bytes")
+            head += bytes((len(name),)) + name
+        return head + payload.encode("utf-8")
+    except (struct.error, TypeError, ValueError, AttributeError) as exc:
+        # Not the values: a message never quotes stored data.
+        raise SerializationError(
+            f"cannot store this record in Redis ({type(exc).__name__}: metadata of the wrong "
+            "type or range, or a payload that is not UTF-8 text)") from None
 
-# Lua, so a record's two keys change together and a conditional write is one
-# atomic step on the server. Every script works on records given as key pairs
-# (KEYS = value key, metadata key, value key, metadata key, ...), so a single
-# conditional write is the batch script with one record.
+
+def unpack_record(data: bytes) -> tuple[str, Metadata] | None:
+    """``(payload, metadata)`` of stored bytes; None if they are not a record of
+    this format. The payload is decoded with ``replace``: damaged bytes fail
+    the checksum instead of raising."""
+    try:
+        (magic, flags, code, version, digest, size, created_at, updated_at, expires_at,
+         hot_until) = _HEAD.unpack_from(data)
+    except (struct.error, TypeError):
+        return None
+    if magic != _MAGIC or flags & ~_FLAGS:
+        return None
+    start = HEADER_SIZE
+    encoding = _NAMES[code]
+    if code == 0:
+        length = data[start] if len(data) > start else 0
+        end = start + 1 + length
+        if not length or len(data) < end:
+            return None
+        # "replace": the scripts take any name too (a wrong one fails to decode).
+        encoding = data[start + 1:end].decode("utf-8", "replace")
+        start = end
+    elif encoding is None:
+        return None
+    metadata: Metadata = {
+        "checksum": "" if flags & _NO_DIGEST else digest.hex(),
+        "size_bytes": size,
+        "version": version,
+        "created_at": created_at,
+        "updated_at": updated_at,
+        "expires_at": expires_at if flags & _EXPIRES else None,
+        "encoding": encoding,
+    }
+    if flags & _HOT_UNTIL:
+        metadata["hot_until"] = hot_until  # type: ignore[typeddict-unknown-key]
+    return data[start:].decode("utf-8", "replace"), metadata
+
+
+def _version_bytes(version: Any) -> bytes | None:
+    """A version as the scripts compare it; None if no record can have it."""
+    try:
+        return _VERSION.pack(version)
+    except struct.error:
+        return None
+
+
+# Lua: each script call works on ONE record key (KEYS[1]) and, fenced, the
+# epoch key (KEYS[2]); a batch is a pipeline of calls. The new record is
+# ARGV[1] (header and payload, as pack_record made it) and ARGV[2] its PX.
 #
 # Versions are microseconds << 10 | node, about 1.8e18: far beyond 2**53,
 # where Lua's numbers (doubles) stop being exact and two versions 256 apart
-# compare equal. So a version never becomes a number here: it stays a string
-# of decimal digits without leading zeros -- sent as such in ARGV (redis-py
-# writes a Python int exactly), and read from the metadata JSON this module
-# wrote ('"version":<digits>') -- and vcmp orders two such strings: the
-# longer one is greater; equal lengths compare as text would, 15 digits at a
-# time as numbers (exact below 2**53). Not with Lua's '<' on the strings,
-# which follows the server's collation locale, nor byte by byte, which costs
-# a function call per digit.
-_LUA_LIB = """
+# compare equal. So a version is never one number here: it stays the eight
+# big-endian bytes of the header (GETRANGE 5..12 of the stored record,
+# bytes 6..13 of ARGV[1]; Python sends the expected versions the same way),
+# compared for equality as strings and ordered as two 32-bit halves, each
+# exact in a double. Not with Lua's '<' on the strings, which follows the
+# server's collation locale.
+_LUA_LIB = r"""
+local ZERO = '\0\0\0\0\0\0\0\0'
 local function vcmp(a, b)
-  if #a ~= #b then return #a < #b and -1 or 1 end
   if a == b then return 0 end
-  for i = 1, #a, 15 do
-    local x, y = tonumber(string.sub(a, i, i + 14)), tonumber(string.sub(b, i, i + 14))
-    if x ~= y then return x < y and -1 or 1 end
-  end
-  return 0
+  local ah, al = struct.unpack('>I4I4', a)
+  local bh, bl = struct.unpack('>I4I4', b)
+  if ah ~= bh then return ah < bh and -1 or 1 end
+  return al < bl and -1 or 1
 end
--- The stored version of the record at KEYS[k], KEYS[k + 1]; '0' if there is
--- none (or only half of one, which reads as absent too).
--- Metadata that is not a string (another tool wrote the key) or not ours
--- reads as absent too, so the next write replaces it instead of failing.
-local function stored(k)
-  local m = redis.pcall('GET', KEYS[k + 1])
-  if type(m) ~= 'string' or redis.call('EXISTS', KEYS[k]) == 0 then return '0' end
-  return string.match(m, '"version":(%d+)') or '0'
+-- The stored version of KEYS[1]; ZERO if there is no record of this format
+-- (absent, another type -- the error pcall returns --, or a value without
+-- our whole header: the magic and format 2, known flags and encoding, all
+-- 85 bytes and the encoding's name), just as unpack_record decides, so the
+-- next write replaces it.
+local function stored()
+  local h = redis.pcall('GETRANGE', KEYS[1], 0, 85)
+  if type(h) ~= 'string' or #h < 85 or string.sub(h, 1, 3) ~= 'ts\2'
+      or string.byte(h, 4) > 7 or string.byte(h, 5) > 5 then
+    return ZERO
+  end
+  if string.byte(h, 5) == 0 then  -- the encoding's name follows: all of it?
+    local n = string.byte(h, 86)
+    if not n or n == 0 or redis.call('STRLEN', KEYS[1]) < 86 + n then return ZERO end
+  end
+  return string.sub(h, 6, 13)
 end
 -- px: "0" no expiry, "-1" already expired (the write leaves nothing), else ms.
-local function put(k, v, m, px)
-  px = tonumber(px)
+local function put()
+  local px = tonumber(ARGV[2])
   if px > 0 then
-    redis.call('SET', KEYS[k], v, 'PX', px)
-    redis.call('SET', KEYS[k + 1], m, 'PX', px)
+    redis.call('SET', KEYS[1], ARGV[1], 'PX', px)
   elseif px == 0 then
-    redis.call('MSET', KEYS[k], v, KEYS[k + 1], m)
+    redis.call('SET', KEYS[1], ARGV[1])
   else
-    redis.call('UNLINK', KEYS[k], KEYS[k + 1])
+    redis.call('UNLINK', KEYS[1])
   end
 end
--- The first n records of KEYS / ARGV (payload, metadata, px, version), each
--- stored if its version is above the stored one; their 1-based indexes.
-local function store_if_newer(n)
-  local done = {}
-  for i = 1, n do
-    local k, a = 2 * i - 1, 4 * i - 4
-    if vcmp(stored(k), ARGV[a + 4]) < 0 then
-      put(k, ARGV[a + 1], ARGV[a + 2], ARGV[a + 3])
-      done[#done + 1] = i
-    end
-  end
-  return done
+local function newer()
+  return vcmp(stored(), string.sub(ARGV[1], 6, 13)) < 0
 end
 """
-# ARGV = payload, metadata, px per record; returns how many were written.
-_LUA_STORE = _LUA_LIB + """
-for i = 1, #KEYS / 2 do
-  put(2 * i - 1, ARGV[3 * i - 2], ARGV[3 * i - 1], ARGV[3 * i])
+# Each returns 1 if it wrote (or deleted), 0 if the condition refused.
+_LUA_STORE_IF_NEWER = _LUA_LIB + r"""
+if newer() then put() return 1 end
+return 0
+"""
+# Fenced by the HOT epoch: KEYS[2] is the epoch key and ARGV[3] the epoch the
+# caller read under; another epoch (HOT was flushed since, or this server is
+# not the one the caller checked) writes nothing and returns -1.
+_LUA_STORE_IF_NEWER_IN_EPOCH = _LUA_LIB + r"""
+if redis.call('GET', KEYS[2]) ~= ARGV[3] then return -1 end
+if newer() then put() return 1 end
+return 0
+"""
+# ARGV[3] = the expected version. Redis drops an expired record itself and a
+# tombstone is never kept (it is born expired), so the stored version is
+# also the live one.
+_LUA_STORE_IF_VERSION = _LUA_LIB + r"""
+local current = stored()
+if current == ARGV[3] and vcmp(current, string.sub(ARGV[1], 6, 13)) <= 0 then
+  put()
+  return 1
 end
-return #KEYS / 2
+return 0
 """
-# ARGV = payload, metadata, px, version per record; each script returns the
-# 1-based indexes of the records it wrote or deleted.
-_LUA_STORE_IF_NEWER = _LUA_LIB + """
-return store_if_newer(#KEYS / 2)
-"""
-# The same, fenced by the HOT epoch: KEYS end with the epoch key and ARGV
-# with the epoch the caller read under; a different epoch (HOT was flushed
-# since, or this server is not the one the caller checked) writes nothing
-# and returns -1.
-_LUA_STORE_IF_NEWER_IN_EPOCH = _LUA_LIB + """
-if redis.call('GET', KEYS[#KEYS]) ~= ARGV[#ARGV] then return -1 end
-return store_if_newer((#KEYS - 1) / 2)
-"""
-# ARGV = payload, metadata, px, version, expected per record. Redis drops an
-# expired record itself and a tombstone is never kept (it is born expired),
-# so the stored version is also the live one.
-_LUA_STORE_IF_VERSION = _LUA_LIB + """
-local done = {}
-for i = 1, #KEYS / 2 do
-  local k, a = 2 * i - 1, 5 * i - 5
-  local current = stored(k)
-  if current == ARGV[a + 5] and vcmp(current, ARGV[a + 4]) <= 0 then
-    put(k, ARGV[a + 1], ARGV[a + 2], ARGV[a + 3])
-    done[#done + 1] = i
-  end
+# ARGV[1] = the version.
+_LUA_DELETE_IF_VERSION = _LUA_LIB + r"""
+local current = stored()
+if current ~= ZERO and current == ARGV[1] then
+  redis.call('UNLINK', KEYS[1])
+  return 1
 end
-return done
+return 0
 """
-# ARGV = the version per record.
-_LUA_DELETE_IF_VERSION = _LUA_LIB + """
-local done = {}
-for i = 1, #KEYS / 2 do
-  local k = 2 * i - 1
-  local current = stored(k)
-  if current ~= '0' and current == ARGV[i] then
-    redis.call('UNLINK', KEYS[k], KEYS[k + 1])
-    done[#done + 1] = i
-  end
+
+#: The URL schemes of the topologies other than one server.
+CLUSTER_SCHEME = "redis+cluster"
+SENTINEL_SCHEME = "redis+sentinel"
+#: Redis Cluster's hash slots.
+SLOTS = 16384
+_slot_tags: list[bytes] = []
+
+
+def slot_tags() -> list[bytes]:
+    """For every hash slot, the shortest decimal hash tag that maps to it.
+
+    Redis Cluster puts a key in slot ``CRC16-XMODEM(tag) mod 16384``, where
+    the tag is the part between the first ``{`` and the next ``}`` (if not
+    empty), else the whole key; ``binascii.crc_hqx`` is that CRC. Computed
+    once per process (about 110,000 candidates, tens of milliseconds).
+    """
+    if not _slot_tags:
+        tags: list[bytes | None] = [None] * SLOTS
+        missing, n = SLOTS, 0
+        while missing:
+            tag = str(n).encode("ascii")
+            slot = binascii.crc_hqx(tag, 0) % SLOTS
+            if tags[slot] is None:
+                tags[slot] = tag
+                missing -= 1
+            n += 1
+        _slot_tags[:] = [t for t in tags if t is not None]
+    return _slot_tags
+
+
+def key_slot(name: bytes) -> int:
+    """The hash slot of the key ``name`` (Redis Cluster's rule, hash tags included)."""
+    start = name.find(b"{")
+    if start >= 0:
+        end = name.find(b"}", start + 1)
+        if end > start + 1:
+            name = name[start + 1:end]
+    return binascii.crc_hqx(name, 0) % SLOTS
+
+
+def _hosts(netloc: str, scheme: str) -> tuple[str, list[tuple[str, int]]]:
+    """``(userinfo, [(host, port)...])`` of a comma-separated host list."""
+    userinfo, _, hosts = netloc.rpartition("@")
+    found: list[tuple[str, int]] = []
+    for item in hosts.split(","):
+        host, sep, port = item.strip().rpartition(":")
+        if not sep or not host or not port.isdigit():
+            raise ConfigurationError(f"{scheme}:// takes host:port[,host:port...], not {item!r}")
+        found.append((host.strip("[]"), int(port)))
+    return userinfo, found
+
+
+# The epoch keys of all the slots a cluster node serves, in one call each:
+# KEYS[1] is one of them (declared keys must share a slot), ARGV[1] the
+# value to set (or ""), ARGV[2..] the others, which Redis 7 lets a script
+# flagged allow-cross-slot-keys reach on its own node.
+_CROSS_SLOT = "#!lua flags=allow-cross-slot-keys\n"
+# The epoch if every key holds the same one, else nil.
+_LUA_EPOCH_SAME = _CROSS_SLOT + r"""
+local first = redis.call('GET', KEYS[1])
+for i = 2, #ARGV do
+  if redis.call('GET', ARGV[i]) ~= first then return false end
 end
-return done
+return first
 """
-# KEYS = the value keys, then the metadata keys; returns how many values existed.
-_LUA_DELETE = """
-local half = #KEYS / 2
-local n = redis.call('UNLINK', unpack(KEYS, 1, half))
-redis.call('UNLINK', unpack(KEYS, half + 1, #KEYS))
+_LUA_EPOCH_SET = _CROSS_SLOT + r"""
+redis.call('SET', KEYS[1], ARGV[1])
+for i = 2, #ARGV do redis.call('SET', ARGV[i], ARGV[1]) end
+return #ARGV
+"""
+_LUA_EPOCH_DEL = _CROSS_SLOT + r"""
+local n = redis.call('DEL', KEYS[1])
+for i = 2, #ARGV do n = n + redis.call('DEL', ARGV[i]) end
 return n
 """
+# A cluster's batches, one call per node over every key it holds (ARGV; the
+# declared KEYS[1] is one of them): GET each (nil for a missing key or one
+# of another type, as MGET answers), SET each (name, record, px) triplet as
+# the pipeline would, UNLINK each.
+_LUA_GET_ALL = _CROSS_SLOT + r"""
+local out = {}
+for i = 1, #ARGV do
+  local v = redis.pcall('GET', ARGV[i])
+  if type(v) ~= 'string' then v = false end
+  out[i] = v
+end
+return out
+"""
+_LUA_SET_ALL = _CROSS_SLOT + r"""
+for i = 1, #ARGV, 3 do
+  local px = tonumber(ARGV[i + 2])
+  if px > 0 then
+    redis.call('SET', ARGV[i], ARGV[i + 1], 'PX', px)
+  elseif px == 0 then
+    redis.call('SET', ARGV[i], ARGV[i + 1])
+  else
+    redis.call('UNLINK', ARGV[i])
+  end
+end
+return #ARGV / 3
+"""
+_LUA_UNLINK_ALL = _CROSS_SLOT + r"""
+local n = 0
+for i = 1, #ARGV do n = n + redis.call('UNLINK', ARGV[i]) end
+return n
+"""
+#: The same on one server (one key; no script: any Redis version).
+_EPOCH_COMMANDS = {_LUA_EPOCH_SAME: "GET", _LUA_EPOCH_SET: "SET", _LUA_EPOCH_DEL: "DEL"}
 
 _GLOB_SPECIAL = re.compile(r"([*?\[\]\\])")
 _ESCAPED = re.compile(r"\\.", re.DOTALL)
@@ -261,18 +495,9 @@ def _run_id(info: bytes | str) -> str:
     return found.group(1).decode("ascii") if found else ""
 
 
-_META_NAMES = frozenset(_META_FIELDS)
-
-
-def _is_metadata(value: Any) -> bool:
-    """Metadata this module wrote: every field there, version an int, checksum a str."""
-    return (type(value) is dict and _META_NAMES <= value.keys()
-            and type(value["version"]) is int and type(value["checksum"]) is str)
-
-
 def _corrupt_metadata() -> Metadata:
-    """Metadata for a copy whose own metadata cannot be read: no payload matches
-    its checksum, and its version is below every real one."""
+    """Metadata for a value that is not a record of this format: no payload
+    matches its checksum, and its version is below every real one."""
     return {"checksum": "", "size_bytes": 0, "version": 0, "created_at": 0.0,
             "updated_at": 0.0, "expires_at": None, "encoding": "json"}
 
@@ -291,6 +516,10 @@ def _valid(key: str) -> bool:
     return True
 
 
+def _as_bytes(name: bytes | str) -> bytes:
+    return name if isinstance(name, bytes) else name.encode("utf-8")
+
+
 class _Translate:
     """The one place redis-py errors become tiered-state errors (a context manager).
 
@@ -298,16 +527,22 @@ class _Translate:
     may skip the tier); anything else -- a refused password, a read-only
     replica, a script error -- is a :class:`BackendError`. Messages carry the
     driver's error class and a redacted text, never a value or a password.
+
+    Every command of the repository runs inside one, so entering it is also
+    where the storage format is checked, once, before the first command
+    (``check``; the check's own commands pass ``check=False``).
     """
 
-    __slots__ = ("action", "repo")
+    __slots__ = ("action", "check", "repo")
 
-    def __init__(self, repo: RedisStateRepository, action: str) -> None:
+    def __init__(self, repo: RedisStateRepository, action: str, check: bool = True) -> None:
         self.repo = repo
         self.action = action
+        self.check = check
 
     def __enter__(self) -> None:
-        return None
+        if self.check and not self.repo._format_checked:
+            self.repo._check_format()
 
     def __exit__(
         self,
@@ -341,8 +576,10 @@ class _Translate:
 class RedisStateRepository(StateRepository):
     """Records in Redis under a key prefix; see the module docstring for the format.
 
-    :param client: a URL (``redis://``, ``rediss://``, ``unix://``) or a ready
-        ``redis.Redis`` client (used as is; this repository will not close it).
+    :param client: a URL (``redis://``, ``rediss://``, ``unix://``,
+        ``redis+cluster://``, ``redis+sentinel://``) or a ready ``redis.Redis``
+        or ``redis.cluster.RedisCluster`` client (used as is; this repository
+        will not close it).
     :param prefix: namespace for every key (``tiered_state:`` by default).
     :param default_ttl: seconds a record without ``expires_at`` stays in Redis
         (None: until deleted).
@@ -378,15 +615,29 @@ class RedisStateRepository(StateRepository):
         self.prefix = prefix
         self.default_ttl = default_ttl
         self._value_prefix = prefix.encode("utf-8")
-        self._meta_prefix = (prefix + META_MARK).encode("utf-8")
         self._epoch_key = (prefix + EPOCH_MARK).encode("utf-8")
-        #: The run id of the server the HOT guard checked its epoch on
-        #: (None: no guard uses this repository as a shared HOT).
-        self._server: str | None = None
+        #: Which servers: "server" (one), "cluster" or "sentinel".
+        self.topology = "server"
+        self._sentinel: Any = None
+        self._service = ""
+        #: The run ids of the servers the HOT guard checked its epoch on
+        #: (empty: no guard uses this repository as a shared HOT).
+        self._trusted: frozenset[str] = frozenset()
+        self._format_key = (prefix + FORMAT_MARK).encode("utf-8")
+        #: Set once the format key said this format (see _check_format).
+        self._format_checked = False
+        self._format_lock = threading.Lock()
+        #: Set once this repository emptied the prefix (a flush of another
+        #: layout, or clear()): a missing format key then needs no flush.
+        self._layout_flushed = False
+        #: Record keys of another layout the format check flushed (for
+        #: ``tiered-state upgrade``'s report).
+        self.flushed_on_open = 0
         self._glob_prefix = _escape_glob(prefix)
         self._owns_client = isinstance(client, str)
         # Any: redis-py's command methods are untyped.
         self._client: Any
+        self._location = ""
         if isinstance(client, str):
             redis_options.setdefault("redis_connect_func", self._on_connect)
             self._client = self._connect(
@@ -396,17 +647,27 @@ class RedisStateRepository(StateRepository):
             if redis_options:
                 raise ConfigurationError("redis options only apply when opening from a URL")
             self._client = client
-            client.connection_pool.connection_kwargs.setdefault("redis_connect_func",
-                                                                self._on_connect)
-        self._location = self._describe(self._client)
+            if isinstance(client, self._redis.cluster.RedisCluster):
+                self.topology = "cluster"
+                if client.user_on_connect_func is None:
+                    client.user_on_connect_func = self._on_connect
+                self._location = self._describe_cluster(
+                    [(n.host, int(n.port)) for n in client.get_nodes()])
+            else:
+                client.connection_pool.connection_kwargs.setdefault("redis_connect_func",
+                                                                    self._on_connect)
+        self._location = self._location or self._describe(self._client)
+        self._cluster = self.topology == "cluster"
+        #: The epoch key of every hash slot (a cluster), built on first use;
+        #: None: one epoch key (one server, or a prefix pinned to one slot).
+        self._per_slot: bool = self._cluster and self._pins_no_slot(prefix)
+        self._epoch_names: list[bytes] = []
         self._guards: dict[str, _Translate] = {}
         register = self._client.register_script
-        self._store_script = register(_LUA_STORE)
         self._store_if_newer_script = register(_LUA_STORE_IF_NEWER)
         self._store_if_newer_in_epoch_script = register(_LUA_STORE_IF_NEWER_IN_EPOCH)
         self._store_if_version_script = register(_LUA_STORE_IF_VERSION)
         self._delete_if_version_script = register(_LUA_DELETE_IF_VERSION)
-        self._delete_script = register(_LUA_DELETE)
         self._closed = False
 
     # ------------------------------------------------------------ opening
@@ -431,7 +692,7 @@ class RedisStateRepository(StateRepository):
 
     def _connect(
         self, url: str, socket_timeout: float, connect_timeout: float, options: dict[str, Any]
-    ) -> redis.Redis:
+    ) -> Any:
         redis = self._redis
         from redis.backoff import NoBackoff
         from redis.retry import Retry
@@ -442,17 +703,95 @@ class RedisStateRepository(StateRepository):
         # default backoff would stall a caller for seconds on a dead server).
         options.setdefault("retry", Retry(NoBackoff(), 1, supported_errors=(
             redis.exceptions.ConnectionError,)))
+        options.update(socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout)
+        scheme = url.split("://", 1)[0].lower()
         try:
-            return redis.Redis.from_url(  # type: ignore[no-any-return]
-                url,
-                socket_timeout=socket_timeout,
-                socket_connect_timeout=connect_timeout,
-                **options,
-            )
-        except (ValueError, TypeError) as exc:
+            if scheme == CLUSTER_SCHEME:
+                return self._connect_cluster(url, options)
+            if scheme == SENTINEL_SCHEME:
+                return self._connect_sentinel(url, options)
+            return redis.Redis.from_url(url, **options)
+        except (ValueError, TypeError, redis.exceptions.RedisClusterException) as exc:
+            if isinstance(exc, ConfigurationError):
+                raise
             # Not the driver's message: it may quote pieces of the URL.
             raise ConfigurationError(
                 f"bad Redis URL {redact(url)!r} ({type(exc).__name__})") from None
+
+    def _connect_cluster(self, url: str, options: dict[str, Any]) -> Any:
+        """A ``RedisCluster`` on the listed startup nodes (redis-py's URL options
+        apply to every node)."""
+        from redis.cluster import ClusterNode, RedisCluster
+
+        base, _, query = url.partition("?")
+        netloc, _, path = base.split("://", 1)[1].partition("/")
+        userinfo, hosts = _hosts(netloc, CLUSTER_SCHEME)
+        if path.strip("/") not in ("", "0"):
+            raise ConfigurationError("Redis Cluster has only database 0: "
+                                     f"{CLUSTER_SCHEME}://host:port[,host:port...][/0]")
+        self.topology = "cluster"
+        self._location = self._describe_cluster(hosts)
+        # redis-py reads the options (and the user info) from a one-node URL;
+        # the list is the startup nodes. MOVED and ASK are followed by the client.
+        host, port = hosts[0]
+        one = f"redis://{userinfo + '@' if userinfo else ''}{host}:{port}/0"
+        return RedisCluster.from_url(one + ("?" + query if query else ""),
+                                     startup_nodes=[ClusterNode(h, p)  # type: ignore[no-untyped-call]
+                                                    for h, p in hosts],
+                                     **options)
+
+    def _connect_sentinel(self, url: str, options: dict[str, Any]) -> Any:
+        """The current primary of a Sentinel-monitored service (asked again
+        after a failover, when its connection fails)."""
+        from redis.connection import parse_url
+        from redis.sentinel import Sentinel
+
+        base, _, query = url.partition("?")
+        netloc, _, path = base.split("://", 1)[1].partition("/")
+        userinfo, hosts = _hosts(netloc, SENTINEL_SCHEME)
+        parts = [unquote(p) for p in path.split("/") if p]
+        if not parts or len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+            raise ConfigurationError(f"{SENTINEL_SCHEME}://host:port[,host:port...]"
+                                     "/service_name[/db] names the monitored service")
+        service, db = parts[0], int(parts[1]) if len(parts) == 2 else 0
+        settings = dict(parse_qsl(query, keep_blank_values=True))
+        sentinel_kwargs = {"socket_timeout": options["socket_timeout"],
+                           "socket_connect_timeout": options["socket_connect_timeout"]}
+        for name in ("sentinel_password", "sentinel_username"):
+            if name in settings:
+                sentinel_kwargs[name.split("_", 1)[1]] = settings.pop(name)
+        # redis-py's own typed parsing of the remaining options (and user info).
+        parsed = parse_url(f"redis://{userinfo + '@' if userinfo else ''}sentinel/{db}"
+                           + ("?" + urlencode(settings) if settings else ""))  # type: ignore[no-untyped-call]
+        for name in ("host", "port", "path", "connection_class"):
+            parsed.pop(name, None)
+        self.topology = "sentinel"
+        self._service = service
+        self._location = (f"{SENTINEL_SCHEME}://{','.join(f'{h}:{p}' for h, p in hosts)}"
+                          f"/{service}/{db}")
+        self._sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
+        return self._sentinel.master_for(service, **parsed, **options)
+
+    @staticmethod
+    def _describe_cluster(hosts: Iterable[tuple[str, int]]) -> str:
+        return f"{CLUSTER_SCHEME}://{','.join(f'{h}:{p}' for h, p in hosts)}"
+
+    @staticmethod
+    def _pins_no_slot(prefix: str) -> bool:
+        """Whether keys under ``prefix`` spread over the slots of a cluster.
+
+        A prefix with a whole hash tag (``{app}:``) puts every key in that
+        tag's slot; one with a ``{`` that it does not close would make the
+        slot depend on where a key's first ``}`` is, and is refused.
+        """
+        start = prefix.find("{")
+        if start < 0:
+            return True
+        if prefix.find("}", start + 1) > start + 1:
+            return False
+        raise ConfigurationError(
+            f"a Redis Cluster prefix with '{{' must hold a whole hash tag, like '{{app}}:', "
+            f"not {prefix!r}")
 
     @staticmethod
     def _describe(client: redis.Redis) -> str:
@@ -464,6 +803,72 @@ class RedisStateRepository(StateRepository):
         host, port = kwargs.get("host", "localhost"), kwargs.get("port", 6379)
         return f"{scheme}://{host}:{port}/{kwargs.get('db', 0)}"
 
+    # ------------------------------------------------------------ the format
+    def _check_format(self) -> None:
+        """Make sure the prefix holds records of this format before the first command.
+
+        The format key says ``2``: nothing to do. It is missing (a store of
+        tiered-state 0.1, with its two keys per record; a new prefix; a flushed
+        server) or unreadable: flush the prefix -- the epoch key first, so
+        every process using it as a shared HOT flushes again before trusting
+        it, as after a FLUSHALL -- and write the key (without a prefix, only
+        write it: the flush would take the whole database). A newer format is
+        left alone and refused.
+        """
+        with self._format_lock:
+            if self._format_checked:
+                return
+            guard = _Translate(self, "open", check=False)
+            with guard:
+                # MGET, not GET: a key of another type reads as nil, not WRONGTYPE.
+                found, = self._client.execute_command("MGET", self._format_key, **_RAW)
+            marker = str(FORMAT).encode("ascii")
+            if found != marker:
+                if isinstance(found, bytes) and found.isdigit() and int(found) > FORMAT:
+                    raise BackendError(
+                        f"the store under prefix {self.prefix!r} at {self._location} has storage "
+                        f"format {int(found)}, written by a newer tiered-state; this one writes "
+                        f"format {FORMAT}: upgrade tiered-state, or give this store another "
+                        "prefix", "redis")
+                if not self._layout_flushed and not self.prefix:
+                    # No prefix: the flush would be the whole database. Values of
+                    # another layout still never pass for records (no header).
+                    log.warning("redis: no format %d marker in %s, which this store shares "
+                                "without a prefix: nothing is flushed", FORMAT, self._location)
+                elif not self._layout_flushed:
+                    self._on_every_epoch(guard, _LUA_EPOCH_DEL)  # fence every fill first
+                    flushed = self._delete_prefix(guard)
+                    self.flushed_on_open += flushed
+                    self._layout_flushed = True
+                    if flushed:
+                        log.warning("redis: the store under prefix %r at %s had no format %d "
+                                    "marker (tiered-state 0.1's layout, or a lost marker): "
+                                    "flushed %d keys", self.prefix, self._location, FORMAT,
+                                    flushed)
+                with guard:
+                    self._client.execute_command("SET", self._format_key, marker)
+            self._format_checked = True
+
+    def _delete_prefix(self, guard: _Translate) -> int:
+        """UNLINK every key under the prefix; returns how many record keys went
+        (not the store's own keys behind a control character)."""
+        start = len(self._value_prefix)
+        total = 0
+        for chunk in chunked(self._scan(self._glob_prefix + "*", guard), SCAN_COUNT):
+            records = [r for r in chunk if r[start:start + 1] != b"\x1f"]
+            own = [r for r in chunk if r[start:start + 1] == b"\x1f"]
+            calls = [["UNLINK", *(names[i] for i in group)]
+                     for names in (records, own) for group in self._groups(names)]
+            with guard:
+                pipe = self._client.pipeline(transaction=False)
+                for call in calls:
+                    pipe.execute_command(*call)
+                replies = pipe.execute()
+            total += sum(int(r) for r, call in zip(replies, calls)
+                         if call[1][start:start + 1] != b"\x1f")
+        return total
+
+    # ------------------------------------------------------------ commands
     def _run(self, script: Any, keys: Sequence[bytes], args: Sequence[Any] = ()) -> Any:
         """EVALSHA a registered script; load it if the server lost it (a restart).
 
@@ -488,37 +893,215 @@ class RedisStateRepository(StateRepository):
 
         :raises BackendError: the round trip itself failed (nothing is known).
         """
-        def pipeline(indexes: Iterable[int]) -> Any:
-            pipe = self._client.pipeline(transaction=False)
+        def commands(indexes: Iterable[int]) -> list[Sequence[Any]]:
+            out: list[Sequence[Any]] = []
             for i in indexes:
                 script, keys, args = calls[i]
-                if script is None:
-                    pipe.execute_command(*args)
-                else:
-                    pipe.execute_command("EVALSHA", script.sha, len(keys), *keys, *args)
-            return pipe
+                out.append(args if script is None
+                           else ("EVALSHA", script.sha, len(keys), *keys, *args))
+            return out
 
-        with self._errors(action):
-            replies: list[Any] = pipeline(range(len(calls))).execute(raise_on_error=False)
+        guard = self._errors(action)
+        replies = self._pipelined(guard, commands(range(len(calls))))
         lost = [i for i, reply in enumerate(replies)
                 if isinstance(reply, self._redis.exceptions.NoScriptError)]
         if lost:
             try:
-                with self._errors(action):
+                with guard:
                     for script in {id(calls[i][0]): calls[i][0] for i in lost}.values():
                         script.sha = self._client.script_load(script.script)
-                    again = pipeline(lost).execute(raise_on_error=False)
+                again = self._pipelined(guard, commands(lost))
             except BackendError as exc:
                 again = [exc] * len(lost)
             for i, reply in zip(lost, again):
                 replies[i] = reply
         return replies
 
+    def _pipelined(self, guard: _Translate, commands: Sequence[Sequence[Any]],
+                   **options: Any) -> list[Any]:
+        """Send ``commands`` pipelined; the replies in order, a failed command's
+        exception in its place.
+
+        In a cluster each command -- keys of one slot, the first key right
+        after the command name (after the script and key count for EVALSHA)
+        -- goes to its slot's primary, one plain pipeline per node: redis-py's
+        cluster pipeline costs several times more per command. Commands a
+        node answers MOVED or ASK (a resharding) go again through the
+        cluster client, which follows redirections; a node that cannot be
+        reached fails its own commands only.
+
+        :raises BackendError: nothing could be sent at all.
+        """
+        client = self._client
+        if not self._cluster:
+            with guard:
+                pipe = client.pipeline(transaction=False)
+                for command in commands:
+                    pipe.execute_command(*command, **options)
+                return list(pipe.execute(raise_on_error=False))
+        errors = self._redis.exceptions
+        by_node: dict[str, tuple[Any, list[int]]] = {}
+        replies: list[Any] = [None] * len(commands)
+        with guard:
+            slot_owner = client.nodes_manager.get_node_from_slot
+            for i, command in enumerate(commands):
+                key = command[3] if command[0] == "EVALSHA" else command[1]
+                node = slot_owner(key_slot(_as_bytes(key)))
+                by_node.setdefault(node.name, (node, []))[1].append(i)
+        unreachable: list[BaseException] = []
+        for node, indexes in by_node.values():
+            try:
+                with guard:
+                    pipe = client.get_redis_connection(node).pipeline(transaction=False)
+                    for i in indexes:
+                        pipe.execute_command(*commands[i], **options)
+                    got = pipe.execute(raise_on_error=False)
+            except BackendError as exc:
+                unreachable.append(exc)
+                got = [exc] * len(indexes)
+            for i, reply in zip(indexes, got):
+                replies[i] = reply
+        if unreachable:
+            if len(unreachable) == len(by_node):
+                raise unreachable[0]
+            with contextlib.suppress(errors.RedisError):
+                client.nodes_manager.initialize()  # learn the new layout (a failover)
+        redirected = [i for i, reply in enumerate(replies)
+                      if isinstance(reply, (errors.MovedError, errors.AskError,
+                                            errors.TryAgainError))]
+        if redirected:
+            with guard:
+                pipe = client.pipeline(transaction=False)
+                for i in redirected:
+                    pipe.execute_command(*commands[i], **options)
+                for i, reply in zip(redirected, pipe.execute(raise_on_error=False)):
+                    replies[i] = reply
+        return replies
+
+    def _on_each_node(self, guard: _Translate, script: str, names: Sequence[bytes],
+                      argv: Callable[[list[int]], list[Any]], slots: Sequence[int] = (),
+                      **options: Any) -> list[tuple[list[int], Any]] | None:
+        """A cluster batch in one script call per primary: ``names`` grouped by
+        the node serving each one's slot, ``argv(indexes)`` the ARGV of a
+        node's share. Returns ``(indexes, reply)`` per node, or None when any
+        node refused or failed (a slot moving, a node down): the caller then
+        takes the per-slot path, which follows redirections and fails only
+        the keys of a node that is down.
+        """
+        client = self._client
+        errors = self._redis.exceptions
+        try:
+            with guard:
+                # The slot map as the client last learned it (its primary
+                # first); redis-py's lookup method costs more than the rest.
+                owners = client.nodes_manager.slots_cache
+                by_node: dict[str, tuple[Any, list[int]]] = {}
+                for i, slot in enumerate(slots or [key_slot(name) for name in names]):
+                    node = owners[slot][0]
+                    share = by_node.get(node.name)
+                    if share is None:
+                        share = by_node[node.name] = (node, [])
+                    share[1].append(i)
+                # Sent to every node before any reply is read: the nodes work
+                # at the same time, as one pipeline's round trip would.
+                taken: list[tuple[Any, Any, list[int]]] = []
+                try:
+                    for node, indexes in by_node.values():
+                        pool = client.get_redis_connection(node).connection_pool
+                        connection = pool.get_connection()
+                        taken.append((pool, connection, indexes))
+                        connection.send_command("EVAL", script, 1, names[indexes[0]],
+                                                *argv(indexes))
+                    raw = bool(options.get("NEVER_DECODE"))
+                    replies = [(indexes, connection.read_response(disable_decoding=raw))
+                               for _, connection, indexes in taken]
+                except BaseException:
+                    for _, connection, _ in taken:
+                        connection.disconnect()  # a reply may still be on its way
+                    raise
+                finally:
+                    for pool, connection, _ in taken:
+                        pool.release(connection)
+                return replies
+        except (BackendError, KeyError, IndexError):  # a slot not covered: the slow path says so
+            return None
+        except errors.RedisError:  # pragma: no cover - translated by the guard
+            return None
+
     def _errors(self, action: str) -> _Translate:
         guard = self._guards.get(action)
         if guard is None:
             guard = self._guards[action] = _Translate(self, action)
         return guard
+
+    # ------------------------------------------------------------ topology
+    def _groups(self, names: Sequence[bytes]) -> list[list[int]]:
+        """The indexes of ``names`` in the groups one multi-key command may take:
+        CHUNK at a time, and in a cluster each group within one hash slot."""
+        if not self._cluster:
+            return [list(range(i, min(i + CHUNK, len(names)))) for i in range(0, len(names), CHUNK)]
+        by_slot: dict[int, list[int]] = {}
+        for i, name in enumerate(names):
+            by_slot.setdefault(key_slot(name), []).append(i)
+        return [group[i:i + CHUNK] for group in by_slot.values()
+                for i in range(0, len(group), CHUNK)]
+
+    def _epochs(self) -> list[bytes]:
+        """Every epoch key: one per hash slot in a cluster, else the one."""
+        if not self._per_slot:
+            return [self._epoch_key]
+        if not self._epoch_names:
+            base = self._epoch_key + b"{"
+            self._epoch_names = [base + tag + b"}" for tag in slot_tags()]
+        return self._epoch_names
+
+    def _fence(self, name: bytes) -> bytes:
+        """The epoch key that fences the record key ``name`` (in its slot)."""
+        return self._epochs()[key_slot(name)] if self._per_slot else self._epoch_key
+
+    def _scan(self, glob: str, guard: _Translate) -> Iterator[bytes]:
+        """The names matching ``glob`` on the server, or on every primary of a cluster."""
+        client = self._client
+        if not self._cluster:
+            cursor = 0
+            while True:
+                with guard:
+                    cursor, batch = client.scan(cursor, match=glob, count=SCAN_COUNT)
+                for name in batch:
+                    yield _as_bytes(name)
+                if not cursor:
+                    return
+        with guard:
+            primaries = client.get_primaries()
+        for node in primaries:
+            cursor = 0
+            while True:
+                with guard:
+                    cursors, batch = client.scan(cursor, match=glob, count=SCAN_COUNT,
+                                                 target_nodes=node)
+                cursor = cursors[node.name]
+                for name in batch:
+                    yield _as_bytes(name)
+                if not cursor:
+                    break
+
+    def _on_every_epoch(self, guard: _Translate, script: str, *argv: Any) -> list[Any]:
+        """Run ``script`` on every epoch key: one EVAL per primary of a cluster,
+        its KEYS the epoch keys of the slots it serves (the scripts may touch
+        several slots of their node: Redis 7's ``allow-cross-slot-keys``); one
+        plain command on one server. The replies, one per EVAL."""
+        client = self._client
+        with guard:
+            if not self._per_slot:
+                return [client.execute_command(_EPOCH_COMMANDS[script], self._epoch_key, *argv)]
+            names = self._epochs()
+            by_node: dict[str, tuple[Any, list[bytes]]] = {}
+            for slot in range(SLOTS):
+                node = client.nodes_manager.get_node_from_slot(slot)
+                by_node.setdefault(node.name, (node, []))[1].append(names[slot])
+            return [client.get_redis_connection(node).execute_command(
+                        "EVAL", script, 1, keys[0], argv[0] if argv else "", *keys[1:])
+                    for node, keys in by_node.values()]
 
     # ------------------------------------------------------------ encoding
     def _px(self, metadata: Metadata, now: float) -> int:
@@ -537,67 +1120,51 @@ class RedisStateRepository(StateRepository):
         # Round up: Redis must not drop a record before its expires_at.
         return -1 if left <= 0 else max(1, math.ceil(left * 1000))
 
-    @staticmethod
-    def _meta_bytes(metadata: Metadata) -> bytes:
-        meta = {name: metadata[name] for name in _META_FIELDS}  # type: ignore[literal-required]
-        if "hot_until" in metadata:
-            meta["hot_until"] = metadata["hot_until"]  # type: ignore[typeddict-item]
-        return _dumps(meta)
-
-    def _entry(
-        self, key: str, payload: bytes | str | None, meta: bytes | str | None
-    ) -> Entry | None:
-        if payload is None or meta is None:
-            return None  # half a record: expiring right now, or written by hand
-        if isinstance(payload, bytes):
-            # "replace" keeps a corrupted payload readable as text; its
-            # checksum then fails and the manager uses another copy.
-            payload = payload.decode("utf-8", "replace")
-        try:
-            metadata = _loads(meta)
-            if not _is_metadata(metadata):
-                raise ValueError("not metadata this library wrote")
-        except (ValueError, TypeError):
-            # A corrupt record, not an absent one: it fails its checksum, so
-            # the manager counts it, uses the catalog and replaces this copy
-            # (version 0 yields to any write).
-            log.warning("redis: unreadable metadata for a key under prefix %r", self.prefix)
-            return Entry(key, payload, _corrupt_metadata())
-        return Entry(key, payload, metadata)
+    def _entry(self, key: str, data: Any) -> Entry | None:
+        """The entry stored as ``data`` (None: absent); a value that is not a
+        record of this format is a corrupt entry, not an absent one: it fails
+        its checksum, so the manager counts it, uses the catalog and replaces
+        this copy (version 0 yields to any write)."""
+        if data is None:
+            return None
+        if isinstance(data, str):  # a client that decodes anyway
+            data = data.encode("utf-8", "surrogateescape")
+        found = unpack_record(data)
+        if found is None:
+            log.warning("redis: a value under prefix %r is not a record of format %d",
+                        self.prefix, FORMAT)
+            return Entry(key, data.decode("utf-8", "replace"), _corrupt_metadata())
+        return Entry(key, *found)
 
     # ------------------------------------------------------------ the seven
     def fetch_record(self, key: str) -> Entry | None:
         raw = validate_key(key).encode("utf-8")
         with self._errors("fetch"):
-            payload, meta = self._client.execute_command(
-                "MGET", self._value_prefix + raw, self._meta_prefix + raw
-            )
-        return self._entry(key, payload, meta)
+            # MGET, not GET: a key of another type is nil (absent), not WRONGTYPE.
+            data, = self._client.execute_command("MGET", self._value_prefix + raw, **_RAW)
+        return self._entry(key, data)
 
     def fetch(self, key: str) -> Any | None:
         return live_value(self.fetch_record(key))
 
     def store(self, key: str, value: str, metadata: Metadata) -> bool:
-        raw = validate_key(key).encode("utf-8")
-        keys = (self._value_prefix + raw, self._meta_prefix + raw)
-        meta = self._meta_bytes(metadata)
+        name = self._value_prefix + validate_key(key).encode("utf-8")
+        record = pack_record(value, metadata)
         px = self._px(metadata, time.time())
         with self._errors("store"):
             if px == 0:
-                # MSET is atomic and clears any TTL an older copy had.
-                self._client.execute_command("MSET", keys[0], value, keys[1], meta)
+                # A plain SET also clears any TTL an older copy had.
+                self._client.execute_command("SET", name, record)
             elif px < 0:
-                self._client.execute_command("UNLINK", *keys)
+                self._client.execute_command("UNLINK", name)
             else:
-                self._run(self._store_script, keys, (value, meta, px))
+                self._client.execute_command("SET", name, record, "PX", px)
         return True
 
     def delete(self, key: str) -> bool:
         raw = validate_key(key).encode("utf-8")
         with self._errors("delete"):
-            count = self._client.execute_command(
-                "UNLINK", self._value_prefix + raw, self._meta_prefix + raw
-            )
+            count = self._client.execute_command("UNLINK", self._value_prefix + raw)
         return bool(count)
 
     def keys(self, pattern: str = "*") -> list[str]:
@@ -616,10 +1183,8 @@ class RedisStateRepository(StateRepository):
         except ValueError:
             return
         with self._errors("keys"):
-            both = self._client.execute_command(
-                "EXISTS", self._value_prefix + raw, self._meta_prefix + raw
-            )
-        if both == 2:
+            found = self._client.execute_command("EXISTS", self._value_prefix + raw)
+        if found:
             yield key
 
     def _match_glob(self, pattern: str) -> str:
@@ -635,48 +1200,44 @@ class RedisStateRepository(StateRepository):
             body = _escape_glob(literal_prefix(pattern)) + "*"
         if body == "*":
             # Keys are never empty and never start with a control character,
-            # so this skips the metadata keys on the server side.
+            # so this skips the store's own keys on the server side.
             body = "[^\x1f]*"
         return self._glob_prefix + body
 
     def _scan_keys(self, pattern: str) -> Iterator[str]:
         match = compile_pattern(pattern).match
         start = len(self._value_prefix)
-        mark = META_MARK.encode("utf-8")
-        scan = self._client.scan
-        cursor = 0
-        glob = self._match_glob(pattern)
-        while True:
-            with self._errors("keys"):
-                cursor, batch = scan(cursor, match=glob, count=SCAN_COUNT)
-            for raw in batch:
-                rest = raw[start:] if isinstance(raw, bytes) else raw.encode("utf-8")[start:]
-                if rest.startswith(mark):
-                    continue
-                try:
-                    key = validate_key(rest.decode("utf-8"))
-                except (UnicodeDecodeError, ValueError):
-                    continue  # not a key this library could have written
-                if match(key):
-                    yield key
-            if not cursor:
-                return
+        for name in self._scan(self._match_glob(pattern), self._errors("keys")):
+            try:
+                # The store's own keys start with a control character: invalid.
+                key = validate_key(name[start:].decode("utf-8"))
+            except (UnicodeDecodeError, ValueError):
+                continue  # not a key this library could have written
+            if match(key):
+                yield key
 
     def stats(self) -> dict[str, Any]:
-        count = 0
-        glob = self._glob_prefix + "[^\x1f]*"
-        with self._errors("stats"):
-            for _ in self._client.scan_iter(match=glob, count=SCAN_COUNT):
-                count += 1
-            memory = self._client.info("memory")
-            server = self._client.info("server")
+        guard = self._errors("stats")
+        count = sum(1 for _ in self._scan(self._glob_prefix + "[^\x1f]*", guard))
+        with guard:
+            if self._cluster:
+                # Per node; the first primary's answers stand for the server's.
+                first = self._client.get_primaries()[0]
+                memory = self._client.info("memory", target_nodes=first)
+                server = self._client.info("server", target_nodes=first)
+            else:
+                memory = self._client.info("memory")
+                server = self._client.info("server")
             dbsize = self._client.dbsize()
         return {
+            "topology": self.topology,
+            "primaries": self.primaries(),
             "backend": self.backend,
             "tier": str(self.tier) if self.tier else None,
             "key_count": count,
             "prefix": self.prefix,
             "default_ttl": self.default_ttl,
+            "format": FORMAT,
             "server": self._location,
             "redis_version": server.get("redis_version"),
             "used_memory": memory.get("used_memory"),
@@ -689,9 +1250,19 @@ class RedisStateRepository(StateRepository):
     def store_many(self, items: Items) -> set[str]:
         for key in items:
             validate_key(key)
+        # Every record packed before anything is sent: one that cannot be
+        # stored raises and nothing is written.
+        now = time.time()
+        prefix = self._value_prefix
+        rows = [(key, prefix + key.encode("utf-8"), pack_record(payload, md), self._px(md, now))
+                for key, (payload, md) in items.items()]
         succeeded: list[str] = []
         failed: dict[str, BaseException] = {}
-        parts = list(chunked(items.items(), PIPELINE_RECORDS))
+        if self._cluster and len(rows) > 1 and self._on_each_node(
+                self._errors("store_many"), _LUA_SET_ALL, [row[1] for row in rows],
+                lambda indexes: [v for i in indexes for v in rows[i][1:]]) is not None:
+            return set(items)
+        parts = list(chunked(rows, PIPELINE_RECORDS))
         for n, part in enumerate(parts):
             try:
                 failed.update(self._store_pipeline(part, succeeded))
@@ -699,55 +1270,42 @@ class RedisStateRepository(StateRepository):
                 if not n:
                     raise  # nothing happened: Redis is down, say so plainly
                 for later in parts[n:]:
-                    failed.update((k, exc) for k, _ in later)
+                    failed.update((row[0], exc) for row in later)
                 break
         if failed:
             raise self._batch_failed("store_many", failed, succeeded)
         return set(items)
 
     def _store_pipeline(
-        self, part: list[tuple[str, tuple[str, Metadata]]], succeeded: list[str]
+        self, part: list[tuple[str, bytes, bytes, int]], succeeded: list[str]
     ) -> dict[str, BaseException]:
         """Store up to PIPELINE_RECORDS records in one round trip, grouped by TTL.
 
-        MSET for records without expiry, one Lua call per chunk of records
-        with a PX, UNLINK for records already expired: each record's two keys
-        change in one atomic command. Appends the stored keys to
-        ``succeeded`` and returns the failed ones.
+        ``MSET`` per CHUNK records without expiry, one ``SET ... PX`` per
+        record with one, ``UNLINK`` per CHUNK records already expired.
+        Appends the stored keys to ``succeeded`` and returns the failed ones.
         """
-        now = time.time()
-        vp, mp = self._value_prefix, self._meta_prefix
-        plain: list[tuple[str, bytes, str, bytes]] = []
-        timed: list[tuple[str, bytes, str, bytes, int]] = []
-        expired: list[tuple[str, bytes]] = []
-        for key, (payload, metadata) in part:
-            raw = key.encode("utf-8")
-            px = self._px(metadata, now)
-            if px == 0:
-                plain.append((key, raw, payload, self._meta_bytes(metadata)))
-            elif px > 0:
-                timed.append((key, raw, payload, self._meta_bytes(metadata), px))
-            else:
-                expired.append((key, raw))
+        plain: list[tuple[str, bytes, bytes]] = []
         calls: list[_Call] = []
         groups: list[list[str]] = []
-        for chunk in chunked(plain, CHUNK):
+        expired: list[tuple[str, bytes]] = []
+        for key, name, record, px in part:
+            if px == 0:
+                plain.append((key, name, record))
+            elif px > 0:
+                calls.append((None, (), ("SET", name, record, "PX", px)))
+                groups.append([key])
+            else:
+                expired.append((key, name))
+        for group in self._groups([name for _, name, _ in plain]):
             args: list[bytes | str] = ["MSET"]
-            for _, raw, payload, meta in chunk:
-                args += (vp + raw, payload, mp + raw, meta)
+            for i in group:
+                args += plain[i][1:]
             calls.append((None, (), args))
-            groups.append([c[0] for c in chunk])
-        for tchunk in chunked(timed, CHUNK):
-            keys: list[bytes] = []
-            targs: list[bytes | str | int] = []
-            for _, raw, payload, meta, px in tchunk:
-                keys += (vp + raw, mp + raw)
-                targs += (payload, meta, px)
-            calls.append((self._store_script, keys, targs))
-            groups.append([c[0] for c in tchunk])
-        for echunk in chunked(expired, CHUNK):
-            calls.append((None, (), ["UNLINK", *(p + raw for _, raw in echunk for p in (vp, mp))]))
-            groups.append([c[0] for c in echunk])
+            groups.append([plain[i][0] for i in group])
+        for group in self._groups([name for _, name in expired]):
+            calls.append((None, (), ["UNLINK", *(expired[i][1] for i in group)]))
+            groups.append([expired[i][0] for i in group])
         failed: dict[str, BaseException] = {}
         for keys_of, result in zip(groups, self._send("store_many", calls)):
             if isinstance(result, Exception):
@@ -758,12 +1316,17 @@ class RedisStateRepository(StateRepository):
 
     def delete_many(self, keys: Iterable[str]) -> int:
         unique = list(dict.fromkeys(validate_key(k) for k in keys))
-        vp, mp = self._value_prefix, self._meta_prefix
-        chunks = list(chunked(unique, CHUNK))
-        calls: list[_Call] = []
-        for chunk in chunks:
-            raws = [k.encode("utf-8") for k in chunk]
-            calls.append((self._delete_script, [vp + r for r in raws] + [mp + r for r in raws], ()))
+        prefix = self._value_prefix
+        names = [prefix + k.encode("utf-8") for k in unique]
+        if self._cluster and len(names) > 1:
+            done_by_node = self._on_each_node(self._errors("delete_many"), _LUA_UNLINK_ALL, names,
+                                              lambda indexes: [names[i] for i in indexes])
+            if done_by_node is not None:
+                return sum(int(count) for _, count in done_by_node)
+        groups = self._groups(names)
+        chunks = [[unique[i] for i in group] for group in groups]
+        calls: list[_Call] = [(None, (), ["UNLINK", *(names[i] for i in group)])
+                              for group in groups]
         total = 0
         done: list[str] = []
         failed: dict[str, BaseException] = {}
@@ -784,77 +1347,134 @@ class RedisStateRepository(StateRepository):
         return found
 
     def _fetch_many(self, keys: Iterable[str], epoch: str | None) -> dict[str, Entry] | None:
-        """MGET the records; with ``epoch``, each MGET also reads the epoch key,
-        and the answer is None if any of them found another epoch."""
+        """MGET the records, CHUNK keys per MGET, one round trip; with ``epoch``,
+        each MGET also reads the epoch key, and the answer is None if any of
+        them found another epoch."""
         unique = list(dict.fromkeys(validate_key(k) for k in keys))
         if not unique:
             return {}
-        vp, mp = self._value_prefix, self._meta_prefix
-        fence = () if epoch is None else (self._epoch_key,)
-        chunks = list(chunked(unique, CHUNK))
-        with self._errors("fetch_many"):
-            pipe = self._client.pipeline(transaction=False) if len(chunks) > 1 else None
-            replies = []
-            for chunk in chunks:
-                args: list[bytes] = [*fence]
-                for k in chunk:
-                    raw = k.encode("utf-8")
-                    args += (vp + raw, mp + raw)
-                if pipe is None:
-                    replies.append(self._client.execute_command("MGET", *args))
-                else:
-                    pipe.execute_command("MGET", *args)
-            if pipe is not None:
-                replies = pipe.execute()
+        prefix = self._value_prefix
+        wanted = [prefix + k.encode("utf-8") for k in unique]
+        fenced = epoch is not None
+        guard = self._errors("fetch_many")
+        by_node = self._fetch_by_node(guard, wanted, fenced) \
+            if self._cluster and len(wanted) > 1 else None
+        commands: list[list[bytes | str]] = []
+        if by_node is None:
+            groups = self._groups(wanted)
+            chunks = [[unique[i] for i in group] for group in groups]
+            commands = [["MGET", *((self._fence(wanted[group[0]]),) if fenced else ()),
+                         *(wanted[i] for i in group)] for group in groups]
+        if by_node is not None:
+            chunks, replies = by_node
+        elif len(commands) == 1:
+            with guard:
+                replies = [self._client.execute_command(*commands[0], **_RAW)]
+        else:
+            replies = self._pipelined(guard, commands, **_RAW)
+            for reply in replies:
+                if isinstance(reply, BaseException):
+                    with guard:
+                        raise reply
         if epoch is not None:
             if any(not _same_epoch(values[0], epoch) for values in replies):
                 return None
             replies = [values[1:] for values in replies]
         out: dict[str, Entry] = {}
-        loads = _loads
+        # The common case inline (this loop is the cost of a batch read): a
+        # known encoding, no unusual flag. Anything else goes through _entry.
+        unpack, names, magic, size = _HEAD.unpack_from, _NAMES, _MAGIC, HEADER_SIZE
         for chunk, values in zip(chunks, replies):
-            pairs = iter(values)
-            for key, payload, meta in zip(chunk, pairs, pairs):
-                if payload is None or meta is None:
+            for key, data in zip(chunk, values):
+                if data is None:
                     continue
-                # The common case inline (this loop is the cost of a batch
-                # read); anything unusual goes through _entry's checks.
-                if type(payload) is bytes:
-                    try:
-                        metadata = loads(meta)
-                    except ValueError:
-                        metadata = None
-                    if _is_metadata(metadata):
-                        out[key] = Entry(key, payload.decode("utf-8", "replace"), metadata)  # type: ignore[arg-type]
-                        continue
-                found = self._entry(key, payload, meta)
-                if found is not None:
-                    out[key] = found
+                try:
+                    (head, flags, code, version, digest, size_bytes, created_at, updated_at,
+                     expires_at, hot_until) = unpack(data)
+                except (struct.error, TypeError):
+                    head = None
+                encoding = names[code] if head == magic and flags < _NO_DIGEST else None
+                if encoding is None:
+                    entry = self._entry(key, data)
+                    if entry is not None:
+                        out[key] = entry
+                    continue
+                metadata: Metadata = {
+                    "checksum": digest.hex(), "size_bytes": size_bytes, "version": version,
+                    "created_at": created_at, "updated_at": updated_at,
+                    "expires_at": expires_at if flags & _EXPIRES else None,
+                    "encoding": encoding,
+                }
+                if flags & _HOT_UNTIL:
+                    metadata["hot_until"] = hot_until  # type: ignore[typeddict-unknown-key]
+                out[key] = Entry(key, data[size:].decode("utf-8", "replace"), metadata)
         return out
 
-    # A single conditional write runs its batch form's script on one record,
-    # sent as a plain EVALSHA: a pipeline would cost it more than the script.
+    # A single conditional write runs its script as a plain EVALSHA: a
+    # pipeline would cost it more than the script.
+    def _fetch_by_node(self, guard: _Translate, wanted: list[bytes], fenced: bool
+                       ) -> tuple[list[list[str]], list[list[Any]]] | None:
+        """:meth:`_fetch_many`'s reads as one script call per node: each node's
+        share of the records, after the epoch keys of their slots when
+        ``fenced``. Returns ``(chunks of keys, replies)`` in the shape of the
+        per-slot MGETs (each reply led by one epoch value when fenced), or None
+        (take the per-slot path)."""
+        start = len(self._value_prefix)
+        epochs = self._epochs() if fenced else []
+        slots = [key_slot(name) for name in wanted]
+        shares: list[tuple[list[int], list[bytes]]] = []
+
+        def argv(indexes: list[int]) -> list[bytes]:
+            fences = list(dict.fromkeys(epochs[slots[i]] for i in indexes)) if fenced else []
+            names = [*fences, *(wanted[i] for i in indexes)]
+            shares.append((indexes, fences))
+            return names
+
+        done = self._on_each_node(guard, _LUA_GET_ALL, wanted, argv, slots, **_RAW)
+        if done is None:
+            return None
+        chunks: list[list[str]] = []
+        replies: list[list[Any]] = []
+        for (indexes, fences), (_, values) in zip(shares, done):
+            keys = [wanted[i][start:].decode("utf-8") for i in indexes]
+            # One leading epoch value per node, as an MGET would carry it: the
+            # first fence stands for all when they agree, else a mismatch.
+            head = values[:len(fences)]
+            lead = [head[0] if all(v == head[0] for v in head) else None] if fenced else []
+            chunks.append(keys)
+            replies.append([*lead, *values[len(fences):]])
+        return chunks, replies
+
     def _conditional(self, action: str, script: Any, key: str, args: tuple[Any, ...]) -> bool:
         raw = validate_key(key).encode("utf-8")
         with self._errors(action):
-            done = self._run(script, (self._value_prefix + raw, self._meta_prefix + raw), args)
+            done = self._run(script, (self._value_prefix + raw,), args)
         return bool(done)
 
-    def _store_args(self, value: str, metadata: Metadata, now: float) -> tuple[Any, ...]:
+    def _store_args(self, value: str, metadata: Metadata, now: float) -> tuple[bytes, int]:
         """The ARGV of one record for the conditional store scripts."""
-        return value, self._meta_bytes(metadata), self._px(metadata, now), int(metadata["version"])
+        return pack_record(value, metadata), self._px(metadata, now)
 
     def store_if_newer(self, key: str, value: str, metadata: Metadata) -> bool:
         args = self._store_args(value, metadata, time.time())
         return self._conditional("store_if_newer", self._store_if_newer_script, key, args)
 
     def store_if_version(self, key: str, value: str, metadata: Metadata, expected: int) -> bool:
-        args = (*self._store_args(value, metadata, time.time()), int(expected))
-        return self._conditional("store_if_version", self._store_if_version_script, key, args)
+        validate_key(key)
+        want = _version_bytes(expected)
+        args = self._store_args(value, metadata, time.time())
+        if want is None:
+            return False  # no record has that version
+        return self._conditional("store_if_version", self._store_if_version_script, key,
+                                 (*args, want))
 
     def delete_if_version(self, key: str, version: int) -> bool:
+        validate_key(key)
+        want = _version_bytes(version)
+        if want is None:
+            return False
         return self._conditional("delete_if_version", self._delete_if_version_script, key,
-                                 (int(version),))
+                                 (want,))
 
     def store_many_if_newer(self, items: Items) -> set[str]:
         for key in items:
@@ -867,47 +1487,51 @@ class RedisStateRepository(StateRepository):
         for key in items:
             validate_key(key)
         now = time.time()
-        rows = [(key, (*self._store_args(payload, md, now), int(expected[key])))
-                for key, (payload, md) in items.items()]
-        return self._conditional_many("store_many_if_version", self._store_if_version_script, rows)
+        rows: list[tuple[str, tuple[Any, ...]]] = []
+        for key, (payload, md) in items.items():
+            args = self._store_args(payload, md, now)
+            want = _version_bytes(expected[key])
+            if want is not None:
+                rows.append((key, (*args, want)))
+        return self._conditional_many("store_many_if_version", self._store_if_version_script,
+                                      rows)
 
     def delete_many_if_version(self, versions: Mapping[str, int]) -> set[str]:
-        rows = [(validate_key(k), (int(v),)) for k, v in versions.items()]
+        rows: list[tuple[str, tuple[Any, ...]]] = []
+        for key, version in versions.items():
+            validate_key(key)
+            want = _version_bytes(version)
+            if want is not None:
+                rows.append((key, (want,)))
         return self._conditional_many("delete_many_if_version", self._delete_if_version_script,
                                       rows)
 
     def _conditional_many(
-        self, action: str, script: Any, rows: list[tuple[str, tuple[Any, ...]]],
+        self, action: str, script: Any, rows: Sequence[tuple[str, tuple[Any, ...]]],
         epoch: str | None = None,
     ) -> set[str]:
-        """Run a conditional script over ``(key, its ARGV)`` rows: CHUNK records
-        per call, PIPELINE_RECORDS records per round trip (one, for any batch the
-        manager sends). Returns the keys the script wrote or deleted.
+        """Run a conditional script once per ``(key, its ARGV)`` row, pipelined:
+        PIPELINE_RECORDS calls per round trip (one, for any batch the manager
+        sends). Returns the keys the script wrote or deleted.
 
         With ``epoch`` (a fenced script), a call that found another epoch
-        answers -1 and its records are refused (:class:`_EpochChanged`).
+        answers -1 and its record is refused (:class:`_EpochChanged`).
 
         :raises BatchError: some calls failed; ``.failed`` names their keys,
             ``.succeeded`` the keys written or deleted (a refused key is in neither).
         """
-        vp, mp = self._value_prefix, self._meta_prefix
-        fence: tuple[tuple[bytes, ...], tuple[str, ...]] = ((), ()) if epoch is None else (
-            (self._epoch_key,), (epoch,))
+        prefix = self._value_prefix
+        fence = self._fence
+        fence_args: tuple[str, ...] = () if epoch is None else (epoch,)
         moved_on = False
         done: set[str] = set()
         failed: dict[str, BaseException] = {}
         parts = list(chunked(rows, PIPELINE_RECORDS))
         for n, part in enumerate(parts):
-            chunks = list(chunked(part, CHUNK))
-            calls: list[_Call] = []
-            for chunk in chunks:
-                keys: list[bytes] = []
-                args: list[Any] = []
-                for key, argv in chunk:
-                    raw = key.encode("utf-8")
-                    keys += (vp + raw, mp + raw)
-                    args += argv
-                calls.append((script, keys + list(fence[0]), args + list(fence[1])))
+            names = [prefix + key.encode("utf-8") for key, _ in part]
+            calls: list[_Call] = [
+                (script, (name, fence(name)) if fence_args else (name,), (*argv, *fence_args))
+                for name, (_, argv) in zip(names, part)]
             try:
                 replies = self._send(action, calls)
             except BackendError as exc:
@@ -916,13 +1540,13 @@ class RedisStateRepository(StateRepository):
                 for later in parts[n:]:
                     failed.update((k, exc) for k, _ in later)
                 break
-            for chunk, reply in zip(chunks, replies):
-                if isinstance(reply, Exception):
-                    failed.update((k, reply) for k, _ in chunk)
+            for (key, _), reply in zip(part, replies):
+                if reply == 1:
+                    done.add(key)
                 elif reply == -1:
                     moved_on = True
-                else:
-                    done.update(chunk[i - 1][0] for i in reply)
+                elif isinstance(reply, Exception):
+                    failed[key] = reply
         if failed:
             raise self._batch_failed(action, failed, done)
         if moved_on:
@@ -942,61 +1566,86 @@ class RedisStateRepository(StateRepository):
     # restored snapshot's epoch key -- the right token, on the wrong data --
     # is never believed.
     def _on_connect(self, connection: Any) -> None:
-        connection.on_connect()
-        trusted = self._server
-        if trusted is None:
+        if self.topology != "cluster":
+            connection.on_connect()  # RedisCluster runs it before this hook
+        trusted = self._trusted
+        if not trusted:
             return
         connection.send_command("INFO", "server")
         server = _run_id(connection.read_response())
-        if server == trusted:
+        if server in trusted:
             return
-        log.warning("redis at %s is another server than before (a restart or a failover): "
+        log.warning("redis at %s: a server other than before (a restart or a failover): "
                     "its copies are not trusted until the next check", self._location)
-        connection.send_command("DEL", self._epoch_key)
+        if self._per_slot:
+            names = self._served_epochs(connection)
+            if not names:
+                return  # a node that serves no slot holds no epoch key
+            command: tuple[Any, ...] = ("EVAL", _LUA_EPOCH_DEL, 1, names[0], "", *names[1:])
+        else:
+            names, command = [self._epoch_key], ("DEL", self._epoch_key)
+        connection.send_command(*command)
         try:
             connection.read_response()
         except self._redis.exceptions.ResponseError as exc:  # a replica: READONLY
             raise self._redis.exceptions.ConnectionError(
                 f"cannot reset the HOT epoch on a changed server ({type(exc).__name__})") from None
 
+    def _served_epochs(self, connection: Any) -> list[bytes]:
+        """The epoch keys of the slots the cluster node behind ``connection`` serves."""
+        connection.send_command("CLUSTER", "MYID")
+        me = _as_bytes(connection.read_response())
+        connection.send_command("CLUSTER", "SLOTS")
+        names = self._epochs()
+        served: list[bytes] = []
+        for start, end, primary, *_ in connection.read_response():
+            if _as_bytes(primary[2]) == me:
+                served.extend(names[int(start):int(end) + 1])
+        return served
+
     def epoch_state(self) -> tuple[str, str | None]:
-        """The server's run id and the epoch stored under the prefix (None: none)."""
-        with self._errors("epoch"):
-            pipe = self._client.pipeline(transaction=False)
-            pipe.execute_command("INFO", "server")
-            pipe.execute_command("GET", self._epoch_key)
-            info, epoch = pipe.execute()
-        if isinstance(epoch, bytes):
-            epoch = epoch.decode("utf-8", "replace")
-        return str(info.get("run_id", "")), epoch
+        """The servers' run ids (comma-separated: a cluster's primaries, sorted)
+        and the epoch stored under the prefix (None: none, or not the same in
+        every slot of a cluster)."""
+        guard = self._errors("epoch")
+        with guard:
+            if self._cluster:
+                servers = sorted(str(self._client.info("server", target_nodes=node).get("run_id"))
+                                 for node in self._client.get_primaries())
+            else:
+                servers = [str(self._client.info("server").get("run_id", ""))]
+        stored = self._on_every_epoch(guard, _LUA_EPOCH_SAME)
+        first = stored[0]
+        epoch = None
+        if isinstance(first, bytes) and all(value == first for value in stored):
+            epoch = first.decode("utf-8", "replace")
+        return ",".join(servers), epoch
 
     def trust_server(self, server: str) -> None:
-        """From now on, a new connection to any server but ``server`` resets the epoch."""
-        self._server = server
+        """From now on, a new connection to a server not in ``server`` (as
+        :meth:`epoch_state` gave it) resets the epoch of the slots it serves."""
+        self._trusted = frozenset(server.split(","))
 
     def reset_epoch(self, epoch: str) -> int:
         """Flush the prefix and start ``epoch``; returns how many records went.
 
-        The old epoch key goes first, so every fenced write still under way
+        The old epoch keys go first, so every fenced write still under way
         is refused from that moment, before any record is deleted.
         """
-        with self._errors("reset_epoch"):
-            self._client.execute_command("DEL", self._epoch_key)
+        guard = self._errors("reset_epoch")
+        self._on_every_epoch(guard, _LUA_EPOCH_DEL)
         flushed = self.clear()
-        with self._errors("reset_epoch"):
-            self._client.execute_command("SET", self._epoch_key, epoch)
+        self._on_every_epoch(guard, _LUA_EPOCH_SET, epoch)
         return flushed
 
     def fetch_record_in_epoch(self, key: str, epoch: str) -> tuple[bool, Entry | None]:
         """``(True, fetch_record(key))`` if the stored epoch is ``epoch``, else ``(False, None)``."""
-        raw = validate_key(key).encode("utf-8")
+        name = self._value_prefix + validate_key(key).encode("utf-8")
         with self._errors("fetch"):
-            stored, payload, meta = self._client.execute_command(
-                "MGET", self._epoch_key, self._value_prefix + raw, self._meta_prefix + raw
-            )
+            stored, data = self._client.execute_command("MGET", self._fence(name), name, **_RAW)
         if not _same_epoch(stored, epoch):
             return False, None
-        return True, self._entry(key, payload, meta)
+        return True, self._entry(key, data)
 
     def fetch_many_in_epoch(self, keys: Iterable[str], epoch: str) -> dict[str, Entry] | None:
         """``fetch_many(keys)`` if the stored epoch is ``epoch``, else None."""
@@ -1005,47 +1654,50 @@ class RedisStateRepository(StateRepository):
     def store_if_newer_in_epoch(self, key: str, value: str, metadata: Metadata,
                                 epoch: str) -> bool | None:
         """``store_if_newer`` if the stored epoch is ``epoch``, else None (one EVALSHA)."""
-        raw = validate_key(key).encode("utf-8")
+        name = self._value_prefix + validate_key(key).encode("utf-8")
         args = (*self._store_args(value, metadata, time.time()), epoch)
         with self._errors("store_if_newer"):
-            done = self._run(self._store_if_newer_in_epoch_script,
-                             (self._value_prefix + raw, self._meta_prefix + raw, self._epoch_key),
-                             args)
+            done = self._run(self._store_if_newer_in_epoch_script, (name, self._fence(name)), args)
         return None if done == -1 else bool(done)
 
     def store_many_if_newer_in_epoch(self, items: Items, epoch: str) -> set[str] | None:
         """``store_many_if_newer(items)`` if the stored epoch is ``epoch``, else None
-        (records of an earlier chunk may have gone in before the epoch moved on:
-        whatever moved it flushed them, or will)."""
+        (records sent before the epoch moved on may have gone in: whatever moved
+        it flushed them, or will)."""
         for key in items:
             validate_key(key)
         now = time.time()
         rows = [(key, self._store_args(payload, md, now)) for key, (payload, md) in items.items()]
         try:
-            return self._conditional_many("store_many_if_newer", self._store_if_newer_in_epoch_script,
-                                          rows, epoch)
+            return self._conditional_many("store_many_if_newer",
+                                          self._store_if_newer_in_epoch_script, rows, epoch)
         except _EpochChanged:
             return None
 
     def clear(self) -> int:
-        """Delete every record under this prefix (other prefixes are untouched)."""
-        glob = self._glob_prefix + "*"
-        start = len(self._value_prefix)
-        total = 0
-        with self._errors("clear"):
-            for chunk in chunked(self._client.scan_iter(match=glob, count=SCAN_COUNT), SCAN_COUNT):
-                raws = [r if isinstance(r, bytes) else r.encode("utf-8") for r in chunk]
-                # Metadata keys and the epoch key start with a control character.
-                values = [r for r in raws if r[start:start + 1] != b"\x1f"]
-                metas = [r for r in raws if r[start:start + 1] == b"\x1f"]
-                pipe = self._client.pipeline(transaction=False)
-                if values:
-                    pipe.execute_command("UNLINK", *values)
-                if metas:
-                    pipe.execute_command("UNLINK", *metas)
-                results = pipe.execute()
-                total += int(results[0]) if values else 0
-        return total
+        """Delete every key under this prefix (other prefixes are untouched):
+        the records, the HOT epoch and the format key, which this repository
+        writes again before its next command (without a flush: it knows the
+        prefix holds nothing else)."""
+        flushed = self._delete_prefix(self._errors("clear"))
+        with self._format_lock:
+            self._format_checked = False
+            self._layout_flushed = True
+        return flushed
+
+    def primaries(self) -> list[str]:
+        """The primaries serving the store now, as ``host:port``: every primary
+        of a cluster, the Sentinels' current primary, or the one server."""
+        with self._errors("primaries"):
+            if self._cluster:
+                return sorted(node.name for node in self._client.get_primaries())
+            if self._sentinel is not None:
+                host, port = self._sentinel.discover_master(self._service)
+                return [f"{host}:{port}"]
+        kwargs = self._client.connection_pool.connection_kwargs
+        if kwargs.get("path"):
+            return [str(kwargs["path"])]
+        return [f"{kwargs.get('host', 'localhost')}:{kwargs.get('port', 6379)}"]
 
     def ping(self) -> float:
         start = time.perf_counter()
@@ -1059,6 +1711,8 @@ class RedisStateRepository(StateRepository):
         self._closed = True
         if self._owns_client:
             self._client.close()
+            for sentinel in self._sentinel.sentinels if self._sentinel is not None else ():
+                sentinel.close()
 
     @property
     def client(self) -> redis.Redis:
@@ -1068,4 +1722,3 @@ class RedisStateRepository(StateRepository):
 
     def __repr__(self) -> str:
         return f"<RedisStateRepository {self._location} prefix={self.prefix!r} tier={self.tier}>"
-
