@@ -470,6 +470,7 @@ def test_durations_accept_timedelta() -> None:
                            purge_after=timedelta(0), hot_trust_window=timedelta(milliseconds=50))
     assert (policy.hot_ttl, policy.cold_after, policy.purge_after, policy.hot_trust_window) == \
         (60.0, 172800.0, 0.0, 0.05)
+    assert tiered_state.LocalCache(ttl=timedelta(milliseconds=250)).ttl == 0.25
     for bad in ({"cold_after": -1}, {"hot_ttl": 0}, {"hot_ttl": timedelta(seconds=-1)},
                 {"cold_after": "1d"}, {"purge_after": None}, {"hot_ttl": float("inf")}):
         with pytest.raises(ConfigurationError):

@@ -488,10 +488,14 @@ def test_from_url_and_registry(redis_url: str, prefix: str) -> None:
     "redis://127.0.0.1:6379/0?default_ttl=soon",
     "redis://127.0.0.1:6379/0?socket_timeout=0",
     "redis://127.0.0.1:6379/0?prefix=bad%0Aprefix",
+    "redis://127.0.0.1:6379/0?socket_timout=1",
+    "redis://127.0.0.1:6379/0?foo=1",
 ])
 def test_bad_options_are_configuration_errors(url: str) -> None:
-    with pytest.raises(ConfigurationError):
+    with pytest.raises(ConfigurationError) as info:
         open_repository(url)
+    if "_timout" in url:  # a misspelt option is named, with the one it looks like
+        assert "'socket_timout' (did you mean 'socket_timeout'?)" in str(info.value)
 
 
 def test_unix_socket_url(tmp_path, prefix: str) -> None:  # type: ignore[no-untyped-def]

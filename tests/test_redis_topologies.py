@@ -147,6 +147,16 @@ def test_malformed_topology_urls_are_configuration_errors(url: str) -> None:
         RedisStateRepository.from_url(url)
 
 
+@pytest.mark.parametrize("query, message", [
+    ("socket_timout=1", "did you mean 'socket_timeout'"),
+    ("read_from_replicas=true", "replica may lag"),
+])
+def test_bad_topology_options_are_refused_before_connecting(query: str, message: str) -> None:
+    for url in ("redis+cluster://127.0.0.1:1/0", "redis+sentinel://127.0.0.1:1/svc"):
+        with pytest.raises(ConfigurationError, match=message):
+            RedisStateRepository.from_url(f"{url}?{query}")
+
+
 def test_resharding_ask_and_moved_are_followed(redis_cluster: PrivateRedisCluster,
                                                prefix: str) -> None:
     """One slot migrates to another primary while its record is read and

@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from .errors import ConfigurationError
+from .policy import Seconds, seconds, seconds_of
 from .record import Entry, Tier
 
 __all__ = ["LocalCache"]
@@ -31,18 +32,17 @@ class LocalCache:
 
     :param max_items: most entries kept (least recently used evicted).
     :param max_bytes: most payload bytes kept.
-    :param ttl: seconds an entry is trusted.
+    :param ttl: seconds an entry is trusted (or a :class:`datetime.timedelta`).
     """
 
     max_items: int = 1024
     max_bytes: int | None = 16 * 1024 * 1024
-    ttl: float = 1.0
+    ttl: Seconds = 1.0
 
     def __post_init__(self) -> None:
         if self.max_items < 1 or (self.max_bytes is not None and self.max_bytes < 1):
             raise ConfigurationError("LocalCache limits must be positive")
-        if not self.ttl > 0:
-            raise ConfigurationError("LocalCache ttl must be positive")
+        object.__setattr__(self, "ttl", seconds("LocalCache ttl", self.ttl))
 
 
 class CacheStore:
@@ -69,7 +69,7 @@ class CacheStore:
     def put(self, entry: Entry, tier: Tier) -> None:
         with self._lock:
             self._drop(entry.key)
-            self._data[entry.key] = (entry, tier, time.monotonic() + self.options.ttl)
+            self._data[entry.key] = (entry, tier, time.monotonic() + seconds_of(self.options.ttl))
             self._bytes += entry.metadata["size_bytes"]
             limit_items, limit_bytes = self.options.max_items, self.options.max_bytes
             while self._data and (

@@ -102,6 +102,7 @@ from __future__ import annotations
 
 import binascii
 import contextlib
+import inspect
 import logging
 import math
 import re
@@ -113,7 +114,7 @@ from types import TracebackType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import parse_qsl, unquote, urlencode
 
-from ..config import encode_userinfo, parse_number, redact, require
+from ..config import encode_userinfo, parse_number, redact, require, unknown_options
 from ..errors import (
     BackendError,
     BackendUnavailableError,
@@ -703,8 +704,9 @@ class RedisStateRepository(StateRepository):
         # default backoff would stall a caller for seconds on a dead server).
         options.setdefault("retry", Retry(NoBackoff(), 1, supported_errors=(
             redis.exceptions.ConnectionError,)))
-        options.update(socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout)
         scheme = url.split("://", 1)[0].lower()
+        self._check_options(url, scheme, options)
+        options.update(socket_timeout=socket_timeout, socket_connect_timeout=connect_timeout)
         try:
             if scheme == CLUSTER_SCHEME:
                 return self._connect_cluster(url, options)
@@ -771,6 +773,40 @@ class RedisStateRepository(StateRepository):
                           f"/{service}/{db}")
         self._sentinel = Sentinel(hosts, sentinel_kwargs=sentinel_kwargs)  # type: ignore[no-untyped-call]
         return self._sentinel.master_for(service, **parsed, **options)
+
+    @staticmethod
+    def _check_options(url: str, scheme: str, options: Iterable[str]) -> None:
+        """Refuse options neither this backend nor redis-py takes, before
+        connecting: redis-py reads them when it first connects (a TypeError
+        at the first command), and its cluster client drops unknown ones."""
+        from redis.cluster import RedisCluster
+        from redis.connection import (
+            URL_QUERY_ARGUMENT_PARSERS,
+            AbstractConnection,
+            Connection,
+            SSLConnection,
+            UnixDomainSocketConnection,
+        )
+
+        query = url.partition("?")[2]
+        given = {name for name, _ in parse_qsl(query, keep_blank_values=True)} | set(options)
+        valid = {*URL_QUERY_ARGUMENT_PARSERS, "prefix", "default_ttl", "sentinel_password",
+                 "sentinel_username"}
+        kinds: tuple[Any, ...] = (AbstractConnection, Connection, SSLConnection,
+                                  UnixDomainSocketConnection)
+        if scheme == CLUSTER_SCHEME:
+            kinds += (RedisCluster,)
+        for cls in kinds:
+            valid |= {p for p in inspect.signature(cls.__init__).parameters
+                      if p not in ("self", "args", "kwargs") and not p.startswith("_")}
+        stale = given & {"read_from_replicas", "load_balancing_strategy"}
+        if stale:
+            raise ConfigurationError(
+                f"{scheme}:// does not take {sorted(stale)[0]!r}: a replica may lag its "
+                "primary, and HOT must never serve an older value")
+        unknown = given - valid
+        if unknown:
+            raise unknown_options(scheme, unknown, valid, more="(redis-py's connection options)")
 
     @staticmethod
     def _describe_cluster(hosts: Iterable[tuple[str, int]]) -> str:
