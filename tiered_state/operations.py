@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
 from collections.abc import Set as AbstractSet
-from typing import TYPE_CHECKING, Any, Generic, Literal, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from . import codec
 from .catalog import RESERVED_PREFIX, user_key
@@ -51,6 +51,7 @@ _MISSING: Any = object()
 _RAISE: Any = object()
 
 R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
 
 
 def lease_name(key: str) -> str:
@@ -96,10 +97,11 @@ def memo_key(base: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     :raises SerializationError: an argument JSON cannot encode.
     """
     if not kwargs:
-        if len(args) == 1:
-            text = _plain_json(args[0]) or codec.encode(list(args))[1:-1]
-        else:
-            text = codec.encode(list(args))[1:-1] if args else ""
+        plain = _plain_json(args[0]) if len(args) == 1 else None
+        if plain is not None and len(plain) + len(base) < MAX_KEY_BYTES // 4 - 2 \
+                and base.isprintable():
+            return f"{base}({plain})"  # the common hit: one short int or plain str
+        text = codec.encode(list(args))[1:-1] if args else ""
     else:
         named = ",".join(f"{name}={codec.encode(kwargs[name])}" for name in sorted(kwargs))
         text = codec.encode(list(args))[1:-1] + "," + named if args else named
@@ -110,40 +112,54 @@ def memo_key(base: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
     return f"{base}(#{hashlib.sha256(text.encode('utf-8')).hexdigest()})"
 
 
-class Memoized(Generic[R]):
+class Memoized(Protocol[R_co]):
     """A function whose results are kept in a store (see :meth:`Operations.memoize`).
 
     Calling it returns the stored result of the same arguments, or computes,
     stores and returns it -- once, whatever the number of concurrent callers.
     """
 
-    def __init__(self, state: Operations, func: Callable[..., R], ttl: float | None,
-                 tier: TierLike, key: Callable[..., str] | None, name: str | None) -> None:
-        self._state = state
-        self._func = func
-        self._ttl = ttl
-        self._tier = tier
-        self._base = name or f"{func.__module__}.{func.__qualname__}"
-        self._custom = key
-        functools.update_wrapper(self, func)
+    def __call__(self, *args: Any, **kwargs: Any) -> R_co: ...
 
     def cache_key(self, *args: Any, **kwargs: Any) -> str:
         """The key a call with these arguments is stored under."""
-        custom = self._custom
-        return memo_key(self._base, args, kwargs) if custom is None else custom(*args, **kwargs)
 
     def forget(self, *args: Any, **kwargs: Any) -> bool:
         """Delete the stored result of these arguments; True if there was one."""
-        return self._state.delete(self.cache_key(*args, **kwargs))
 
-    def __call__(self, *args: Any, **kwargs: Any) -> R:
-        custom = self._custom
-        key = memo_key(self._base, args, kwargs) if custom is None else custom(*args, **kwargs)
-        value = self._state.get(key, _MISSING)
+
+def _memoized(state: Operations, func: Callable[..., R], ttl: float | None, tier: TierLike,
+              key: Callable[..., str] | None, name: str | None) -> Memoized[R]:
+    """The :class:`Memoized` form of ``func``: a plain function (a hit costs
+    one key and one ``get``), with ``cache_key`` and ``forget`` attached."""
+    base = name or f"{func.__module__}.{func.__qualname__}"
+
+    def cache_key(*args: Any, **kwargs: Any) -> str:
+        return memo_key(base, args, kwargs) if key is None else key(*args, **kwargs)
+
+    def forget(*args: Any, **kwargs: Any) -> bool:
+        return state.delete(cache_key(*args, **kwargs))
+
+    # memo_key's answer for one int argument, inline: the commonest hit.
+    opening = base + "(" if key is None and base.isprintable() and len(base) < 200 else ""
+
+    @functools.wraps(func)
+    def memoized(*args: Any, **kwargs: Any) -> R:
+        if opening and not kwargs and len(args) == 1 and type(args[0]) is int:
+            stored = f"{opening}{args[0]})"
+            if len(stored) > 250:
+                stored = memo_key(base, args, kwargs)
+        else:
+            stored = memo_key(base, args, kwargs) if key is None else key(*args, **kwargs)
+        value = state.get(stored, _MISSING)
         if value is not _MISSING:
             return value  # type: ignore[no-any-return]
-        return self._state._compute(  # type: ignore[no-any-return]
-            user_key(key), lambda: self._func(*args, **kwargs), self._ttl, self._tier)
+        return state._compute(  # type: ignore[no-any-return]
+            user_key(stored), lambda: func(*args, **kwargs), ttl, tier)
+
+    memoized.cache_key = cache_key  # type: ignore[attr-defined]
+    memoized.forget = forget  # type: ignore[attr-defined]
+    return memoized  # type: ignore[return-value]
 
 
 class Operations:
@@ -232,7 +248,7 @@ class Operations:
         expires_in = seconds("ttl", ttl)
 
         def decorate(func: Callable[..., R]) -> Memoized[R]:
-            return Memoized(self, func, expires_in, tier, key, name)
+            return _memoized(self, func, expires_in, tier, key, name)
         return decorate
 
     def _compute(self, key: str, factory: Callable[[], Any], ttl: float | None,
