@@ -69,6 +69,7 @@ from . import (
 )
 from . import open as open_store
 from . import upgrade as upgrade_store
+from .codec import JSON, Codec
 from .config import ENV_COLD, ENV_HOT, ENV_PATH, ENV_WARM, environ, redact
 from .inspection import CopyInfo
 
@@ -228,7 +229,8 @@ def _tier_url(args: argparse.Namespace, tier: Tier) -> str | None:
 
 
 def _open(args: argparse.Namespace, policy: TieringPolicy | None = None) -> StateManager:
-    return open_store(args.path, hot=args.hot, warm=args.warm, cold=args.cold, policy=policy)
+    return open_store(args.path, hot=args.hot, warm=args.warm, cold=args.cold, policy=policy,
+                      codec=getattr(args, "codec", None))
 
 
 def _chunks(items: Iterable[Any], size: int = CHUNK) -> Iterator[list[Any]]:
@@ -244,15 +246,15 @@ def cmd_get(args: argparse.Namespace) -> int:
         # The record as an export line: value, version, times, the tier it was read from.
         with _open(args) as state:
             record = state.get_record(args.key)
-        if record is None:
-            raise CommandError(f"key {args.key!r} not found")
-        emit(_export_line(record).rstrip("\n"))
+            if record is None:
+                raise CommandError(f"key {args.key!r} not found")
+            emit(_export_line(record, state.codec).rstrip("\n"))
         return EXIT_OK
     with _open(args) as state:
         value = state.get(args.key, _ABSENT)
-    if value is _ABSENT:
-        raise CommandError(f"key {args.key!r} not found")
-    emit(codec.encode(value))
+        if value is _ABSENT:
+            raise CommandError(f"key {args.key!r} not found")
+        emit(state.codec.encode(value))
     return EXIT_OK
 
 
@@ -636,14 +638,15 @@ def _sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
-def _export_line(record: Record) -> str:
-    """One JSON Lines record; ``value`` is ``codec.encode(record.value)`` embedded raw.
+def _export_line(record: Record, value_codec: Codec = JSON) -> str:
+    """One JSON Lines record; ``value`` is the store codec's text of the value
+    (JSON, also for a typed codec's tagged values) embedded raw.
 
     Built by hand because json.dumps per field dominated the export. The
     canonical text is what ``checksum`` covers and what import re-encodes,
     so a line is its own proof of integrity.
     """
-    value = codec.encode(record.value)
+    value = value_codec.encode(record.value)
     digest = record.checksum
     if _sha256(value) != digest:
         # The store's checksum covers its stored text; a line must carry the
@@ -693,7 +696,7 @@ def export_records(state: StateManager, out: IO[str], pattern: str = "*",
 
     total = _estimate(state, pattern) if progress is not None and progress.enabled else None
     for chunk in _chunks(state.iter_records(pattern, on_error=left_out)):
-        text = "".join(_export_line(record) for record in chunk)
+        text = "".join(_export_line(record, state.codec) for record in chunk)
         try:
             out.write(text)
         except BrokenPipeError:
@@ -809,7 +812,7 @@ class ImportCounts:
                 "expired": self.expired, "invalid": self.invalid}
 
 
-def _parse_record(line: str) -> Record:
+def _parse_record(line: str, value_codec: Codec = JSON) -> Record:
     """An export line as a :class:`Record` whose value matches its checksum.
 
     The key itself is judged by ``restore`` (see :func:`import_records`).
@@ -833,10 +836,13 @@ def _parse_record(line: str) -> Record:
                                                                "expires_at"))
     if created is None or updated is None:
         raise ValueError("created_at and updated_at are required")
-    payload = codec.encode(data["value"]).encode("utf-8")  # a lone surrogate: ValueError
+    text = codec.encode(data["value"])  # the canonical JSON the checksum covers
+    payload = text.encode("utf-8")  # a lone surrogate: ValueError
     if hashlib.sha256(payload).hexdigest() != data["checksum"]:
         raise ValueError("checksum mismatch: the value was altered")
-    return Record(key=key, value=data["value"], version=version, checksum=data["checksum"],
+    # A typed codec's tags are JSON too: its own decode gives the value back.
+    value = data["value"] if value_codec.name == JSON.name else value_codec.decode(text)
+    return Record(key=key, value=value, version=version, checksum=data["checksum"],
                   size_bytes=len(payload), created_at=created, updated_at=updated,
                   expires_at=expires, tier=Tier.parse(data.get("tier") or "warm"))
 
@@ -868,7 +874,7 @@ def import_records(state: StateManager, lines: Iterable[tuple[int, str]], counts
             if not line.strip():
                 continue
             try:
-                record = _parse_record(line)
+                record = _parse_record(line, state.codec)
             except (ValueError, TieredStateError) as exc:
                 counts.reject(number, exc)
                 continue
@@ -1045,6 +1051,9 @@ def build_parser() -> argparse.ArgumentParser:
         parser.add_argument(f"--{tier.value}", metavar="URL",
                             help=f"{tier.value.upper()} tier URL ({example}; 'none' switches it "
                                  f"off); default ${_ENV[tier]} or the embedded tier")
+    parser.add_argument("--codec", metavar="NAME", choices=("json", "typed-json"),
+                        help="the store's codec: json (the default) or typed-json "
+                             "(TypedJSONCodec, for stores opened with it)")
     parser.add_argument("--path", metavar="DIR",
                         help=f"folder of the embedded tiers; default ${ENV_PATH} or ./.tiered_state")
     parser.add_argument("-q", "--quiet", action="store_true",
