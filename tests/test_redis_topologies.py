@@ -364,3 +364,32 @@ def test_history_is_linearizable_with_a_cluster_or_sentinel_hot(
 
         with psycopg2.connect(postgres_url) as conn, conn.cursor() as cur:
             cur.execute(f'DROP TABLE IF EXISTS "{table}"')
+
+
+def test_a_down_primary_degrades_only_its_own_keys(tmp_path: Path) -> None:
+    """Between a primary's death and its replacement (a long node timeout
+    here), reads of keys on the other primaries are still served from HOT;
+    the dead primary's keys are read from the catalog, at once (the node is
+    not tried again for a second), and every value is right."""
+    with PrivateRedisCluster(node_timeout_ms=8000) as cluster:
+        hot = _with(cluster.url, f"prefix={unique_name('po')}:")
+        keys = [f"key{i}" for i in range(30)]
+        with tiered_state.open(tmp_path / "store", hot=hot, cold="none") as state:
+            state.set_many({k: i for i, k in enumerate(keys)})
+            _hot_serves(state, keys, 10)
+            prefix = state.repositories[Tier.HOT].prefix
+            victim = cluster.primary_for(prefix + keys[0])
+            dead = [k for k in keys if cluster.primary_for(prefix + k).port == victim.port]
+            alive = [k for k in keys if k not in dead]
+            assert dead and alive
+            cluster.kill(victim)
+            started = time.monotonic()
+            rounds = 0
+            while time.monotonic() - started < 3.0:  # well inside the node timeout
+                assert state.get_many(keys) == {k: i for i, k in enumerate(keys)}
+                tiers = {k: state.get_record(k).tier for k in keys}  # type: ignore[union-attr]
+                assert all(tiers[k] == Tier.HOT for k in alive), tiers
+                assert all(tiers[k] == Tier.WARM for k in dead), tiers
+                rounds += 1
+            assert state.stats()["manager"]["down"] == []  # HOT as a whole was never skipped
+            assert rounds >= 5  # dead keys fail at once, not after a timeout each

@@ -15,6 +15,7 @@ catches them all::
     ├── ClosedError                            a call on a closed StateManager
     └── BackendError                           .backend, __cause__ = driver error
         ├── BackendUnavailableError            connect / timeout: the manager may skip the tier
+        │   └── PartialOutageError             some of its servers only (a cluster node)
         └── BatchError                         .failed: {key: exception}
 
 Driver exceptions never leave a repository raw: each backend translates them in
@@ -26,6 +27,7 @@ passwords.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 __all__ = [
     "BackendError",
@@ -37,6 +39,7 @@ __all__ = [
     "IntegrityError",
     "InvalidKeyError",
     "MissingDependencyError",
+    "PartialOutageError",
     "SerializationError",
     "StoreFormatError",
     "TieredStateError",
@@ -122,6 +125,21 @@ class BackendError(TieredStateError):
 
 class BackendUnavailableError(BackendError):
     """The backend cannot be reached (connect failure, timeout, lost connection)."""
+
+
+class PartialOutageError(BackendUnavailableError):
+    """Some of a backend's servers cannot be reached -- a Redis Cluster
+    primary -- so the keys they hold failed; the others were answered.
+
+    :ivar keys: the keys that could not be reached.
+    :ivar found: what a read found among the other keys (key -> entry).
+    """
+
+    def __init__(self, message: str, keys: Iterable[str] = (), found: Mapping[str, Any] | None = None,
+                 backend: str = "") -> None:
+        super().__init__(message, backend)
+        self.keys: set[str] = set(keys)
+        self.found: dict[str, Any] = dict(found or {})
 
 
 class BatchError(BackendError):

@@ -38,7 +38,14 @@ from typing import Any, TypeVar
 
 from . import codec
 from .catalog import RESERVED_PREFIX, Catalog
-from .errors import BackendError, BackendUnavailableError, IntegrityError, TieredStateError
+from .errors import (
+    BackendError,
+    BackendUnavailableError,
+    BatchError,
+    IntegrityError,
+    PartialOutageError,
+    TieredStateError,
+)
 from .record import STUB, TOMBSTONE, Entry, Metadata, checksum, make_metadata, make_stub
 from .repositories.base import StateRepository
 
@@ -79,6 +86,13 @@ WRITE_AROUND_SECONDS = 5.0
 
 Counter = Callable[[str], None]
 _T = TypeVar("_T")
+
+
+class _Partial:
+    """What :meth:`SharedHot._guarded` answers when only some servers failed."""
+
+
+PARTIAL = _Partial()
 
 
 class Ticket:
@@ -365,10 +379,17 @@ class SharedHot(HotGuard):
             self._down = False
             log.warning("tier hot is reachable again")
 
-    def _guarded(self, call: Callable[[], _T]) -> _T | None:
+    def _guarded(self, call: Callable[[], _T]) -> _T | _Partial | None:
+        """``call()``; None if HOT failed (now skipped), :data:`PARTIAL` if only
+        some of its servers did (their keys go without; the others are used)."""
         try:
             result = call()
+        except PartialOutageError:
+            return PARTIAL
         except TieredStateError as exc:
+            if isinstance(exc, BatchError) and exc.failed and all(
+                    isinstance(e, PartialOutageError) for e in exc.failed.values()):
+                return PARTIAL
             self.failed(exc)
             return None
         self._reached()
@@ -473,6 +494,8 @@ class SharedHot(HotGuard):
                 if not same:
                     self._moved_on()
                     return None
+        except PartialOutageError:
+            return None  # its server only: the catalog answers for this key
         except TieredStateError as exc:
             self.failed(exc)
             return None
@@ -493,6 +516,8 @@ class SharedHot(HotGuard):
                 if found is None:
                     self._moved_on()
                     return {}
+        except PartialOutageError as exc:
+            found = exc.found  # the unreachable servers' keys are read from the catalog
         except TieredStateError as exc:
             self.failed(exc)
             return {}
@@ -519,13 +544,15 @@ class SharedHot(HotGuard):
             if self._fenced:
                 return 0
             stored = self._guarded(lambda: repo.store_many_if_newer(items))
-            return len(stored) if stored is not None else 0
+            return len(stored) if isinstance(stored, set) else 0
         if len(items) == 1:  # one script call, not a pipeline
             (key, (payload, md)), = items.items()
             one = self._guarded(lambda: repo.store_if_newer_in_epoch(key, payload, md, epoch))
-            stored = None if one is None else ({key} if one else set())
+            stored = one if one is None or one is PARTIAL else ({key} if one else set())
         else:
             stored = self._guarded(lambda: repo.store_many_if_newer_in_epoch(items, epoch))
+        if isinstance(stored, _Partial):
+            return 0  # a fill is a bonus: the reachable servers' copies went in
         if stored is None:
             if not self._down:
                 self._moved_on()

@@ -120,6 +120,7 @@ from ..errors import (
     BackendUnavailableError,
     ConfigurationError,
     InvalidKeyError,
+    PartialOutageError,
     SerializationError,
 )
 from ..keys import (
@@ -365,6 +366,8 @@ end
 return 0
 """
 
+#: How long a cluster node that failed is not tried again (its keys fail at once).
+NODE_RETRY = 1.0
 #: The URL schemes of the topologies other than one server.
 CLUSTER_SCHEME = "redis+cluster"
 SENTINEL_SCHEME = "redis+sentinel"
@@ -663,6 +666,8 @@ class RedisStateRepository(StateRepository):
         #: None: one epoch key (one server, or a prefix pinned to one slot).
         self._per_slot: bool = self._cluster and self._pins_no_slot(prefix)
         self._epoch_names: list[bytes] = []
+        #: Cluster nodes that failed, by name: not tried again until then (monotonic).
+        self._down: dict[str, float] = {}
         self._guards: dict[str, _Translate] = {}
         register = self._client.register_script
         self._store_if_newer_script = register(_LUA_STORE_IF_NEWER)
@@ -985,23 +990,32 @@ class RedisStateRepository(StateRepository):
                 node = slot_owner(key_slot(_as_bytes(key)))
                 by_node.setdefault(node.name, (node, []))[1].append(i)
         unreachable: list[BaseException] = []
+        now = time.monotonic()
         for node, indexes in by_node.values():
-            try:
-                with guard:
-                    pipe = client.get_redis_connection(node).pipeline(transaction=False)
-                    for i in indexes:
-                        pipe.execute_command(*commands[i], **options)
-                    got = pipe.execute(raise_on_error=False)
-            except BackendError as exc:
-                unreachable.append(exc)
-                got = [exc] * len(indexes)
+            down: BaseException | None = None
+            if self._down.get(node.name, 0.0) > now:
+                down = PartialOutageError(f"redis: cluster node {node.name} is down "
+                                          f"(retried after {NODE_RETRY:g}s)", backend="redis")
+            else:
+                try:
+                    with guard:
+                        pipe = client.get_redis_connection(node).pipeline(transaction=False)
+                        for i in indexes:
+                            pipe.execute_command(*commands[i], **options)
+                        got = pipe.execute(raise_on_error=False)
+                except BackendUnavailableError as exc:
+                    self._down[node.name] = now + NODE_RETRY
+                    down = PartialOutageError(str(exc), backend="redis")
+                    down.__cause__ = exc
+                    with contextlib.suppress(errors.RedisError):
+                        client.nodes_manager.initialize()  # learn the new layout (a failover)
+            if down is not None:
+                unreachable.append(down)
+                got = [down] * len(indexes)
             for i, reply in zip(indexes, got):
                 replies[i] = reply
-        if unreachable:
-            if len(unreachable) == len(by_node):
-                raise unreachable[0]
-            with contextlib.suppress(errors.RedisError):
-                client.nodes_manager.initialize()  # learn the new layout (a failover)
+        if unreachable and len(unreachable) == len(by_node):
+            raise unreachable[0]
         redirected = [i for i, reply in enumerate(replies)
                       if isinstance(reply, (errors.MovedError, errors.AskError,
                                             errors.TryAgainError))]
@@ -1032,8 +1046,11 @@ class RedisStateRepository(StateRepository):
                 # first); redis-py's lookup method costs more than the rest.
                 owners = client.nodes_manager.slots_cache
                 by_node: dict[str, tuple[Any, list[int]]] = {}
+                now = time.monotonic()
                 for i, slot in enumerate(slots or [key_slot(name) for name in names]):
                     node = owners[slot][0]
+                    if self._down.get(node.name, 0.0) > now:
+                        return None  # key by key: the others are answered
                     share = by_node.get(node.name)
                     if share is None:
                         share = by_node[node.name] = (node, [])
@@ -1094,6 +1111,32 @@ class RedisStateRepository(StateRepository):
     def _fence(self, name: bytes) -> bytes:
         """The epoch key that fences the record key ``name`` (in its slot)."""
         return self._epochs()[key_slot(name)] if self._per_slot else self._epoch_key
+
+    @contextlib.contextmanager
+    def _node_of(self, name: bytes, key: str) -> Iterator[None]:
+        """Around one command on the record ``name`` (of ``key``): in a cluster,
+        the failure of its node alone is a :class:`PartialOutageError`, and a
+        node that failed less than :data:`NODE_RETRY` ago is not tried."""
+        if not self._cluster:
+            yield
+            return
+        node = self._owner(key_slot(name))
+        if node is not None and self._down.get(node, 0.0) > time.monotonic():
+            raise PartialOutageError(f"redis: the cluster node holding {key!r} is down "
+                                     f"(retried after {NODE_RETRY:g}s)", [key], backend="redis")
+        try:
+            yield
+        except BackendUnavailableError as exc:
+            if node is not None:
+                self._down[node] = time.monotonic() + NODE_RETRY
+            raise PartialOutageError(str(exc), [key], backend="redis") from exc
+
+    def _owner(self, slot: int) -> str | None:
+        """The name of the primary serving ``slot``, as the client last learned it."""
+        try:
+            return str(self._client.nodes_manager.slots_cache[slot][0].name)
+        except (KeyError, IndexError):
+            return None
 
     def _scan(self, glob: str, guard: _Translate) -> Iterator[bytes]:
         """The names matching ``glob`` on the server, or on every primary of a cluster."""
@@ -1393,6 +1436,7 @@ class RedisStateRepository(StateRepository):
         wanted = [prefix + k.encode("utf-8") for k in unique]
         fenced = epoch is not None
         guard = self._errors("fetch_many")
+        unreachable: set[str] = set()
         by_node = self._fetch_by_node(guard, wanted, fenced) \
             if self._cluster and len(wanted) > 1 else None
         commands: list[list[bytes | str]] = []
@@ -1403,13 +1447,17 @@ class RedisStateRepository(StateRepository):
                          *(wanted[i] for i in group)] for group in groups]
         if by_node is not None:
             chunks, replies = by_node
-        elif len(commands) == 1:
+        elif len(commands) == 1 and not self._cluster:
             with guard:
                 replies = [self._client.execute_command(*commands[0], **_RAW)]
         else:
             replies = self._pipelined(guard, commands, **_RAW)
-            for reply in replies:
-                if isinstance(reply, BaseException):
+            for n, reply in enumerate(replies):
+                if isinstance(reply, PartialOutageError) and fenced:
+                    # A HOT read: the other nodes' copies still count.
+                    unreachable.update(chunks[n])
+                    replies[n] = [epoch, *([None] * len(chunks[n]))]
+                elif isinstance(reply, BaseException):
                     with guard:
                         raise reply
         if epoch is not None:
@@ -1444,6 +1492,9 @@ class RedisStateRepository(StateRepository):
                 if flags & _HOT_UNTIL:
                     metadata["hot_until"] = hot_until  # type: ignore[typeddict-unknown-key]
                 out[key] = Entry(key, data[size:].decode("utf-8", "replace"), metadata)
+        if unreachable:
+            raise PartialOutageError(f"redis: {len(unreachable)} key(s) on cluster nodes that "
+                                     "cannot be reached", unreachable, out, backend="redis")
         return out
 
     # A single conditional write runs its script as a plain EVALSHA: a
@@ -1677,7 +1728,7 @@ class RedisStateRepository(StateRepository):
     def fetch_record_in_epoch(self, key: str, epoch: str) -> tuple[bool, Entry | None]:
         """``(True, fetch_record(key))`` if the stored epoch is ``epoch``, else ``(False, None)``."""
         name = self._value_prefix + validate_key(key).encode("utf-8")
-        with self._errors("fetch"):
+        with self._node_of(name, key), self._errors("fetch"):
             stored, data = self._client.execute_command("MGET", self._fence(name), name, **_RAW)
         if not _same_epoch(stored, epoch):
             return False, None
@@ -1692,7 +1743,7 @@ class RedisStateRepository(StateRepository):
         """``store_if_newer`` if the stored epoch is ``epoch``, else None (one EVALSHA)."""
         name = self._value_prefix + validate_key(key).encode("utf-8")
         args = (*self._store_args(value, metadata, time.time()), epoch)
-        with self._errors("store_if_newer"):
+        with self._node_of(name, key), self._errors("store_if_newer"):
             done = self._run(self._store_if_newer_in_epoch_script, (name, self._fence(name)), args)
         return None if done == -1 else bool(done)
 
