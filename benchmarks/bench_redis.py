@@ -8,7 +8,7 @@ redis-py's commands on one side, RedisStateRepository's methods on the other.
 Each case runs twice: with redis-py's hiredis parser and with its pure-Python
 RESP2 parser (``parser_class``), which gives the hiredis speed-up.
 
-Targets (issue 13, item 5), as throughput ratios, ours / raw (>= 0.8 passes):
+Targets, as throughput ratios, ours / raw (>= 0.8 passes):
 
 * ``fetch_many`` of 10k records against one raw ``MGET`` of 10k keys holding
   the same JSON payloads followed by ``json.loads`` of each value (the

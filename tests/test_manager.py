@@ -1,4 +1,5 @@
-"""The StateManager's semantics (DESIGN.md §2), on the real embedded tiers.
+"""The StateManager's semantics, on the real embedded tiers: read-through,
+write-through, promotion, demotion, batches, TTL and integrity.
 
 Each test names the promise it holds. Server-backed variants of the same
 promises live in the backends' fault tests.
