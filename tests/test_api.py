@@ -535,3 +535,64 @@ def test_tier_names_are_checked(state: StateManager) -> None:
     with pytest.raises(ConfigurationError):
         state.set("k", 1, tier="lukewarm")  # type: ignore[arg-type]
     assert os.environ.get("TIERED_STATE_HOT") is None
+
+
+def test_bad_input_is_refused_before_anything_runs_or_is_written(state: StateManager) -> None:
+    from tiered_state.operations import lease_name
+
+    ran: list[int] = []
+
+    def factory() -> int:
+        ran.append(1)
+        return 1
+
+    for bad in ({"tier": "lukewarm"}, {"ttl": -1}, {"ttl": "1h"}):
+        with pytest.raises(ConfigurationError):
+            state.get_or_set("k", factory, **bad)  # type: ignore[arg-type]
+        with pytest.raises(ConfigurationError):
+            state.memoize(**bad)  # type: ignore[arg-type]
+    with pytest.raises(ConfigurationError):
+        state.get_or_set("k", 42)  # type: ignore[arg-type]
+    with pytest.raises(tiered_state.InvalidKeyError):
+        state.get_or_set(RESERVED_PREFIX + "x", factory)
+    for call in (lambda: state.incr("k", 1, "0"), lambda: state.touch("k", 0),  # type: ignore[arg-type]
+                 lambda: state.add("k", (1, 2)), lambda: state.pop("bad\x00key")):
+        with pytest.raises(tiered_state.TieredStateError):
+            call()
+    assert ran == [] and "k" not in state
+    assert state._catalog.repo.fetch_record(lease_name("k")) is None  # no lease was taken
+
+
+def test_touch_racing_writes_never_changes_a_value_or_a_version(layout: dict[str, Any]) -> None:
+    """A writer keeps writing while another manager touches the same key: every
+    read returns a written value with a version that only grows, and the last
+    write is the value at the end (a touch that lost the race did nothing)."""
+    import threading
+
+    with tiered_state.open(**layout) as writer, tiered_state.open(**layout) as toucher:
+        written: dict[int, int] = {}
+        done = threading.Event()
+        problems: list[str] = []
+
+        def touch() -> None:
+            while not done.is_set():
+                toucher.touch("k", 60)
+                record = toucher.get_record("k", promote=False)
+                if record is not None and written.get(record.version, record.value) != record.value:
+                    problems.append(f"version {record.version} read as {record.value}")
+
+        writer.set("k", 0)
+        thread = threading.Thread(target=touch)
+        thread.start()
+        last = 0
+        for n in range(1, 150):
+            version = writer.set("k", n)
+            written[version] = n
+            assert version > last
+            last = version
+        done.set()
+        thread.join(timeout=60)
+        assert problems == []
+        final = writer.get_record("k")
+        assert final is not None and final.version == last and final.value == 149
+        assert toucher.get("k") == 149

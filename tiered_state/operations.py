@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from . import codec
 from .catalog import RESERVED_PREFIX, user_key
-from .errors import BackendError, ClosedError, ConflictError, ValueTypeError
+from .errors import BackendError, ClosedError, ConfigurationError, ConflictError, ValueTypeError
 from .keys import MAX_KEY_BYTES
 from .policy import Seconds, seconds
 from .record import Record, Tier
@@ -180,6 +180,7 @@ class Operations:
         def _delete(self, keys: list[str], versions: Mapping[str, int] | None = None
                     ) -> AbstractSet[str]: ...
         def _claim(self, name: str, seconds: float, held: int = 0) -> int: ...
+        def _target(self, tier: TierLike) -> Tier: ...
         def _release(self, name: str, version: int) -> None: ...
 
     # ------------------------------------------------------------ mapping
@@ -226,11 +227,18 @@ class Operations:
         and processes: concurrent callers wait for its value and return it.
         If it raises, nothing is stored and the exception propagates (a
         waiting caller then tries in turn).
+
+        :raises ConfigurationError: a bad ``ttl`` or ``tier``, or a
+            ``factory`` that is not callable -- before any read or write.
         """
+        expires_in = seconds("ttl", ttl)
+        self._target(tier)
+        if not callable(factory):
+            raise ConfigurationError(f"get_or_set needs a callable factory, not {factory!r}")
         value = self.get(key, _MISSING)
         if value is not _MISSING:
             return value
-        return self._compute(user_key(key), factory, seconds("ttl", ttl), tier)
+        return self._compute(user_key(key), factory, expires_in, tier)
 
     def memoize(self, ttl: Seconds | None = None, tier: TierLike = Tier.HOT,
                 key: Callable[..., str] | None = None, name: str | None = None
@@ -238,14 +246,17 @@ class Operations:
         """Decorate a function so that its results are stored, per arguments.
 
         The key is ``name`` (default ``module.qualname`` of the function)
-        followed by the arguments as canonical JSON, e.g.
-        ``"prices.fetch(\\"BTC\\",{\\"days\\":7})"``; ``key`` -- a function
+        followed by the call, its arguments as canonical JSON, e.g.
+        ``prices.fetch("BTC",days=7)``; ``key`` -- a function
         of the call's arguments returning the key -- replaces that. Concurrent
         callers compute once, as with :meth:`get_or_set`. The decorated
         function has ``.cache_key(*args, **kwargs)`` and
         ``.forget(*args, **kwargs)``.
+
+        :raises ConfigurationError: a bad ``ttl`` or ``tier`` (at decoration).
         """
         expires_in = seconds("ttl", ttl)
+        self._target(tier)
 
         def decorate(func: Callable[..., R]) -> Memoized[R]:
             return _memoized(self, func, expires_in, tier, key, name)
