@@ -355,7 +355,8 @@ def test_json_documents_of_the_store_commands(seeded: Path, tmp_path: Path) -> N
     assert stats["manager"]["catalog"] == "warm" and "key_count" in stats["tiers"]["warm"]
     dry = one_json(cli("sweep", "--dry-run", "--cold-after", "none", "--json", path=seeded))
     assert dry == {"dry_run": True, "scanned": dry["scanned"], "moved": 0, "purged": 0,
-                   "collected": None, "skipped": 0, "failed": 0, "seconds": dry["seconds"],
+                   "collected": None, "skipped": 0, "failed": 0, "reclaimed_bytes": None,
+                   "seconds": dry["seconds"],
                    "errors": {}}
     dump = tmp_path / "dump.jsonl"
     exported = cli("export", str(dump), "order:1*", "--json", path=seeded)

@@ -368,7 +368,8 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.json:
         document = {"dry_run": args.dry_run, **report.as_dict()}
         if args.dry_run:
-            document["collected"] = None  # a dry run does not look for garbage
+            # A dry run neither looks for garbage nor gives space back.
+            document["collected"] = document["reclaimed_bytes"] = None
         emit_json(document)
     else:
         emit(_sweep_summary(report, args.dry_run))
@@ -384,7 +385,9 @@ def _sweep_summary(report: SweepReport, dry_run: bool) -> str:
                 f"failed {report.failed:,} in {report.seconds:.2f}s")
     return (f"scanned {report.scanned:,}, moved {report.moved:,} to cold, purged "
             f"{report.purged:,} expired, collected {report.collected:,} unreferenced payloads, "
-            f"skipped {report.skipped:,}, failed {report.failed:,} in {report.seconds:.2f}s")
+            f"skipped {report.skipped:,}, failed {report.failed:,}"
+            + (f", gave back {report.reclaimed_bytes / 1e6:,.1f} MB" if report.reclaimed_bytes else "")
+            + f" in {report.seconds:.2f}s")
 
 
 def cmd_promote(args: argparse.Namespace) -> int:

@@ -16,6 +16,11 @@ conditional write that loses any race:
   fails its checksum is first replaced by a valid copy of its version below
   the catalog, if there is one (and then moved); if not, it is left alone,
   logged and counted in ``failed`` -- the sweep goes on with the rest.
+
+Last, each durable tier is asked to give the space its deletes freed back to
+the file system (:meth:`~tiered_state.repositories.base.StateRepository.reclaim_space`):
+an embedded SQLite file would otherwise keep the size it had before most of its
+records went COLD.
 """
 
 from __future__ import annotations
@@ -53,6 +58,8 @@ class SweepReport:
     :ivar collected: unreferenced payloads deleted below the catalog.
     :ivar skipped: records left alone because a newer write raced the sweep.
     :ivar failed: records that could not be moved or purged (``errors`` says why).
+    :ivar reclaimed_bytes: file space given back by the tiers (see
+        :meth:`~tiered_state.repositories.base.StateRepository.reclaim_space`).
     :ivar seconds: wall time of the sweep.
     """
 
@@ -62,6 +69,7 @@ class SweepReport:
     collected: int = 0
     skipped: int = 0
     failed: int = 0
+    reclaimed_bytes: int = 0
     seconds: float = 0.0
     errors: dict[str, str] = field(default_factory=dict)
 
@@ -73,6 +81,7 @@ class SweepReport:
             "collected": self.collected,
             "skipped": self.skipped,
             "failed": self.failed,
+            "reclaimed_bytes": self.reclaimed_bytes,
             "seconds": round(self.seconds, 6),
             "errors": dict(self.errors),
         }
@@ -133,6 +142,8 @@ class Sweeper:
                     self.move(idle, report)
             if progress is not None:
                 progress(report)
+        if not dry_run:
+            self.reclaim(report)
         report.seconds = time.monotonic() - started
         self._gauges(report)
         return report
@@ -231,6 +242,17 @@ class Sweeper:
         report.skipped += len(lost)
         self._count("demotions", len(committed))
         return len(committed)
+
+    # ------------------------------------------------------------ reclaim
+    def reclaim(self, report: SweepReport) -> None:
+        """Let the catalog's tier and the payload tier give freed space back."""
+        for repo in (self.catalog.repo, self.catalog.payload_repo):
+            if repo is None:
+                continue
+            try:
+                report.reclaimed_bytes += repo.reclaim_space()
+            except BackendError as exc:  # space stays allocated until the next sweep
+                log.warning("%s: could not give free space back: %s", repo.backend, exc)
 
     # ------------------------------------------------------------ collect
     def collect(self, report: SweepReport, now: float) -> None:

@@ -325,6 +325,16 @@ class StateRepository(abc.ABC):
         (sqlite, postgres) keep a ``last_accessed`` column.
         """
 
+    def reclaim_space(self, min_free_fraction: float = 0.25) -> int:
+        """Give space that deletes left unused back to the file system, if at
+        least ``min_free_fraction`` of the store is unused. Called by the sweep.
+
+        :returns: bytes given back. The default does nothing and returns 0:
+            most stores free space as they delete (files, objects, Redis) or
+            reclaim it themselves (PostgreSQL's autovacuum).
+        """
+        return 0
+
     def clear(self) -> int:
         """Delete every entry of this repository (its namespace only).
 

@@ -91,6 +91,15 @@ _CHUNK = 500
 #: Rows per keyset page in iter_keys / scan: bounded memory however big the table.
 _PAGE = 1000
 
+#: ``PRAGMA auto_vacuum`` of a file that can give pages back in steps.
+_INCREMENTAL = 2
+#: reclaim_space() leaves files with less unused space alone.
+_RECLAIM_MIN_BYTES = 4 << 20
+#: The largest file reclaim_space() rewrites while others may be waiting to write.
+_VACUUM_MAX_BYTES = 128 << 20
+#: Pages given back per write by reclaim_space() (16 MiB of 4 KiB pages).
+_RECLAIM_STEP_PAGES = 4096
+
 _SCHEMA = (
     """CREATE TABLE IF NOT EXISTS {t} (
     key           TEXT PRIMARY KEY NOT NULL,
@@ -451,6 +460,10 @@ class SQLiteStateRepository(StateRepository):
             )
             try:
                 conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+                # Takes effect only in a file without tables yet (a new one):
+                # then the pages deletes free can be given back to the file
+                # system by reclaim_space() without rewriting the file.
+                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
                 mode = self._wal(conn)
                 conn.execute(f"PRAGMA synchronous = {self.synchronous}")
                 # LIKE must be case sensitive: keys are. (It also lets a
@@ -1001,6 +1014,63 @@ class SQLiteStateRepository(StateRepository):
         sql = f"DELETE FROM {self._t}"
         return self._write(lambda conn: conn.execute(sql).rowcount, transaction=True)
 
+    def reclaim_space(self, min_free_fraction: float = 0.25) -> int:
+        """Shrink the file when at least ``min_free_fraction`` of it is unused
+        (and at least :data:`_RECLAIM_MIN_BYTES`).
+
+        Moving records to COLD shrinks rows to stubs in place, which leaves
+        their pages part empty rather than free, so the file keeps the size it
+        had before the sweep. Unused space is measured over every page
+        (``dbstat``: one read of the file, like the sweep's own idle walk).
+        When it is mostly whole free pages, a file made with incremental
+        auto-vacuum (every file this version creates) gives them back in steps
+        of :data:`_RECLAIM_STEP_PAGES`, each its own short write. Otherwise
+        the file is rewritten by ``VACUUM``, which also turns an older file
+        incremental; that holds the write lock for the whole rewrite, so it is
+        done only for files up to :data:`_VACUUM_MAX_BYTES` (about a second)
+        and a larger file is logged instead (``VACUUM`` it while the
+        application is stopped). A checkpoint then truncates the file and the WAL.
+        """
+        conn = self._conn()
+        with self._errors():
+            page_size, pages, free, mode = (
+                int(conn.execute(f"PRAGMA {name}").fetchone()[0])
+                for name in ("page_size", "page_count", "freelist_count", "auto_vacuum"))
+            total = page_size * pages
+            unused = free * page_size + self._unused_in_pages(conn)
+        if unused < _RECLAIM_MIN_BYTES or unused < min_free_fraction * total:
+            return 0
+        if mode == _INCREMENTAL and free * page_size >= unused / 2:
+            step = f"PRAGMA incremental_vacuum({_RECLAIM_STEP_PAGES});"
+            for _ in range(free // _RECLAIM_STEP_PAGES + 1):
+                # executescript runs the pragma to completion; execute() would
+                # stop after its first step and free a single page.
+                self._write(lambda c: c.executescript(step))
+        elif total <= _VACUUM_MAX_BYTES:
+            log.info("sqlite: rewriting %s (%d of %d bytes unused)", self.path, unused, total)
+            self._write(lambda c: c.executescript("PRAGMA auto_vacuum = INCREMENTAL; VACUUM;"))
+        else:
+            log.warning("sqlite: %s has %d of %d bytes unused; it is too large to rewrite "
+                        "while in use: run VACUUM on it while the application is stopped",
+                        self.path, unused, total)
+            return 0
+        with self._errors():
+            after = int(conn.execute("PRAGMA page_count").fetchone()[0])
+            # Moves the rewritten pages from the WAL into the file, truncating
+            # both; a reader on an old snapshot makes it stop early (the next
+            # sweep tries again), which is harmless.
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchall()
+        return max(pages - after, 0) * page_size
+
+    @staticmethod
+    def _unused_in_pages(conn: sqlite3.Connection) -> int:
+        """Bytes unused inside the file's b-tree pages (0 where SQLite is built without ``dbstat``)."""
+        try:
+            return int(conn.execute(
+                "SELECT COALESCE(SUM(unused), 0) FROM dbstat WHERE aggregate = 1").fetchone()[0])
+        except sqlite3.OperationalError:
+            return 0
+
     def stats(self) -> dict[str, Any]:
         conn = self._conn()
         with self._errors():
@@ -1011,6 +1081,7 @@ class SQLiteStateRepository(StateRepository):
             ).fetchone()
             page_size = conn.execute("PRAGMA page_size").fetchone()[0]
             page_count = conn.execute("PRAGMA page_count").fetchone()[0]
+            free_pages = conn.execute("PRAGMA freelist_count").fetchone()[0]
         return {
             "backend": self.backend,
             "tier": str(self.tier) if self.tier else None,
@@ -1018,6 +1089,7 @@ class SQLiteStateRepository(StateRepository):
             "expired_count": total - live,
             "payload_bytes": size,
             "file_bytes": page_size * page_count,
+            "free_bytes": page_size * free_pages,
             "path": self.path,
             "table": self.table,
             "synchronous": self.synchronous,
