@@ -87,7 +87,7 @@ def test_plain_boto3_reads_what_the_library_wrote(repository: S3StateRepository)
     head = repository._client.head_object(
         Bucket=repository.bucket, Key=repository._base + "position%3ABTC"
     )
-    assert head.get("StorageClass", "STANDARD_IA") == "STANDARD_IA"
+    assert head.get("StorageClass", "STANDARD") == "STANDARD"
 
 
 def test_compression_round_trip(s3_url: str) -> None:
@@ -155,6 +155,47 @@ def test_storage_class_rejected_by_server_is_dropped(s3_url: str) -> None:
         assert repo.storage_class is None  # remembered: no second failed PUT
         repo.store("b", *make(2))
         assert repo.fetch("a") == 1 and repo.fetch("b") == 2
+
+
+def sent_storage_classes(repo: S3StateRepository) -> dict[str, str | None]:
+    """Object name -> the StorageClass each PutObject of ``repo`` sends from now on."""
+    sent: dict[str, str | None] = {}
+
+    def record(params: dict, **_: object) -> None:
+        sent[params["Key"]] = params.get("StorageClass")
+
+    repo._client.meta.events.register("provide-client-params.s3.PutObject", record)
+    return sent
+
+
+@pytest.mark.parametrize("storage_class", ["STANDARD_IA", "ONEZONE_IA", "GLACIER_IR"])
+def test_small_objects_are_never_billed_as_128_kib(s3_url: str, storage_class: str) -> None:
+    # SeaweedFS ignores the class; what the library asks for is what AWS bills.
+    with S3StateRepository.from_url(s3_url, storage_class=storage_class, compression=False) as repo:
+        sent = sent_storage_classes(repo)
+        small, large = {"n": "x" * 1000}, {"n": "x" * (128 << 10)}
+        repo.store("small", *make(small))
+        repo.store("large", *make(large))
+        assert sent == {repo._base + "small": None, repo._base + "large": storage_class}
+        assert repo.fetch("small") == small and repo.fetch("large") == large
+    forced = s3_url + f"&storage_class={storage_class}&force_storage_class=true"
+    with open_repository(forced) as repo:
+        sent = sent_storage_classes(repo)
+        repo.store("small", *make(small, version=2))
+        assert sent == {repo._base + "small": storage_class}
+
+
+def test_default_storage_class_is_standard(s3_url: str) -> None:
+    with S3StateRepository.from_url(s3_url) as repo:
+        sent = sent_storage_classes(repo)
+        repo.store("k", *make({"n": "x" * (200 << 10)}))
+        assert list(sent.values()) == ["STANDARD"]
+
+
+@pytest.mark.parametrize("storage_class", ["GLACIER", "DEEP_ARCHIVE"])
+def test_classes_that_need_a_restore_are_refused(s3_url: str, storage_class: str) -> None:
+    with pytest.raises(ConfigurationError, match="restored before they can be read"):
+        open_repository(s3_url + f"&storage_class={storage_class}")
 
 
 def test_missing_bucket_is_a_configuration_error(s3_url: str) -> None:

@@ -3,11 +3,12 @@
 URL::
 
     s3://bucket/prefix?region=eu-west-1&endpoint_url=http://127.0.0.1:8333
-        &storage_class=STANDARD_IA&compression=true&create_bucket=false
+        &storage_class=STANDARD&compression=true&create_bucket=false
 
 Query options (all optional; keyword arguments to :meth:`~S3StateRepository.from_url`
 override them): ``region``, ``endpoint_url``, ``profile``, ``storage_class``
-(default ``STANDARD_IA``; ``none`` sends none), ``compression`` (default on),
+(default ``STANDARD``; ``none`` sends none), ``force_storage_class`` (default
+off), ``compression`` (default on),
 ``compress_min_bytes`` (default 1024), ``create_bucket`` (default off),
 ``max_workers`` (threads for the batch calls, default 16), ``connect_timeout``
 (default 2 s), ``read_timeout`` (default 30 s), ``retries`` (attempts, default 3),
@@ -153,8 +154,14 @@ _REFUSED = {
 # Characters AWS lists as safe in object keys, minus "!" (our marker prefix).
 _SAFE_ASCII = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_.*'()")
 _PLAIN = re.compile(r"[A-Za-z0-9\-_*'()][A-Za-z0-9\-_.*'()]*\Z")
+#: Storage classes that bill every object as at least this many bytes.
+_MIN_BILLED_BYTES = {"STANDARD_IA": 128 << 10, "ONEZONE_IA": 128 << 10, "GLACIER_IR": 128 << 10}
+#: Storage classes whose objects a GET cannot read until they are restored.
+_NEEDS_RESTORE = frozenset({"GLACIER", "DEEP_ARCHIVE"})
+
 _OPTIONS = {
-    "region", "endpoint_url", "profile", "storage_class", "compression", "compress_min_bytes",
+    "region", "endpoint_url", "profile", "storage_class", "force_storage_class",
+    "compression", "compress_min_bytes",
     "create_bucket", "max_workers", "connect_timeout", "read_timeout", "retries",
     "max_name_bytes", "conditional", "client",
 }
@@ -210,8 +217,14 @@ class S3StateRepository(StateRepository):
     :param region: AWS region (default: boto3's chain; ``us-east-1`` with an endpoint).
     :param endpoint_url: an S3-compatible server (path-style addressing is used).
     :param profile: a profile from ``~/.aws/config``.
-    :param storage_class: sent with every PUT; ``None`` sends none. If the
-        server rejects it, it is dropped (once, with a warning) and remembered.
+    :param storage_class: sent with the PUT of each object; ``None`` sends
+        none. If the server rejects it, it is dropped (once, with a warning)
+        and remembered. ``STANDARD_IA``, ``ONEZONE_IA`` and ``GLACIER_IR``
+        bill every object as at least 128 KiB, so a smaller object is stored
+        ``STANDARD`` instead unless ``force_storage_class``. ``GLACIER`` and
+        ``DEEP_ARCHIVE`` are refused: their objects cannot be read without a
+        restore first, and a COLD read must be one GET.
+    :param force_storage_class: send ``storage_class`` for small objects too.
     :param compression: zlib-compress payloads of at least ``compress_min_bytes``.
     :param create_bucket: create the bucket if it does not exist.
     :param max_workers: threads for ``store_many``/``fetch_many``/``delete_many``.
@@ -238,7 +251,8 @@ class S3StateRepository(StateRepository):
         region: str | None = None,
         endpoint_url: str | None = None,
         profile: str | None = None,
-        storage_class: str | None = "STANDARD_IA",
+        storage_class: str | None = "STANDARD",
+        force_storage_class: bool = False,
         compression: bool = True,
         compress_min_bytes: int = 1024,
         create_bucket: bool = False,
@@ -251,6 +265,10 @@ class S3StateRepository(StateRepository):
     ) -> None:
         if not bucket or "/" in bucket:
             raise ConfigurationError(f"s3: invalid bucket name {bucket!r}")
+        if storage_class in _NEEDS_RESTORE:
+            raise ConfigurationError(
+                f"s3: storage_class={storage_class} objects must be restored before they can "
+                "be read, so a COLD read could not be one GET; use STANDARD_IA or GLACIER_IR")
         if max_workers < 1 or retries < 1 or compress_min_bytes < 0:
             raise ConfigurationError("s3: max_workers and retries must be >= 1")
         if conditional not in ("auto", "on", "off"):
@@ -269,6 +287,7 @@ class S3StateRepository(StateRepository):
         self.prefix = prefix
         self.endpoint_url = endpoint_url
         self.storage_class = storage_class or None
+        self.force_storage_class = force_storage_class
         self.compression = compression
         self.compress_min_bytes = compress_min_bytes
         self.create_bucket = create_bucket
@@ -371,7 +390,7 @@ class S3StateRepository(StateRepository):
         if "storage_class" in query:
             sc = query["storage_class"]
             kwargs["storage_class"] = None if str(sc or "").lower() in ("", "none") else sc
-        for name in ("compression", "create_bucket"):
+        for name in ("compression", "create_bucket", "force_storage_class"):
             if name in query:
                 kwargs[name] = parse_bool(query[name], name)
         for name, minimum in (
@@ -596,7 +615,7 @@ class S3StateRepository(StateRepository):
         self._put_object(kwargs, storage_class=True)
 
     def _put_object(self, kwargs: dict[str, Any], *, storage_class: bool) -> None:
-        sc = self.storage_class if storage_class else None
+        sc = self._class_for(len(kwargs["Body"])) if storage_class else None
         with self._errors("PUT"):
             if sc is None:
                 self._client.put_object(**kwargs)
@@ -609,6 +628,13 @@ class S3StateRepository(StateRepository):
                 log.warning("s3: the server rejects storage class %s; sending none from now on", sc)
                 self.storage_class = None
                 self._client.put_object(**kwargs)
+
+    def _class_for(self, size: int) -> str | None:
+        """The storage class to send for an object of ``size`` bytes (None: the bucket's default)."""
+        sc = self.storage_class
+        if sc is None or self.force_storage_class or size >= _MIN_BILLED_BYTES.get(sc, 0):
+            return sc
+        return None  # STANDARD: the class would bill it as _MIN_BILLED_BYTES
 
     def _delete_objects(self, names: list[str]) -> dict[str, BaseException]:
         """DeleteObjects for at most 1000 names; returns name -> error for the failures."""
@@ -878,6 +904,7 @@ class S3StateRepository(StateRepository):
             "prefix": self.prefix,
             "endpoint_url": redact(self.endpoint_url) if self.endpoint_url else None,
             "storage_class": self.storage_class,
+            "force_storage_class": self.force_storage_class,
             "compression": self.compression,
             "conditional_writes": self._conditional,
         }
