@@ -124,12 +124,22 @@ _INSERT_COLUMNS = (
     "(key, payload, checksum, size_bytes, version, created_at, updated_at,"
     " last_accessed, expires_at, encoding)"
 )
-# Parameters are positional (?1..?10 in _INSERT_COLUMNS order, see _params):
-# binding a tuple is measurably cheaper than a dict on the store path.
-_VALUES = "(?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10)"
+# Parameters are plain positional ``?`` in _INSERT_COLUMNS order (see
+# _params): binding a tuple is measurably cheaper than a dict on the store
+# path, and numbered ones (?1) bound from a tuple are refused from Python 3.14.
+# So an upsert takes the new row's values from ``excluded`` rather than
+# naming a parameter twice.
+_VALUES = "(?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
 _SET_ALL = (
-    "payload = ?2, checksum = ?3, size_bytes = ?4, version = ?5, created_at = ?6,"
-    " updated_at = ?7, last_accessed = ?8, expires_at = ?9, encoding = ?10"
+    "payload = excluded.payload, checksum = excluded.checksum, size_bytes = excluded.size_bytes,"
+    " version = excluded.version, created_at = excluded.created_at,"
+    " updated_at = excluded.updated_at, last_accessed = excluded.last_accessed,"
+    " expires_at = excluded.expires_at, encoding = excluded.encoding"
+)
+# The same columns set from parameters (an UPDATE has no ``excluded``).
+_SET_PARAMS = (
+    "payload = ?, checksum = ?, size_bytes = ?, version = ?, created_at = ?, updated_at = ?,"
+    " last_accessed = ?, expires_at = ?, encoding = ?"
 )
 
 #: ``encoding`` of the entries that hold no value (see :mod:`tiered_state.record`).
@@ -393,20 +403,20 @@ class SQLiteStateRepository(StateRepository):
             f"INSERT INTO {t} {_INSERT_COLUMNS} VALUES {_VALUES} ON CONFLICT(key) DO UPDATE SET {_SET_ALL}"
         )
         self._sql_store = upsert
-        # The conditional writes, ?1..?10 as in _params (?5: the new version),
-        # ?11: now, ?12: the expected version. Each is one statement, so it is
-        # atomic against every other connection; the batch forms run the same
-        # statements. The "stored version" is that of the row whatever its
-        # kind or expiry; the "live version" that of a row not expired
-        # (a tombstone's expires_at is 0.0).
-        self._sql_store_if_newer = f"{upsert} WHERE {t}.version < ?5"
+        # The conditional writes (parameters: see _if_version). Each is one
+        # statement, so it is atomic against every other connection; the
+        # batch forms run the same statements. The "stored version" is that
+        # of the row whatever its kind or expiry; the "live version" that of
+        # a row not expired (a tombstone's expires_at is 0.0).
+        self._sql_store_if_newer = f"{upsert} WHERE {t}.version < excluded.version"
         # expected 0: absent, or present but not live -- and never older.
         self._sql_store_if_absent = (
-            f"{upsert} WHERE {t}.expires_at IS NOT NULL AND {t}.expires_at <= ?11 AND {t}.version <= ?5"
+            f"{upsert} WHERE {t}.expires_at IS NOT NULL AND {t}.expires_at <= ?"
+            f" AND {t}.version <= excluded.version"
         )
         self._sql_store_if_version = (
-            f"UPDATE {t} SET {_SET_ALL} WHERE key = ?1 AND version = ?12 AND version <= ?5"
-            " AND (expires_at IS NULL OR expires_at > ?11)"
+            f"UPDATE {t} SET {_SET_PARAMS} WHERE key = ? AND version = ? AND version <= ?"
+            " AND (expires_at IS NULL OR expires_at > ?)"
         )
         self._sql_delete = f"DELETE FROM {t} WHERE key = ?"
         self._sql_delete_if_version = f"DELETE FROM {t} WHERE key = ? AND version = ?"
@@ -460,10 +470,12 @@ class SQLiteStateRepository(StateRepository):
             )
             try:
                 conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-                # Takes effect only in a file without tables yet (a new one):
-                # then the pages deletes free can be given back to the file
-                # system by reclaim_space() without rewriting the file.
-                conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
+                if os.path.getsize(self.path) == 0:
+                    # A new file, before its header is written (by the switch
+                    # to WAL): then the pages deletes free can be given back by
+                    # reclaim_space() without rewriting the file. Set on every
+                    # connection, the pragma would be a write of its own.
+                    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
                 mode = self._wal(conn)
                 conn.execute(f"PRAGMA synchronous = {self.synchronous}")
                 # LIKE must be case sensitive: keys are. (It also lets a
@@ -829,7 +841,7 @@ class SQLiteStateRepository(StateRepository):
         params = self._params(key, value, metadata)
         if expected == 0:
             return self._sql_store_if_absent, (*params, now)
-        return self._sql_store_if_version, (*params, now, expected)
+        return self._sql_store_if_version, (*params[1:], key, expected, metadata["version"], now)
 
     def store_if_version(self, key: str, value: str, metadata: Metadata, expected: int) -> bool:
         validate_key(key)
@@ -847,29 +859,29 @@ class SQLiteStateRepository(StateRepository):
     # multi-row upsert with RETURNING was 5-15% faster on 100-5000 keys but
     # needs SQLite 3.35 and a statement per batch size; a SELECT before an
     # executemany was 20% slower.)
-    def _each(self, statements: list[tuple[str, tuple[Any, ...]]]) -> set[str]:
-        """Run ``(sql, params)`` pairs in one transaction; the keys (``params[0]``)
-        whose statement changed a row."""
+    def _each(self, statements: list[tuple[str, str, tuple[Any, ...]]]) -> set[str]:
+        """Run ``(key, sql, params)`` in one transaction; the keys whose
+        statement changed a row."""
         if not statements:
             return set()
 
         def work(conn: sqlite3.Connection) -> set[str]:
             cursor = conn.cursor()
-            return {params[0] for sql, params in statements if cursor.execute(sql, params).rowcount > 0}
+            return {key for key, sql, params in statements if cursor.execute(sql, params).rowcount > 0}
 
         return self._write(work, transaction=True)
 
     def store_many_if_newer(self, items: Items) -> set[str]:
         params = self._params
         sql = self._sql_store_if_newer
-        return self._each([(sql, params(validate_key(k), v, md)) for k, (v, md) in items.items()])
+        return self._each([(k, sql, params(validate_key(k), v, md)) for k, (v, md) in items.items()])
 
     def store_many_if_version(self, items: Items, expected: Mapping[str, int]) -> set[str]:
         now = time.time()
         statement = self._if_version
         # Every key and its expected version are checked before any I/O.
         return self._each(
-            [statement(validate_key(k), v, md, expected[k], now) for k, (v, md) in items.items()]
+            [(k, *statement(validate_key(k), v, md, expected[k], now)) for k, (v, md) in items.items()]
         )
 
     def delete(self, key: str) -> bool:
@@ -884,7 +896,7 @@ class SQLiteStateRepository(StateRepository):
         for key in versions:
             validate_key(key)
         sql = self._sql_delete_if_version
-        return self._each([(sql, (key, version)) for key, version in versions.items()])
+        return self._each([(key, sql, (key, version)) for key, version in versions.items()])
 
     def delete_many(self, keys: Iterable[str]) -> int:
         keys = list(dict.fromkeys(validate_key(k) for k in keys))
