@@ -35,6 +35,9 @@ def _open(config: dict[str, Any]) -> tiered_state.StateManager:
     policy = tiered_state.TieringPolicy(
         cold_after=config.get("cold_after", 0.05), hot_ttl=config.get("hot_ttl", 30),
         batch_size=config.get("batch_size", 50), purge_after=config.get("purge_after", 2.0),
+        # Compacts a segment as soon as a tenth of it is dead, so that a short
+        # history has compactions racing the writers in it.
+        compact_below=config.get("compact_below", 0.9),
     )
     return tiered_state.open(config["path"], hot=config["hot"], warm=config["warm"],
                              cold=config["cold"], policy=policy)
@@ -166,10 +169,18 @@ def run_worker(config: dict[str, Any], state: tiered_state.StateManager, log: Lo
 def run_sweeper(config: dict[str, Any], state: tiered_state.StateManager, log: Log,
                 rng: random.Random) -> None:
     try:
-        state.sweep()
+        report = state.sweep()
     except TieredStateError as exc:
         print(f"sweeper: {exc!r}", file=sys.stderr)
         time.sleep(config.get("error_pause", 0.0))
+    else:
+        # What the sweeps did, so a test can tell that segments were written,
+        # compacted and deleted under the history it checks.
+        done = {k: v for k, v in report.as_dict().items()
+                if k in ("moved", "packed", "compacted", "segments_deleted") and v}
+        if done:
+            with open(os.path.join(config["logs"], f"sweeps-{config['process']}.jsonl"), "a") as f:
+                f.write(json.dumps(done) + "\n")
     time.sleep(rng.uniform(0.0, 0.05))
 
 

@@ -34,7 +34,7 @@ from tiered_state.cli import Progress, main
 from tiered_state.factory import open_repositories
 from tiered_state.record import checksum, make_metadata
 
-from .support import free_port, unique_name
+from .support import free_port, require_module, unique_name
 
 TIMEOUT = 30
 
@@ -355,7 +355,8 @@ def test_json_documents_of_the_store_commands(seeded: Path, tmp_path: Path) -> N
     assert stats["manager"]["catalog"] == "warm" and "key_count" in stats["tiers"]["warm"]
     dry = one_json(cli("sweep", "--dry-run", "--cold-after", "none", "--json", path=seeded))
     assert dry == {"dry_run": True, "scanned": dry["scanned"], "moved": 0, "purged": 0,
-                   "collected": None, "skipped": 0, "failed": 0, "reclaimed_bytes": None,
+                   "collected": None, "packed": None, "compacted": None, "segments_deleted": None,
+                   "skipped": 0, "failed": 0, "reclaimed_bytes": None,
                    "seconds": dry["seconds"],
                    "errors": {}}
     dump = tmp_path / "dump.jsonl"
@@ -366,7 +367,8 @@ def test_json_documents_of_the_store_commands(seeded: Path, tmp_path: Path) -> N
     assert one_json(imported) == {"imported": 11, "unchanged": 0, "newer": 0, "expired": 0,
                                   "invalid": 0}
     assert one_json(cli("upgrade", "--json", path=seeded)) == {
-        "moved": 0, "dropped": 0, "corrupt": 0, "hot_flushed": 0, "already": True}
+        "moved": 0, "dropped": 0, "corrupt": 0, "hot_flushed": 0, "packed": 0,
+        "already": True}
     assert_clean_error(cli("export", "-", "--json", path=seeded), 2, "needs a FILE")
 
 
@@ -647,6 +649,8 @@ def test_doctor_reports_every_tier(store: Path) -> None:
 )
 def test_every_error_is_one_line_in_one_style(store: Path, args: tuple[str, ...], code: int,
                                               needle: str) -> None:
+    if any(arg.startswith("postgresql://") for arg in args):
+        require_module("psycopg2")  # "unreachable" needs the driver to try
     result = cli(*args, path=store)
     assert (result.returncode, result.stdout) == (code, "")
     # One error line, last; before it at most the library's warnings, in the same form.
@@ -673,7 +677,7 @@ def test_doctor_json(store: Path) -> None:
 
 
 def test_doctor_names_missing_s3_credentials(store: Path) -> None:
-    pytest.importorskip("boto3")
+    require_module("boto3")
     # No credentials anywhere in boto3's chain (and no instance metadata to ask).
     env = {"AWS_SHARED_CREDENTIALS_FILE": str(store / "none"),
            "AWS_CONFIG_FILE": str(store / "none"), "AWS_EC2_METADATA_DISABLED": "true"}
@@ -692,6 +696,8 @@ def test_doctor_names_missing_s3_credentials(store: Path) -> None:
 
 
 def test_unreachable_server_is_a_clean_error_with_password_redacted(store: Path) -> None:
+    require_module("redis")
+    require_module("psycopg2")
     dead = f"redis://app:s3cret-pw@127.0.0.1:{free_port()}/0"
     started = time.monotonic()
     doctor = cli("--hot", dead, "doctor", path=store)
@@ -882,7 +888,7 @@ def test_move_embedded_store_to_servers(seeded: Path, tmp_path: Path, redis_url:
         hot = open_repositories(tmp_path / "unused", hot=servers[1], warm="none", cold="none")
         hot[Tier.HOT].clear()
         hot[Tier.HOT].close()
-        psycopg2 = pytest.importorskip("psycopg2")
+        psycopg2 = require_module("psycopg2")
         with psycopg2.connect(postgres_url) as conn, conn.cursor() as cur:
             cur.execute(f'DROP TABLE IF EXISTS "{table}"')
 

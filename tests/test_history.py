@@ -203,7 +203,20 @@ def _per_key(call: dict[str, Any], done: dict[str, Any] | None) -> Iterator[Op]:
             yield op(key, "delete", existed=None)
 
 
-def check(logs: Path, kills: int, label: str) -> None:
+def sweep_totals(logs: Path) -> dict[str, int]:
+    """What the sweeper processes' sweeps did, summed (lines torn by a SIGKILL skipped)."""
+    totals: dict[str, int] = {}
+    for path in logs.glob("sweeps-*.jsonl"):
+        for line in path.read_text().splitlines(keepends=True):
+            if line.endswith("\n"):
+                for name, n in json.loads(line).items():
+                    totals[name] = totals.get(name, 0) + n
+    return totals
+
+
+def check(logs: Path, kills: int, label: str, *, compaction: bool = False) -> None:
+    """Check every key's history; with ``compaction``, also that the sweeps
+    wrote, compacted and deleted COLD segments while it was made."""
     ops, bad = load_ops(logs)
     assert bad == [], f"{label}: corrupt data was served or found: {bad[:5]}"
     assert len(ops) > 100, f"{label}: too few operations ran ({len(ops)}); see {logs}"
@@ -212,10 +225,15 @@ def check(logs: Path, kills: int, label: str) -> None:
     for path in logs.glob("*.stats"):  # processes that stopped cleanly
         for name, n in json.loads(path.read_text()).items():
             totals[name] = totals.get(name, 0) + n
+    sweeps = sweep_totals(logs)
     summary = (f"{label}: {report.ops_checked} operations ({report.info_ops} indeterminate), "
                f"{kills} SIGKILLs, {report.keys_checked} key histories checked in "
-               f"{report.seconds:.1f}s; counters of the processes that stopped cleanly: {totals}")
+               f"{report.seconds:.1f}s; counters of the processes that stopped cleanly: {totals}; "
+               f"the sweeps: {sweeps}")
     print(summary)
+    if compaction:
+        assert sweeps.get("moved") and sweeps.get("compacted") and sweeps.get("segments_deleted"), \
+            f"no compaction ran under the history: {summary}"
     if not report.ok:
         lines = [summary, "NOT LINEARIZABLE:"]
         by_key: dict[str, list[Op]] = {}
@@ -236,7 +254,7 @@ def test_embedded_layout_is_linearizable(tmp_path: Path) -> None:
     logs.mkdir()
     config = {"path": str(store), "hot": "memory://", "warm": None, "cold": None, "keys": KEYS}
     kills = run(config, logs, seed=1)
-    check(logs, kills, "embedded (memory + sqlite + file)")
+    check(logs, kills, "embedded (memory + sqlite + file)", compaction=True)
 
 
 @pytest.mark.slow
@@ -254,7 +272,7 @@ def test_server_layout_is_linearizable(tmp_path: Path, redis_url: str, postgres_
               "keys": KEYS}
     try:
         kills = run(config, logs, seed=2)
-        check(logs, kills, "server (redis + postgres + s3)")
+        check(logs, kills, "server (redis + postgres + s3)", compaction=True)
     finally:
         with open_repository(hot) as repo:
             repo.clear()

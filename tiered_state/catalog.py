@@ -16,28 +16,34 @@ can outvote the catalog.
 
 Payloads below the catalog are written *before* the entry that points at them
 and are never overwritten with other content: each is named after its key and
-version (:func:`payload_name`). A payload no entry references is garbage --
-never read, and removed by the sweep (:meth:`Catalog.is_garbage`).
+version (:func:`payload_name`), or -- when a batch goes down at once and the
+tier below keeps segments -- lies in a segment written once under a fresh
+name (:mod:`tiered_state.segments`), the stub naming its span. A payload no
+entry references is garbage -- never read, and removed by the sweep
+(:meth:`Catalog.is_garbage`; a segment once no live stub names it).
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
-from . import codec
+from . import codec, segments
 from .codec import JSON, Codec, decode_entry
 from .errors import BackendError, BatchError, IntegrityError, InvalidKeyError, SerializationError
 from .keys import MAX_KEY_BYTES, validate_key
 from .record import STUB, Entry, Metadata, Record, Tier, is_value, make_stub
-from .repositories.base import Items, StateRepository
+from .repositories.base import Items, StateRepository, chunked
+from .segments import Footer, Location, SegmentStore
 
 __all__ = [
     "RESERVED_PREFIX",
     "Catalog",
     "Resolved",
+    "SegmentCollected",
+    "SegmentState",
     "is_payload_name",
     "parse_payload_name",
     "payload_name",
@@ -51,6 +57,8 @@ log = logging.getLogger(__name__)
 RESERVED_PREFIX = "__tiered_state__:"
 
 _HEX = frozenset("0123456789abcdef")
+#: Segment footers kept per process (a few KiB each).
+_FOOTER_CACHE = 4096
 
 
 def payload_name(key: str, version: int) -> str:
@@ -123,6 +131,29 @@ class Resolved:
         )
 
 
+class SegmentCollected(Exception):
+    """A segment just written was deleted as garbage before it was read back."""
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentState:
+    """A segment as the catalog sees it now.
+
+    :ivar entries: the catalog entries of the keys it holds frames of.
+    :ivar live: those entries that are live stubs pointing at its frames.
+    """
+
+    name: str
+    size: int
+    footer: Footer
+    entries: dict[str, Entry]
+    live: dict[str, Entry]
+
+    @property
+    def live_bytes(self) -> int:
+        return sum(self.footer.frames[key][2] for key in self.live)
+
+
 class Catalog:
     """The catalog repository and the payload tier below it.
 
@@ -142,6 +173,11 @@ class Catalog:
         self.repo = repo
         self.payload_tier = payloads[0] if payloads else None
         self.payload_repo = payloads[1] if payloads else None
+        #: Where batches moved below the catalog go, one segment each (None:
+        #: the tier below keeps one object per payload).
+        self.segments: SegmentStore | None = (
+            self.payload_repo.segments() if self.payload_repo is not None else None)
+        self._footers: dict[str, Footer] = {}
 
     # ------------------------------------------------------------ locators
     def locator(self, name: str) -> str:
@@ -149,15 +185,30 @@ class Catalog:
         assert self.payload_tier is not None
         return codec.encode({"name": name, "tier": self.payload_tier.value})
 
+    def segment_locator(self, where: Location) -> str:
+        """A stub's payload when its value lies in a segment: the span."""
+        assert self.payload_tier is not None
+        return codec.encode({**where.as_dict(), "tier": self.payload_tier.value})
+
     @staticmethod
-    def located_name(stub: Entry) -> str | None:
-        """The payload name a stub points at (None: not a locator this version wrote)."""
+    def _locator(stub: Entry) -> object:
         try:
-            data = codec.decode(stub.payload)
+            return codec.decode(stub.payload)
         except SerializationError:
             return None
+
+    @classmethod
+    def located_name(cls, stub: Entry) -> str | None:
+        """The payload name a stub points at (None: a segment's span, or not a
+        locator this version wrote)."""
+        data = cls._locator(stub)
         name = data.get("name") if isinstance(data, dict) else None
         return name if isinstance(name, str) else None
+
+    @classmethod
+    def located_span(cls, stub: Entry) -> Location | None:
+        """The segment span a stub points at (None: a payload name, or not a locator)."""
+        return Location.parse(cls._locator(stub))
 
     def holds(self, tier: Tier) -> bool:
         """True if a write aimed at ``tier`` keeps its payload in the catalog row."""
@@ -200,6 +251,9 @@ class Catalog:
             names = {key: self.located_name(e) or "" for key, e in stubs.items()}
             names.update((key, payload_name(key, e.version)) for key, e in damaged.items())
             payloads = self._fetch_payloads(names)
+            spans = {key: span for key, e in stubs.items()
+                     if not names[key] and (span := self.located_span(e)) is not None}
+            payloads.update(self.fetch_frames(spans))
             missing: list[str] = []
             for key, stub in stubs.items():
                 value = self._matching(stub, payloads.get(key))
@@ -209,12 +263,15 @@ class Catalog:
                     found[key] = Resolved(value, self.payload_tier or self.tier)
             if missing:
                 now_entries = self.repo.fetch_many(missing) if _again else {}
-                moved = {k: e for k, e in now_entries.items() if e.version != stubs[k].version}
+                # Moved on: a newer version, or the same one elsewhere (compacted
+                # into another segment, or promoted into the catalog).
+                moved = {k: e for k, e in now_entries.items()
+                         if e.version != stubs[k].version or e.payload != stubs[k].payload}
                 for key in missing:
                     if key in moved or (_again and key not in now_entries):
                         continue  # replaced or deleted since it was read: not corrupt
                     log.error("the payload of key %r (%s) is missing or fails its checksum",
-                              key, names[key])
+                              key, names[key] or stubs[key].payload)
                     corrupt.append(key)
                 if moved:
                     more, still = self.resolve(moved, now, _again=_again - 1)
@@ -246,6 +303,25 @@ class Catalog:
                 return {}
             return {} if entry is None else {key: entry}
         return {wanted[n]: e for n, e in self._readable(list(wanted)).items()}
+
+    def fetch_frames(self, spans: Mapping[str, Location]) -> dict[str, Entry]:
+        """key -> the payload entry in segment span ``spans[key]``; absent and
+        unreadable ones (logged) left out, as :meth:`_readable` does."""
+        store = self.segments
+        if store is None or not spans:
+            return {}
+        keys = list(spans)
+        read = store.read_many([(spans[k].segment, spans[k].offset, spans[k].length) for k in keys])
+        found: dict[str, Entry] = {}
+        for key, data in zip(keys, read):
+            if data is None:
+                continue
+            try:
+                found[key] = segments.read_frame(data, spans[key], key)
+            except IntegrityError as exc:
+                log.error("payload of %r in segment %s cannot be read: %s",
+                          key, spans[key].segment, exc)
+        return found
 
     def _readable(self, names: list[str]) -> dict[str, Entry]:
         """The payload entries stored under ``names``, absent ones left out --
@@ -309,6 +385,83 @@ class Catalog:
     def stub_for(self, key: str, payload_md: Metadata) -> tuple[str, Metadata]:
         """The catalog entry of a value whose payload lives below the catalog."""
         return make_stub(payload_md, self.locator(payload_name(key, payload_md["version"])))
+
+    def store_segment(self, items: Items) -> tuple[str, dict[str, tuple[str, Metadata]]]:
+        """Write the payloads of ``items`` below the catalog as one new segment,
+        read it back whole, and return its name and the stub of each key
+        pointing at its span (with the metadata ``items`` give).
+
+        :raises SegmentCollected: another process's sweep deleted it before it
+            was read back: every record in it had moved on meanwhile.
+        :raises BackendError: the segment could not be stored, or did not read
+            back as written (it is deleted then: nothing can reference it yet).
+        """
+        store = self.segments
+        assert store is not None
+        name = segments.new_name()
+        data, spans = segments.build(name, items)
+        store.put(name, data)
+        back = store.read(name, 0, len(data))
+        if back is None:
+            # Never point a stub at it: the records it holds are all newer or
+            # gone in the catalog (see Catalog.is_garbage), so their moves lose.
+            raise SegmentCollected(name)
+        if back != data:
+            store.delete(name)
+            raise BackendError(f"segment {name} did not read back as written")
+        return name, {key: make_stub(items[key][1], self.segment_locator(span))
+                      for key, span in spans.items()}
+
+    def footer(self, name: str, size: int) -> Footer | None:
+        """The index of segment ``name`` (``size`` bytes), read once per process
+        (segments never change); None if it is gone.
+
+        :raises IntegrityError: its trailer or footer is damaged.
+        """
+        found = self._footers.get(name)
+        if found is not None:
+            return found
+        store = self.segments
+        assert store is not None
+        tail = store.read_tail(name, segments.TRAILER_BYTES)
+        if tail is None:
+            return None
+        offset, length = segments.footer_span(tail, name, size)
+        data = store.read(name, offset, length)
+        if data is None:
+            return None
+        found = segments.read_footer(data, tail, name)
+        if len(self._footers) >= _FOOTER_CACHE:
+            self._footers.clear()
+        self._footers[name] = found
+        return found
+
+    def scan_segments(self, now: float) -> Iterator[SegmentState]:
+        """Every segment below the catalog with its index and the live stubs
+        pointing into it, streamed. A segment whose index is damaged is logged
+        and left out (reads of its records report them).
+        """
+        store = self.segments
+        assert store is not None
+        for name, size in list(store.list()):
+            try:
+                footer = self.footer(name, size)
+            except IntegrityError as exc:
+                log.error("segment %s cannot be indexed, left alone: %s", name, exc)
+                continue
+            if footer is None:
+                continue  # deleted meanwhile
+            entries: dict[str, Entry] = {}
+            for chunk in chunked(list(footer.frames), 1000):
+                entries.update(self.repo.fetch_many(chunk))
+            live: dict[str, Entry] = {}
+            for key, (version, offset, length) in footer.frames.items():
+                entry = entries.get(key)
+                if (entry is not None and entry.version == version and entry.kind == STUB
+                        and entry.live(now)
+                        and self.located_span(entry) == Location(name, offset, length)):
+                    live[key] = entry
+            yield SegmentState(name, size, footer, entries, live)
 
     def store_payloads(self, items: Items) -> dict[str, BaseException]:
         """Write payloads below the catalog, each under its :func:`payload_name`.

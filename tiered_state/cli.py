@@ -368,8 +368,9 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.json:
         document = {"dry_run": args.dry_run, **report.as_dict()}
         if args.dry_run:
-            # A dry run neither looks for garbage nor gives space back.
-            document["collected"] = document["reclaimed_bytes"] = None
+            # A dry run neither looks for garbage, nor packs, nor gives space back.
+            for name in ("collected", "packed", "compacted", "segments_deleted", "reclaimed_bytes"):
+                document[name] = None
         emit_json(document)
     else:
         emit(_sweep_summary(report, args.dry_run))
@@ -386,6 +387,9 @@ def _sweep_summary(report: SweepReport, dry_run: bool) -> str:
     return (f"scanned {report.scanned:,}, moved {report.moved:,} to cold, purged "
             f"{report.purged:,} expired, collected {report.collected:,} unreferenced payloads, "
             f"skipped {report.skipped:,}, failed {report.failed:,}"
+            + (f", packed {report.packed:,}, compacted {report.compacted:,} and deleted "
+               f"{report.segments_deleted:,} segments"
+               if report.packed or report.compacted or report.segments_deleted else "")
             + (f", gave back {report.reclaimed_bytes / 1e6:,.1f} MB" if report.reclaimed_bytes else "")
             + f" in {report.seconds:.2f}s")
 
@@ -562,11 +566,13 @@ def _doctor(args: argparse.Namespace) -> dict[str, Any]:
     if any(t["error"] for t in document["tiers"].values()):
         return document
     store: dict[str, Any] = {"ok": False, "catalog": None, "error": None, "hint": None,
-                             "health": None}
+                             "health": None, "warnings": []}
     document["store"] = store
     try:
         with _open(args) as state:
             catalog, health = state.catalog_tier.value, _health(state)
+            if all(row["ok"] for row in health.values()):
+                store["warnings"] = _cost_warnings(state)
     except (TieredStateError, OSError) as exc:
         log.debug("doctor: the store does not open", exc_info=True)
         store.update(error=_error_text(exc), hint=_store_hint(exc))
@@ -579,6 +585,18 @@ def _doctor(args: argparse.Namespace) -> dict[str, Any]:
             return document
     store["ok"] = document["ok"] = True
     return document
+
+
+def _cost_warnings(state: StateManager) -> list[str]:
+    """A line per tier whose dead fraction is above the sweep's compaction threshold."""
+    threshold = TieringPolicy().compact_below
+    warnings = []
+    for name, found in state.stats()["tiers"].items():
+        dead = (found.get("cost") or {}).get("dead_fraction")
+        if dead is not None and dead > threshold:
+            warnings.append(f"{name}: {dead:.0%} of its bytes are dead (more than "
+                            f"{threshold:.0%}); a `{PROG} sweep` gives them back")
+    return warnings
 
 
 def cmd_doctor(args: argparse.Namespace) -> int:
@@ -612,6 +630,8 @@ def cmd_doctor(args: argparse.Namespace) -> int:
             for name, row in store["health"].items():
                 if row.get("primaries"):
                     emit(f"{name}: {row['topology']}, primaries {', '.join(row['primaries'])}")
+            for warning in store["warnings"]:
+                emit(f"warning: {warning}")
         elif store is not None:
             emit("store: does not open" if store["catalog"] is None
                  else "store: opens, but a tier fails its health check")
@@ -931,15 +951,18 @@ def cmd_import(args: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------- upgrade
 def cmd_upgrade(args: argparse.Namespace) -> int:
-    report = upgrade_store(args.path, hot=args.hot, warm=args.warm, cold=args.cold)
+    report = upgrade_store(args.path, hot=args.hot, warm=args.warm, cold=args.cold, pack=args.pack)
     if args.json:
         emit_json(dataclasses.asdict(report))
     elif report.already:
-        emit("the store is already in the current format; nothing to do")
+        emit("the store is already in the current format"
+             + (f"; packed {report.packed:,} cold records into segments" if args.pack
+                else "; nothing to do"))
     else:
         emit(f"upgraded the store to the current format: moved {report.moved:,} records from "
              f"the 0.1 cold layout into the catalog, dropped {report.dropped:,} older or expired "
-             f"copies, flushed {report.hot_flushed:,} hot copies, {report.corrupt:,} corrupt")
+             f"copies, flushed {report.hot_flushed:,} hot copies, {report.corrupt:,} corrupt"
+             + (f", packed {report.packed:,} cold records into segments" if args.pack else ""))
     if report.corrupt:
         error_line(f"{report.corrupt:,} cold object(s) fail their checksum and were left in "
                    "place, unread (the errors above name them)")
@@ -1121,9 +1144,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("pattern", metavar="PATTERN", nargs="?", default="*")
     p = command("import", cmd_import, "load an export, keeping versions and TTLs")
     p.add_argument("file", metavar="FILE", help="input file, '-' for stdin")
-    command("upgrade", cmd_upgrade, "bring a store written by tiered-state 0.1 to the current "
-                                    "format (idempotent, safe to interrupt and run again; stop "
-                                    "the applications using the store first)")
+    p = command("upgrade", cmd_upgrade, "bring a store written by tiered-state 0.1 to the "
+                "current format (idempotent, safe to interrupt and run again; stop the "
+                "applications using the store first)")
+    p.add_argument("--pack", action="store_true",
+                   help="also pack cold records stored one per file or object into segments "
+                        "now (each sweep does it over time)")
     command("demo", cmd_demo, "a short tour on a temporary embedded store", None)
     return parser
 

@@ -115,6 +115,12 @@ def inspect_key(key: str, catalog: Catalog, hot: StateRepository | None) -> list
     if kind == STUB and below is not None and catalog.payload_tier is not None:
         name = catalog.located_name(entry) or ""
         payload = _fetch(below, name) if name else None
+        span = catalog.located_span(entry)
+        if span is not None:
+            # A frame of a segment: named by its span; an unreadable one is
+            # logged by fetch_frames and shown as unreadable here.
+            name = f"segments/{span.segment}@{span.offset}+{span.length}"
+            payload = catalog.fetch_frames({key: span}).get(key) or IntegrityError(name, key)
         if isinstance(payload, IntegrityError):
             out.append(_unreadable(catalog.payload_tier, below, name))
         elif payload is not None:

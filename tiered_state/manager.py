@@ -39,7 +39,7 @@ from typing import Any
 
 from .access import AccessTracker
 from .cache import CacheStore, LocalCache
-from .catalog import RESERVED_PREFIX, Catalog, Resolved, user_key
+from .catalog import RESERVED_PREFIX, Catalog, Resolved, SegmentCollected, user_key
 from .codec import Codec, decode_entry, resolve_codec
 from .errors import (
     BackendError,
@@ -156,6 +156,16 @@ class StateManager(Operations):
     value``, ``del state[key]``, ``key in state``, ``iter(state)`` -- except
     for ``len()``: counting would take a full scan of the catalog on most
     backends (``stats()`` reports counts).
+
+    >>> state["config:risk"] = {"max_qty": 5}
+    >>> state["config:risk"], "config:risk" in state
+    ({'max_qty': 5}, True)
+    >>> del state["config:risk"]
+    >>> state.get("config:risk", "gone")
+    'gone'
+
+    It is a context manager too: ``with tiered_state.open(path) as state:``
+    closes it on the way out.
 
     :param hot: the HOT repository, or None.
     :param warm: the WARM repository, or None.
@@ -482,7 +492,7 @@ class StateManager(Operations):
             ticket = hot.before_write(versions) if hot is not None else None
             try:
                 if payloads:
-                    errors = catalog.store_payloads(payloads)
+                    errors = self._store_below(payloads, entries)
                     if time.monotonic() - started > GARBAGE_GRACE / 2:
                         raise _TooSlow  # the sweep may count these payloads as garbage already
                 if ticket is not None:
@@ -543,6 +553,28 @@ class StateManager(Operations):
             else:
                 keep.append(it)
         return keep
+
+    def _store_below(self, payloads: dict[str, tuple[str, Metadata]],
+                     entries: dict[str, tuple[str, Metadata]]) -> dict[str, BaseException]:
+        """Store the payloads of a write aimed below the catalog: a batch as one
+        segment where the tier keeps segments (its stubs then replace the ones
+        in ``entries``), otherwise one object each.
+
+        :returns: ``key -> error`` for the payloads not stored.
+        """
+        catalog = self._catalog
+        if catalog.segments is None or len(payloads) < 2:
+            return catalog.store_payloads(payloads)
+        try:
+            _, stubs = catalog.store_segment(payloads)
+        except SegmentCollected:
+            # Only possible once these versions are older than the sweep's
+            # grace: the write starts over with new ones.
+            raise _TooSlow from None
+        except BackendError as exc:
+            return dict.fromkeys(payloads, exc)
+        entries.update(stubs)
+        return {}
 
     def _conditional(self, pending: list[_Intent], entries: dict[str, tuple[str, Metadata]]
                      ) -> tuple[KeySet, dict[str, BaseException]]:
@@ -618,6 +650,12 @@ class StateManager(Operations):
         Reads HOT (when its copy may be served), else the catalog; a value
         found below HOT is copied up to ``policy.promote_to``.
 
+        >>> version = state.set("position:BTC", {"qty": 1.5})
+        >>> state.get("position:BTC")
+        {'qty': 1.5}
+        >>> state.get("position:ETH") is None, state.get("position:ETH", {"qty": 0})
+        (True, {'qty': 0})
+
         :param promote: False: copy nothing up; True: copy up even if the
             policy says never (to HOT then); None: as the policy says.
 
@@ -663,7 +701,15 @@ class StateManager(Operations):
 
     def get_record(self, key: str, *, promote: bool | None = None) -> Record | None:
         """The value with its metadata and the tier it came from, or None
-        (``promote`` as for :meth:`get`)."""
+        (``promote`` as for :meth:`get`).
+
+        >>> version = state.set("position:BTC", {"qty": 1.5})
+        >>> record = state.get_record("position:BTC")
+        >>> record.value, record.version == version, record.tier
+        ({'qty': 1.5}, True, <Tier.HOT: 'hot'>)
+        >>> state.get_record("position:ETH") is None
+        True
+        """
         key = user_key(key)
         found = self._resolve_one(key, self._promote_to[promote])
         if found is None:
@@ -677,7 +723,12 @@ class StateManager(Operations):
 
     def get_many(self, keys: Iterable[str], *, promote: bool | None = None) -> dict[str, Any]:
         """Values of the keys found (missing keys omitted), one bulk read per
-        tier (``promote`` as for :meth:`get`)."""
+        tier (``promote`` as for :meth:`get`).
+
+        >>> versions = state.set_many({"order:1": {"px": 100}, "order:2": {"px": 101}})
+        >>> state.get_many(["order:1", "order:2", "order:3"])
+        {'order:1': {'px': 100}, 'order:2': {'px': 101}}
+        """
         wanted = list(dict.fromkeys(user_key(k) for k in validate_keys(keys)))
         if not wanted:
             return {}
@@ -686,12 +737,22 @@ class StateManager(Operations):
         return {k: self._decode(found[k].entry) for k in wanted if k in found}
 
     def keys(self, pattern: str = "*") -> list[str]:
-        """Sorted keys matching the glob ``pattern``: a listing of the catalog."""
+        """Sorted keys matching the glob ``pattern``: a listing of the catalog.
+
+        >>> versions = state.set_many({"order:2": 2, "order:1": 1, "fill:1": 3})
+        >>> state.keys("order:*")
+        ['order:1', 'order:2']
+        """
         return sorted(set(self.iter_keys(pattern)))
 
     def iter_keys(self, pattern: str = "*") -> Iterator[str]:
         """Keys matching ``pattern``, streamed from the catalog in bounded memory
-        (in key order where the catalog lists in order: sqlite, postgres)."""
+        (in key order where the catalog lists in order: sqlite, postgres).
+
+        >>> versions = state.set_many({"order:2": 2, "order:1": 1, "fill:1": 3})
+        >>> sorted(state.iter_keys("order:*"))
+        ['order:1', 'order:2']
+        """
         validate_pattern(pattern)
         if self._unchecked:
             self._ready()
@@ -705,6 +766,10 @@ class StateManager(Operations):
         pages of :data:`CHUNK` (key order where the catalog lists in order).
 
         A listing never fills HOT and never counts as a read.
+
+        >>> version = state.set("order:1", {"px": 100})
+        >>> [(record.key, record.value) for record in state.iter_records("order:*")]
+        [('order:1', {'px': 100})]
 
         :param on_error: called with (key, error) for a record that fails its
             checksum, which is then left out; without it the error is raised.
@@ -736,6 +801,16 @@ class StateManager(Operations):
         if_version: int | None = None,
     ) -> int:
         """Store ``value`` under ``key``; durable when it returns.
+
+        >>> v1 = state.set("order:7", {"status": "new"})
+        >>> v2 = state.set("order:7", {"status": "filled"}, if_version=v1)  # compare-and-set
+        >>> v2 > v1
+        True
+        >>> state.set("order:7", {"status": "cancelled"}, if_version=v1)
+        Traceback (most recent call last):
+          ...
+        tiered_state.errors.ConflictError: version conflict on 'order:7': expected ..., found ...
+        >>> session = state.set("session:42", {"user": 7}, tier="warm", ttl=3600)
 
         :param tier: where the value is kept: HOT (a copy, written through to
             the catalog), WARM (the catalog) or COLD (a payload below the
@@ -772,6 +847,10 @@ class StateManager(Operations):
         Every key is validated and every value encoded first: one bad input
         raises and nothing is written.
 
+        >>> versions = state.set_many({"order:1": {"px": 100}, "order:2": {"px": 101}}, tier="warm")
+        >>> sorted(versions)
+        ['order:1', 'order:2']
+
         :returns: ``key -> version``.
         :raises BatchError: a backend failed part-way; ``.failed`` /
             ``.succeeded`` say which keys.
@@ -802,12 +881,22 @@ class StateManager(Operations):
         return committed
 
     def delete(self, key: str) -> bool:
-        """Delete ``key``. True if this call deleted it (it existed and no one else deleted it first)."""
+        """Delete ``key``. True if this call deleted it (it existed and no one else deleted it first).
+
+        >>> version = state.set("order:1", {"px": 100})
+        >>> state.delete("order:1"), state.delete("order:1")
+        (True, False)
+        """
         key = user_key(key)
         return key in self._delete([key])
 
     def delete_many(self, keys: Iterable[str]) -> int:
-        """Delete many keys with one conditional bulk write; how many this call deleted."""
+        """Delete many keys with one conditional bulk write; how many this call deleted.
+
+        >>> versions = state.set_many({"order:1": 1, "order:2": 2})
+        >>> state.delete_many(["order:1", "order:2", "order:3"])
+        2
+        """
         wanted = list(dict.fromkeys(user_key(k) for k in validate_keys(keys)))
         return len(self._delete(wanted)) if wanted else 0
 
@@ -849,6 +938,14 @@ class StateManager(Operations):
         never outlive the record -- so the next reads come from the catalog
         (and, with Redis as HOT, keep doing so until the key's next write or
         for at most five minutes).
+
+        >>> version = state.set("session:42", {"user": 7}, ttl=60)
+        >>> state.touch("session:42", 3600), state.touch("session:43", 3600)
+        (True, False)
+        >>> state.touch("session:42", None)  # no expiry any more
+        True
+        >>> state.get_record("session:42").expires_at is None
+        True
 
         :returns: True if the key exists, False if it is absent (or expired).
         """
@@ -901,6 +998,16 @@ class StateManager(Operations):
         that tier is HOT or not configured). Records are written in batches
         of :data:`CHUNK` through the same conditional write as ``set_many``.
 
+        >>> version = state.set("order:1", {"px": 100})
+        >>> copy = tiered_state.open(folder / "copy")
+        >>> copy.restore(state.iter_records())
+        RestoreReport(restored=1, unchanged=0, newer=0, expired=0)
+        >>> copy.get_record("order:1").version == version
+        True
+        >>> copy.restore(state.iter_records()).unchanged  # restored twice: nothing to do
+        1
+        >>> copy.close()
+
         :param on_error: called with (record, error) for a record that cannot
             be written as it is -- an invalid or reserved key, a value that
             does not match its checksum -- which is then left out; without it
@@ -946,6 +1053,14 @@ class StateManager(Operations):
     def promote(self, key: str, to: TierLike = Tier.HOT) -> bool:
         """Copy ``key`` up into tier ``to``; every other copy stays.
 
+        >>> version = state.set("order:1", {"px": 100}, tier="cold")
+        >>> state.get_record("order:1", promote=False).tier
+        <Tier.COLD: 'cold'>
+        >>> state.promote("order:1", to="warm")
+        True
+        >>> state.get_record("order:1", promote=False).tier
+        <Tier.WARM: 'warm'>
+
         :returns: True if ``to`` now holds the current version, False if the
             key is absent (or a write replaced it meanwhile).
         """
@@ -983,6 +1098,14 @@ class StateManager(Operations):
 
         Into COLD under a WARM catalog: copy the payload, verify it, turn the
         entry into a stub of the same version; a write racing the move wins.
+
+        >>> version = state.set("position:BTC", {"qty": 1.5})
+        >>> state.demote("position:BTC", to="cold")
+        True
+        >>> [(copy.tier, copy.role) for copy in state.inspect("position:BTC")]
+        [('warm', 'stub'), ('cold', 'payload')]
+        >>> state.demote("position:BTC", to="cold")  # nothing left to move
+        False
 
         :returns: True if something moved: the value went down to ``to``, or a
             copy above ``to`` was removed. False if nothing did: the key is
@@ -1038,6 +1161,18 @@ class StateManager(Operations):
         entries and collects unreferenced payloads, in batches of
         ``policy.batch_size`` so memory stays flat.
 
+        >>> from tiered_state import TieringPolicy
+        >>> bot = tiered_state.open(folder / "bot", policy=TieringPolicy(cold_after=0))
+        >>> versions = bot.set_many({"fill:1": {"qty": 1}, "fill:2": {"qty": 2}}, tier="warm")
+        >>> bot.sweep(dry_run=True).moved  # what would move; nothing does
+        2
+        >>> report = bot.sweep()
+        >>> report.moved, report.failed
+        (2, 0)
+        >>> bot.get_record("fill:1", promote=False).tier
+        <Tier.COLD: 'cold'>
+        >>> bot.close()
+
         :param progress: called with the running report after every batch.
         :param dry_run: only count what would be moved and purged; nothing is
             written except the pending read times the idle test needs.
@@ -1052,8 +1187,60 @@ class StateManager(Operations):
         self._access.flush()
 
     # ------------------------------------------------------------ introspection
+    def _cost(self, tier: Tier, found: dict[str, Any]) -> dict[str, Any]:
+        """What a tier's records cost to keep: ``records``, ``live_bytes``
+        (their payloads), ``allocated_bytes`` (what the store takes),
+        ``segments`` and ``dead_fraction`` (of the bytes allocated to records,
+        the part no live record uses: free pages, dead segment frames).
+        None where the backend does not tell."""
+        allocated = found.get("file_bytes")
+        free = found.get("free_bytes")
+        cost: dict[str, Any] = {
+            "records": found.get("key_count"),
+            "live_bytes": found.get("payload_bytes"),
+            "allocated_bytes": allocated,
+            "segments": 0,
+            "dead_fraction": free / allocated if free is not None and allocated else None,
+        }
+        catalog = self._catalog
+        if tier is catalog.payload_tier and catalog.segments is not None:
+            count = size = frames = live = records = 0
+            for segment in catalog.scan_segments(time.time()):
+                count += 1
+                size += segment.size
+                frames += segment.footer.frame_bytes
+                live += segment.live_bytes
+                records += len(segment.live)
+            # Objects of their own (a single COLD write, an older store) count
+            # as live: the sweep collects the ones no entry refers to.
+            objects = allocated or 0
+            cost.update(records=(cost["records"] or 0) + records, live_bytes=objects + live,
+                        allocated_bytes=objects + size, segments=count,
+                        dead_fraction=1 - live / frames if frames else 0.0)
+        return cost
+
     def stats(self) -> dict[str, Any]:
-        """Per-tier backend stats and the manager's counters (and hit ratios)."""
+        """Per-tier backend stats and the manager's counters (and hit ratios).
+
+        ``tiers`` maps each configured tier's name to its backend's own
+        figures (``key_count``, then sizes and settings by backend; an
+        ``error`` text instead when the tier cannot be reached); ``manager``
+        holds the counters -- ``hit_hot``, ``hit_warm``, ``hit_cold``,
+        ``miss``, ``promotions``, ``demotions``, ``integrity_errors``,
+        ``tier_errors``... -- ``hit_ratio`` per tier, the ``catalog`` tier
+        and the tiers ``down`` now (and ``metrics``, an
+        :class:`~tiered_state.metrics.InMemoryMetrics` snapshot, when that is
+        the collector).
+
+        >>> versions = state.set_many({"order:1": 1, "order:2": 2}, tier="warm")
+        >>> state.get("order:1"), state.get("order:1")  # from WARM, then from the copy it promoted
+        (1, 1)
+        >>> stats = state.stats()
+        >>> stats["tiers"]["warm"]["key_count"], stats["manager"]["catalog"]
+        (2, 'warm')
+        >>> stats["manager"]["hit_warm"], stats["manager"]["hit_hot"], stats["manager"]["promotions"]
+        (1, 1, 1)
+        """
         tiers: dict[str, Any] = {}
         for tier in _ORDER:
             repo = self._repos.get(tier)
@@ -1069,6 +1256,12 @@ class StateManager(Operations):
                 repo = self._repos[Tier(name)]
                 try:
                     found["key_count"] -= sum(1 for _ in repo.iter_keys(RESERVED_PREFIX + "*"))
+                except BackendError as exc:
+                    found["error"] = str(exc)
+        for name, found in tiers.items():
+            if "error" not in found:
+                try:
+                    found["cost"] = self._cost(Tier(name), found)
                 except BackendError as exc:
                     found["error"] = str(exc)
         counters = dict(self._counters.values)
@@ -1095,6 +1288,9 @@ class StateManager(Operations):
             None; a backend with several servers (Redis Cluster, Sentinel)
             adds ``"topology"`` and ``"primaries"`` (``host:port`` of each
             primary serving it now).
+
+        >>> {tier: row["ok"] for tier, row in state.health().items()}
+        {'hot': True, 'warm': True, 'cold': True}
         """
         out: dict[str, dict[str, Any]] = {}
         for tier, info in self.check().items():
@@ -1114,6 +1310,12 @@ class StateManager(Operations):
 
         Never promotes, never repairs, never counts as a read: it shows what
         a read would choose from (see :class:`~tiered_state.CopyInfo`).
+
+        >>> version = state.set("position:BTC", {"qty": 1.5})
+        >>> for copy in state.inspect("position:BTC"):
+        ...     print(copy.tier, copy.role, copy.location, copy.current, copy.checksum_ok)
+        hot copy memory:position:BTC True True
+        warm value sqlite:position:BTC True True
         """
         key = user_key(key)
         if self._unchecked:
@@ -1121,7 +1323,11 @@ class StateManager(Operations):
         return inspect_key(key, self._catalog, self._repos.get(Tier.HOT) if self._hot else None)
 
     def check(self) -> dict[Tier, dict[str, Any]]:
-        """Reach every configured tier once: ``tier -> {backend, ok, latency_ms, error}``."""
+        """Reach every configured tier once: ``tier -> {backend, ok, latency_ms, error}``.
+
+        Like :meth:`health`, keyed by :class:`~tiered_state.Tier`, with the
+        exception itself as ``error``.
+        """
         out: dict[Tier, dict[str, Any]] = {}
         for tier in _ORDER:
             repo = self._repos.get(tier)
@@ -1138,7 +1344,15 @@ class StateManager(Operations):
     # ------------------------------------------------------------ lifecycle
     def close(self) -> None:
         """Flush pending read times and close every repository. Idempotent;
-        every other call afterwards raises :class:`~tiered_state.ClosedError`."""
+        every other call afterwards raises :class:`~tiered_state.ClosedError`.
+
+        >>> state.close()
+        >>> state.close()  # again: nothing happens
+        >>> state.get("position:BTC")
+        Traceback (most recent call last):
+          ...
+        tiered_state.errors.ClosedError: get() on a closed StateManager
+        """
         if self._closed:
             return
         self._closed = True

@@ -41,6 +41,7 @@ from .repositories.base import Items, StateRepository
 
 if TYPE_CHECKING:
     from .record import Tier
+    from .segments import SegmentStore
 
 __all__ = [
     "Counters",
@@ -113,7 +114,20 @@ class NullMetrics(MetricsCollector):
 
 
 class InMemoryMetrics(MetricsCollector):
-    """Keeps counters, gauges and timer samples in memory (tests, ``stats()``)."""
+    """Keeps counters, gauges and timer samples in memory (tests, ``stats()``).
+
+    >>> from tiered_state.metrics import InMemoryMetrics
+    >>> metrics = InMemoryMetrics()
+    >>> bot = tiered_state.open(folder / "bot", metrics=metrics)
+    >>> version = bot.set("position:BTC", {"qty": 1.5})
+    >>> bot.get("position:BTC")
+    {'qty': 1.5}
+    >>> metrics.counters["state.manager.hit_hot"]
+    1
+    >>> sorted(bot.stats()["manager"]["metrics"])  # the snapshot, in stats()
+    ['counters', 'gauges', 'timers']
+    >>> bot.close()
+    """
 
     def __init__(self, max_samples: int = 10_000) -> None:
         self.counters: dict[str, int] = defaultdict(int)
@@ -819,6 +833,12 @@ class InstrumentedRepository(StateRepository):
 
     def clear(self) -> int:
         return self.inner.clear()
+
+    def reclaim_space(self, min_free_fraction: float = 0.25) -> int:
+        return self.inner.reclaim_space(min_free_fraction)
+
+    def segments(self) -> SegmentStore | None:
+        return self.inner.segments()
 
     def changed_by_others(self) -> bool:
         return self.inner.changed_by_others()

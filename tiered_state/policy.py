@@ -56,7 +56,19 @@ class TieringPolicy:
     """How records move between tiers.
 
     Every duration is in seconds and may also be given as a
-    :class:`datetime.timedelta`.
+    :class:`datetime.timedelta`; each is kept as float seconds.
+
+    >>> from datetime import timedelta
+    >>> from tiered_state import TieringPolicy
+    >>> policy = TieringPolicy(hot_ttl=600, cold_after=timedelta(days=1))
+    >>> policy.cold_after, policy.promote_to
+    (86400.0, <Tier.HOT: 'hot'>)
+    >>> bot = tiered_state.open(folder / "bot", policy=policy)
+    >>> bot.close()
+    >>> TieringPolicy(promote_to="cold")
+    Traceback (most recent call last):
+      ...
+    tiered_state.errors.ConfigurationError: promote_to must be 'hot', 'warm' or None
 
     :param hot_ttl: seconds a copy stays in HOT after a write or promotion
         (None: until evicted or the record expires). Not the record's TTL.
@@ -67,7 +79,11 @@ class TieringPolicy:
         sweep; None: never).
     :param hot_max_items: cap on the embedded memory tier's item count.
     :param hot_max_bytes: cap on the embedded memory tier's payload bytes.
-    :param batch_size: records a sweep handles per batch (bounds its memory).
+    :param batch_size: records a sweep handles per batch (bounds its memory);
+        also the most records one COLD segment holds.
+    :param compact_below: a sweep rewrites COLD segments whose live fraction
+        of bytes has fallen below this (overwrites and deletes leave dead
+        bytes behind), packing their live records into a new segment. 0: never.
     :param purge_after: seconds a dead entry -- a delete's tombstone, an
         expired record -- stays in the catalog before a sweep purges it. While
         it stays it orders later writes of its key after it, so a write that
@@ -93,6 +109,7 @@ class TieringPolicy:
     batch_size: int = 500
     purge_after: Seconds = 300.0
     hot_trust_window: Seconds = 0.1
+    compact_below: float = 0.5
 
     def __post_init__(self) -> None:
         # Durations may be given as timedelta; they are kept as float seconds.
@@ -113,3 +130,7 @@ class TieringPolicy:
                 raise ConfigurationError(f"{name} must be a positive int or None, not {value!r}")
         if isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ConfigurationError(f"batch_size must be a positive int, not {self.batch_size!r}")
+        if (isinstance(self.compact_below, bool) or not isinstance(self.compact_below, (int, float))
+                or not 0 <= self.compact_below <= 1):
+            raise ConfigurationError(
+                f"compact_below must be a fraction from 0 to 1, not {self.compact_below!r}")

@@ -74,6 +74,7 @@ __all__ = [
     "Record",
     "Tier",
     "VersionClock",
+    "body_text",
     "checksum",
     "inflate",
     "is_value",
@@ -93,7 +94,13 @@ _EMPTY_CHECKSUM = hashlib.sha256(b"").hexdigest()
 
 
 class Tier(str, Enum):
-    """The three storage tiers, hottest first. A ``str``, so ``"hot"`` works too."""
+    """The three storage tiers, hottest first. A ``str``, so ``"hot"`` works too.
+
+    >>> Tier.HOT == "hot", str(Tier.WARM)
+    (True, 'warm')
+    >>> Tier.parse("COLD")
+    <Tier.COLD: 'cold'>
+    """
 
     HOT = "hot"
     WARM = "warm"
@@ -253,6 +260,20 @@ def inflate(body: bytes, size_bytes: int, key: str) -> str:
         raise IntegrityError(f"corrupt compressed payload for {key!r}", key) from exc
 
 
+def body_text(body: bytes, compressed: bool, size_bytes: int, key: str) -> str:
+    """A stored payload's text: ``body`` inflated (within :func:`inflate`'s
+    bound) if ``compressed``, else decoded.
+
+    :raises IntegrityError: not UTF-8 text, or not a zlib stream of it.
+    """
+    if compressed:
+        return inflate(body, size_bytes, key)
+    try:
+        return body.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise IntegrityError(f"the stored payload of {key!r} is not UTF-8 text", key) from exc
+
+
 def make_metadata(
     payload: str,
     version: int,
@@ -380,7 +401,22 @@ class Entry:
 
 @dataclass(frozen=True, slots=True)
 class Record:
-    """A value with its metadata and the tier it was read from."""
+    """A value with its metadata and the tier it was read from
+    (:meth:`StateManager.get_record <tiered_state.StateManager.get_record>`,
+    :meth:`~tiered_state.StateManager.iter_records`).
+
+    :ivar key: the key.
+    :ivar value: the decoded value.
+    :ivar version: increases on every write of the key (a hybrid logical
+        clock: later writes, even from other processes, get greater ones).
+    :ivar checksum: hex SHA-256 of the stored payload, checked on every read.
+    :ivar size_bytes: the payload's size in UTF-8 bytes.
+    :ivar created_at: epoch seconds of the key's first write.
+    :ivar updated_at: epoch seconds of this version's write.
+    :ivar expires_at: epoch seconds at which the record is gone from every
+        tier, or None for never.
+    :ivar tier: the :class:`Tier` the value was read from.
+    """
 
     key: str
     value: Any

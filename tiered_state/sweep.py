@@ -12,10 +12,21 @@ conditional write that loses any race:
 * **move** -- WARM values idle for ``cold_after`` go COLD: copy the payload
   below the catalog, read it back and check it, then turn the entry into a
   stub *of the same version* (the migration commit); a write that came in
-  meanwhile makes that commit fail and the copy is garbage. A value that
+  meanwhile makes that commit fail and the copy is garbage. Where COLD keeps
+  segments (:mod:`tiered_state.segments`), each batch goes down as one. A value that
   fails its checksum is first replaced by a valid copy of its version below
   the catalog, if there is one (and then moved); if not, it is left alone,
   logged and counted in ``failed`` -- the sweep goes on with the rest.
+
+With segments, collect also deletes the segments no live stub points at any
+more, *compacts* those whose live fraction has fallen below
+``policy.compact_below`` (their live records are copied into a new segment
+and each stub is moved there by one write conditional on its version, so it
+loses any race to a concurrent write; the old segment goes once no stub points
+at it), and *packs* payloads stored one per object (a single COLD write, or
+an older store) into segments the same way. A crash at any point leaves only
+garbage: a new segment no stub points at yet, or an old one no stub points at
+any more.
 
 Last, each durable tier is asked to give the space its deletes freed back to
 the file system (:meth:`~tiered_state.repositories.base.StateRepository.reclaim_space`):
@@ -31,12 +42,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from .catalog import RESERVED_PREFIX, Catalog, parse_payload_name
+from .catalog import RESERVED_PREFIX, Catalog, SegmentCollected, parse_payload_name
 from .errors import BackendError, BatchError
 from .metrics import MetricsCollector
 from .policy import TieringPolicy, seconds_of
-from .record import STUB, TOMBSTONE, Entry
+from .record import STUB, TOMBSTONE, Entry, Metadata
 from .repositories.base import chunked
+from .segments import created_at
 
 __all__ = ["GARBAGE_GRACE", "SweepReport", "Sweeper"]
 
@@ -56,6 +68,9 @@ class SweepReport:
     :ivar moved: records moved WARM -> COLD (copied, verified, entry turned into a stub).
     :ivar purged: dead entries deleted (expired records and tombstones of deletes).
     :ivar collected: unreferenced payloads deleted below the catalog.
+    :ivar packed: COLD records moved from an object of their own into a segment.
+    :ivar compacted: COLD records moved out of a mostly dead segment into a new one.
+    :ivar segments_deleted: segments deleted because no record pointed at them any more.
     :ivar skipped: records left alone because a newer write raced the sweep.
     :ivar failed: records that could not be moved or purged (``errors`` says why).
     :ivar reclaimed_bytes: file space given back by the tiers (see
@@ -67,6 +82,9 @@ class SweepReport:
     moved: int = 0
     purged: int = 0
     collected: int = 0
+    packed: int = 0
+    compacted: int = 0
+    segments_deleted: int = 0
     skipped: int = 0
     failed: int = 0
     reclaimed_bytes: int = 0
@@ -79,6 +97,9 @@ class SweepReport:
             "moved": self.moved,
             "purged": self.purged,
             "collected": self.collected,
+            "packed": self.packed,
+            "compacted": self.compacted,
+            "segments_deleted": self.segments_deleted,
             "skipped": self.skipped,
             "failed": self.failed,
             "reclaimed_bytes": self.reclaimed_bytes,
@@ -111,13 +132,16 @@ class Sweeper:
         self.policy = policy
         self._cold_after = seconds_of(policy.cold_after)
         self._purge_after = seconds_of(policy.purge_after)
+        self._batch = policy.batch_size
         self._count = count
         self.metrics = metrics
+        self._progress: Callable[[SweepReport], None] | None = None
 
     def run(self, progress: Callable[[SweepReport], None] | None = None, *,
             dry_run: bool = False, collect: bool = True) -> SweepReport:
         started = time.monotonic()
         report = SweepReport()
+        self._progress = progress
         now = time.time()
         catalog = self.catalog
         idle_before = None
@@ -127,19 +151,30 @@ class Sweeper:
             # First, while the entries that superseded old payloads still exist:
             # once purged, an absent entry proves nothing about a payload.
             self.collect(report, now)
+        # Idle values are moved batch_size at a time, whatever the scan's
+        # batches hold (some are dead, some reserved): each move is one
+        # segment, so full ones.
+        idle: list[Entry] = []
         for batch in catalog.repo.scan(self.policy.batch_size, now=now, idle_before=idle_before):
             batch = [e for e in batch if not e.key.startswith(RESERVED_PREFIX)]
             report.scanned += len(batch)
             dead = [e for e in batch if e.expired(now) and self._purgeable(e, now)]
-            idle = [e for e in batch if not e.expired(now) and e.kind == "value"]
+            if idle_before is not None:
+                idle.extend(e for e in batch if not e.expired(now) and e.kind == "value")
             if dry_run:
                 report.purged += len(dead)
-                report.moved += len(idle) if idle_before is not None else 0
+                report.moved += len(idle)
+                idle.clear()
             else:
                 if dead:
                     self.purge(dead, report)
-                if idle and idle_before is not None:
-                    self.move(idle, report)
+                while len(idle) >= self._batch:
+                    self.move(idle[:self._batch], report)
+                    del idle[:self._batch]
+            if progress is not None:
+                progress(report)
+        if idle and not dry_run:
+            self.move(idle, report)
             if progress is not None:
                 progress(report)
         if not dry_run:
@@ -198,6 +233,8 @@ class Sweeper:
                 report._fail(corrupt, "checksum mismatch in the catalog and no valid copy; not moved")
         if not items:
             return 0
+        if catalog.segments is not None and len(items) > 1:
+            return self._commit_segment(items, report, "moved")
         try:
             failed = catalog.store_payloads(items)
         except BackendError as exc:
@@ -243,6 +280,138 @@ class Sweeper:
         self._count("demotions", len(committed))
         return len(committed)
 
+    def _commit_segment(self, items: dict[str, tuple[str, Metadata]], report: SweepReport,
+                        counter: str) -> int:
+        """Write ``items``' payloads as one segment, then point each key's entry
+        at its span, conditional on the version in ``items``: the one way
+        records go into a segment (moved, packed or compacted). A lost race
+        leaves dead bytes; a segment nothing points at is deleted at once.
+
+        :returns: how many entries now point into the new segment.
+        """
+        catalog = self.catalog
+        try:
+            name, stubs = catalog.store_segment(items)
+        except SegmentCollected:
+            report.skipped += len(items)  # every record in it moved on meanwhile
+            return 0
+        except BackendError as exc:
+            report._fail(items, f"segment not stored: {exc}")
+            return 0
+        expected = {k: md["version"] for k, (_, md) in items.items()}
+        try:
+            committed = catalog.repo.store_many_if_version(stubs, expected)
+        except BatchError as exc:
+            report._fail(exc.failed, "entry not updated: " + str(next(iter(exc.failed.values()))))
+            committed = set(exc.succeeded)
+            report.skipped += len(stubs) - len(committed) - len(exc.failed)
+        except BackendError as exc:
+            report._fail(stubs, f"entry not updated: {exc}")
+            return 0  # whether some landed is unknown: the segment stays
+        else:
+            report.skipped += len(stubs) - len(committed)
+            if not committed:
+                self._delete_segment(name)
+        setattr(report, counter, getattr(report, counter) + len(committed))
+        if counter == "moved":
+            self._count("demotions", len(committed))
+        elif self._progress is not None:  # moves report per scanned batch already
+            self._progress(report)
+        return len(committed)
+
+    def _delete_segment(self, name: str) -> bool:
+        store = self.catalog.segments
+        assert store is not None
+        try:
+            store.delete(name)
+        except BackendError as exc:  # garbage: a later sweep deletes it
+            log.debug("could not delete segment %s now: %s", name, exc)
+            return False
+        return True
+
+    # ------------------------------------------------------------ segments
+    def segments(self, report: SweepReport, now: float) -> None:
+        """Delete segments nothing points at, compact mostly dead ones."""
+        catalog = self.catalog
+        threshold = self.policy.compact_below
+        sparse: list[tuple[str, dict[str, Entry]]] = []
+        waiting = 0
+        for segment in catalog.scan_segments(now):
+            name, footer, entries, live = segment.name, segment.footer, segment.entries, segment.live
+            if not live:
+                # A young segment may be one whose stubs are being committed:
+                # it goes once every record in it has moved on (as a payload
+                # object does, see Catalog.is_garbage), or after the grace.
+                if (now - created_at(name) > GARBAGE_GRACE
+                        or all(catalog.is_garbage(name, version, entries.get(key), now, GARBAGE_GRACE)
+                               for key, (version, _, _) in footer.frames.items())):
+                    if self._delete_segment(name):
+                        report.segments_deleted += 1
+                continue
+            if segment.live_bytes < threshold * footer.frame_bytes:
+                sparse.append((name, live))
+                waiting += len(live)
+                if waiting >= self._batch:
+                    self.compact(sparse, report)
+                    sparse, waiting = [], 0
+        if sparse:
+            self.compact(sparse, report)
+
+    def compact(self, sparse: list[tuple[str, dict[str, Entry]]], report: SweepReport) -> None:
+        """Copy the live records of the segments in ``sparse`` (name, live stubs)
+        into one new segment, move their stubs, delete the old segments that
+        no stub points at any more."""
+        catalog = self.catalog
+        stubs = {k: e for _, live in sparse for k, e in live.items()}
+        values = self._values(stubs, report)
+        if not values:
+            return
+        moved_before = report.compacted
+        self._commit_segment(values, report, "compacted")
+        if report.compacted == moved_before:
+            return
+        now_entries = catalog.repo.fetch_many(list(stubs))
+        for name, live in sparse:
+            still = [k for k in live if (e := now_entries.get(k)) is not None
+                     and e.payload == live[k].payload]
+            if not still and self._delete_segment(name):
+                report.segments_deleted += 1
+
+    def _values(self, stubs: dict[str, Entry], report: SweepReport
+                ) -> dict[str, tuple[str, Metadata]]:
+        """The payloads the live ``stubs`` stand for, read and checked against them."""
+        catalog = self.catalog
+        spans = {k: span for k, e in stubs.items() if (span := catalog.located_span(e)) is not None}
+        names = {k: name for k, e in stubs.items() if (name := catalog.located_name(e))}
+        found = catalog.fetch_frames(spans)
+        found.update(catalog._fetch_payloads(names))
+        values: dict[str, tuple[str, Metadata]] = {}
+        for key, stub in stubs.items():
+            value = Catalog._matching(stub, found.get(key))
+            if value is None:
+                # Missing or damaged: reads report it; moving it would hide that.
+                report._fail((key,), "COLD payload missing or damaged; left where it is")
+                continue
+            values[key] = (value.payload, value.metadata)
+        return values
+
+    def pack(self, singles: dict[str, Entry], report: SweepReport) -> None:
+        """Move payloads stored one per object (``singles``: their live stubs)
+        into one segment, then delete the objects whose stubs moved."""
+        if len(singles) < 2:
+            return  # a segment of one is no cheaper than an object
+        values = self._values(singles, report)
+        if len(values) < 2:
+            return
+        before = report.packed
+        self._commit_segment(values, report, "packed")
+        if report.packed == before:
+            return
+        now_entries = self.catalog.repo.fetch_many(list(values))
+        self.catalog.drop_payloads({k: singles[k].version for k in values
+                                    if (e := now_entries.get(k)) is not None
+                                    and e.payload != singles[k].payload})
+
     # ------------------------------------------------------------ reclaim
     def reclaim(self, report: SweepReport) -> None:
         """Let the catalog's tier and the payload tier give freed space back."""
@@ -260,6 +429,7 @@ class Sweeper:
         catalog = self.catalog
         repo = catalog.payload_repo
         assert repo is not None
+        singles: dict[str, Entry] = {}
         try:
             for chunk in chunked(catalog.scan_payloads(), 1000):
                 parsed = {name: found for name in chunk
@@ -271,6 +441,19 @@ class Sweeper:
                            if catalog.is_garbage(name, v, entries.get(k), now, GARBAGE_GRACE)}
                 if garbage:
                     report.collected += len(repo.delete_many_if_version(garbage))
+                if catalog.segments is None:
+                    continue
+                for name, (key, version) in parsed.items():
+                    entry = entries.get(key)
+                    if (entry is not None and entry.version == version and entry.kind == STUB
+                            and entry.live(now) and catalog.located_name(entry) == name):
+                        singles[key] = entry
+                if len(singles) >= self._batch:
+                    self.pack(singles, report)
+                    singles = {}
+            self.pack(singles, report)
+            if catalog.segments is not None:
+                self.segments(report, now)
         except BackendError as exc:
             log.warning("garbage collection stopped early: %s", exc)
 

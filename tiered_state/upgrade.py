@@ -26,8 +26,10 @@ from dataclasses import dataclass
 from . import codec
 from .catalog import RESERVED_PREFIX, Catalog, is_payload_name
 from .errors import ConfigurationError, SerializationError, StoreFormatError
+from .policy import TieringPolicy
 from .record import Tier, make_metadata
 from .repositories.base import StateRepository, chunked
+from .sweep import Sweeper, SweepReport
 
 __all__ = ["FORMAT", "FORMAT_KEY", "UpgradeReport", "check_format", "upgrade"]
 
@@ -116,6 +118,8 @@ class UpgradeReport:
         version of the key (or they had expired).
     :ivar corrupt: 0.1 COLD objects left in place because they fail their checksum.
     :ivar hot_flushed: copies removed from a shared HOT tier.
+    :ivar packed: COLD records moved from an object of their own into segments
+        (``pack=True``).
     :ivar already: the store was in the current format already.
     """
 
@@ -123,6 +127,7 @@ class UpgradeReport:
     dropped: int = 0
     corrupt: int = 0
     hot_flushed: int = 0
+    packed: int = 0
     already: bool = False
 
 
@@ -132,12 +137,18 @@ def upgrade(
     hot: str | StateRepository | None = None,
     warm: str | StateRepository | None = None,
     cold: str | StateRepository | None = None,
+    pack: bool = False,
 ) -> UpgradeReport:
     """Bring a store written by tiered-state 0.1 to the current format.
 
     Takes the same arguments as :func:`tiered_state.open`. Idempotent; safe
     to interrupt and run again. Stop every process using the store first: a
     0.1 process writing meanwhile would keep writing the old layout.
+
+    :param pack: also move every COLD record stored as an object of its own
+        (by 0.1, by an earlier 0.2 or by a single ``set(..., tier="cold")``)
+        into segments now, as each sweep otherwise does over time. Safe while
+        other processes use the store: each record moves by a conditional write.
     """
     from .factory import open_repositories
 
@@ -150,6 +161,8 @@ def upgrade(
         catalog = Catalog(tier, repos[tier], payloads)
         report = UpgradeReport(already=_stored_format(catalog) == FORMAT)
         if report.already:
+            if pack:
+                report.packed = _pack(catalog)
             return report
         hot_repo = repos.get(Tier.HOT)
         if hot_repo is not None and hot_repo.shared and tier is not Tier.HOT:
@@ -160,11 +173,25 @@ def upgrade(
         if catalog.payload_repo is not None:
             _adopt_cold(catalog, catalog.payload_repo, report)
         _mark(catalog)
+        if pack:
+            report.packed = _pack(catalog)
         log.info("upgraded the store to format %d: %s", FORMAT, report)
         return report
     finally:
         for repo in repos.values():
             repo.close()
+
+
+def _pack(catalog: Catalog) -> int:
+    """Pack COLD records stored one per object into segments: the sweep's
+    garbage pass, which packs what it finds (and collects garbage)."""
+    if catalog.segments is None:
+        return 0
+    report = SweepReport()
+    Sweeper(catalog, TieringPolicy(), lambda name, n: None).collect(report, time.time())
+    if report.failed:
+        log.error("%d records could not be packed: %s", report.failed, report.errors)
+    return report.packed
 
 
 def _adopt_cold(catalog: Catalog, cold: StateRepository, report: UpgradeReport) -> None:

@@ -1,9 +1,11 @@
 """The repository contract: one storage backend behind a small synchronous API.
 
 This module is the one place the contract is written down. Every backend
-(memory, redis, sqlite, postgres, filesystem, s3) subclasses
-:class:`StateRepository` and is held to it by the shared conformance suite in
-``tests/conformance/``.
+(memory, redis, sqlite, postgres, filesystem, s3, and any registered with
+:func:`tiered_state.register_backend`) subclasses :class:`StateRepository`
+and is held to it by the shared conformance suite,
+:class:`tiered_state.testing.RepositoryContract`, which a backend's test
+module subclasses.
 
 Entries
     A repository stores, under each key, one :class:`~tiered_state.record.Entry`:
@@ -15,13 +17,16 @@ Entries
     :mod:`tiered_state.record`). A repository stores all three verbatim; the
     kinds differ only in what the convenience reads show:
 
-    * :meth:`fetch` returns the value of a live *value* only (None for a stub
-      or a tombstone: this repository does not hold that value);
-    * :meth:`keys`, :meth:`iter_keys` and ``stats()["key_count"]`` count
-      *live* entries: values and stubs that have not expired. A tombstone's
-      ``expires_at`` is 0.0, so it is never live;
-    * :meth:`scan` offers expired entries (tombstones included) and, when
-      asked, idle *values* (never stubs: their payload already moved).
+    * :meth:`~StateRepository.fetch` returns the value of a live *value*
+      only (None for a stub or a tombstone: this repository does not hold
+      that value);
+    * :meth:`~StateRepository.keys`, :meth:`~StateRepository.iter_keys` and
+      ``stats()["key_count"]`` count *live* entries: values and stubs that
+      have not expired. A tombstone's ``expires_at`` is 0.0, so it is never
+      live;
+    * :meth:`~StateRepository.scan` offers expired entries (tombstones
+      included) and, when asked, idle *values* (never stubs: their payload
+      already moved).
 
 Keys
     Every method validates its keys with :func:`tiered_state.keys.validate_key`
@@ -29,11 +34,13 @@ Keys
     :class:`~tiered_state.errors.InvalidKeyError` and nothing is touched.
 
 Expiry
-    ``metadata["expires_at"]`` is the entry's end of life. :meth:`fetch`,
-    :meth:`keys` and :meth:`stats` never show an expired entry.
-    :meth:`fetch_record` / :meth:`fetch_many` are lower level: a backend that
-    expires natively (memory, redis) returns nothing, a durable backend keeps
-    returning the expired entry until it is deleted.
+    ``metadata["expires_at"]`` is the entry's end of life.
+    :meth:`~StateRepository.fetch`, :meth:`~StateRepository.keys` and
+    :meth:`~StateRepository.stats` never show an expired entry.
+    :meth:`~StateRepository.fetch_record` / :meth:`~StateRepository.fetch_many`
+    are lower level: a backend that expires natively (memory, redis) returns
+    nothing, a durable backend keeps returning the expired entry until it is
+    deleted.
 
 Conditional writes
     The manager decides everything about a key with one of these, so each is
@@ -46,15 +53,16 @@ Conditional writes
     * the *live version*: the stored version if the entry is live (an
       unexpired value or stub), else 0.
 
-    ============================  =========================================================
-    :meth:`store_if_newer`        store iff stored version < new version
-    :meth:`store_if_version`      store iff live version == ``expected`` and
-                                  stored version <= new version (``expected`` 0: the key
-                                  is absent, expired or a tombstone; ``expected`` equal to
-                                  the new version: replace an entry by another of the same
-                                  version, as a migration does)
-    :meth:`delete_if_version`     delete iff stored version == ``version``
-    ============================  =========================================================
+    ==========================================  ===========================================
+    :meth:`~StateRepository.store_if_newer`     store iff stored version < new version
+    :meth:`~StateRepository.store_if_version`   store iff live version == ``expected`` and
+                                                stored version <= new version (``expected``
+                                                0: the key is absent, expired or a
+                                                tombstone; ``expected`` equal to the new
+                                                version: replace an entry by another of the
+                                                same version, as a migration does)
+    :meth:`~StateRepository.delete_if_version`  delete iff stored version == ``version``
+    ==========================================  ===========================================
 
     Each has a batch form (``store_many_if_newer``, ``store_many_if_version``,
     ``delete_many_if_version``) that decides key by key, atomically per key,
@@ -86,10 +94,10 @@ Threads
     restart are re-established on the next call.
 
 The seven core methods (fetch, store, delete, keys, stats, store_many,
-delete_many), the conditional writes, :meth:`fetch_record`
-and :meth:`iter_keys` are abstract. The rest have generic implementations
-built on them; a backend overrides them where its store has a native, faster
-way.
+delete_many), the conditional writes, :meth:`~StateRepository.fetch_record`
+and :meth:`~StateRepository.iter_keys` are abstract. The rest have generic
+implementations built on them; a backend overrides them where its store has
+a native, faster way.
 """
 
 from __future__ import annotations
@@ -106,6 +114,7 @@ from ..record import Entry, Metadata, is_value
 
 if TYPE_CHECKING:
     from ..record import Tier
+    from ..segments import SegmentStore
 
 __all__ = ["Items", "StateRepository", "chunked"]
 
@@ -335,14 +344,28 @@ class StateRepository(abc.ABC):
         """
         return 0
 
+    def segments(self) -> SegmentStore | None:
+        """Where this store keeps segments (many payloads in one file or
+        object, see :mod:`tiered_state.segments`), or None if it keeps none.
+
+        Only COLD backends offer it (files, S3): there a file or object per
+        record costs a disk block or a request each. Under a catalog, the
+        sweep then moves records down a batch at a time into one segment.
+        """
+        return None
+
     def clear(self) -> int:
         """Delete every entry of this repository (its namespace only).
 
-        :returns: how many entries were deleted.
+        :returns: how many entries were deleted (its segments go too, uncounted).
         """
         total = 0
         for chunk in chunked(self.iter_all_keys(), 1000):
             total += self.delete_many(chunk)
+        store = self.segments()
+        if store is not None:
+            for name, _ in list(store.list()):
+                store.delete(name)
         return total
 
     # ------------------------------------------------------------------ signals

@@ -72,7 +72,16 @@ from .. import codec
 from ..config import parse_bool, parse_number, query_options, unknown_options
 from ..errors import BackendError, BackendUnavailableError, ConfigurationError, IntegrityError
 from ..keys import compile_pattern, is_literal, literal_prefix, validate_key, validate_pattern
-from ..record import TOMBSTONE, Entry, Metadata, inflate, live_value, metadata_checksum, stored_metadata
+from ..record import (
+    TOMBSTONE,
+    Entry,
+    Metadata,
+    body_text,
+    live_value,
+    metadata_checksum,
+    stored_metadata,
+)
+from ..segments import SegmentStore, is_segment_name
 from .base import Items, StateRepository
 
 __all__ = ["FileSystemStateRepository"]
@@ -357,14 +366,8 @@ class FileSystemStateRepository(StateRepository):
         header, start = self._parse_header(key, data)
         if header["key"] != key:
             return None  # a hashed name's (astronomically unlikely) collision
-        body = data[start:]
-        if header["body"] == codec.ZLIB_ENCODING:
-            payload = inflate(body, header["size_bytes"], key)
-        else:
-            try:
-                payload = body.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise IntegrityError(f"filesystem: corrupt file for {key!r}", key) from exc
+        payload = body_text(data[start:], header["body"] == codec.ZLIB_ENCODING,
+                            header["size_bytes"], key)
         metadata: Metadata = {
             "checksum": header["checksum"],
             "size_bytes": header["size_bytes"],
@@ -754,5 +757,126 @@ class FileSystemStateRepository(StateRepository):
             with contextlib.suppress(OSError):
                 os.close(fd)
 
+    def segments(self) -> SegmentStore:
+        return _FileSegments(self)
+
     def __repr__(self) -> str:
         return f"<FileSystemStateRepository {self.root!r} tier={self.tier}>"
+
+
+class _FileSegments:
+    """Segments (:mod:`tiered_state.segments`) as files in ``<root>/segments``:
+    a name no fan-out folder has, so segments are never listed as keys.
+
+    Written like records (a fsynced ``.tmp-*`` renamed into place, the folder
+    fsynced), read with ``pread`` of the span a stub names, opened relative
+    to the folder's descriptor with ``O_NOFOLLOW``.
+    """
+
+    _FOLDER = "segments"
+
+    def __init__(self, repo: FileSystemStateRepository) -> None:
+        self._repo = repo
+
+    def _folder(self, create: bool) -> int | None:
+        root_fd, _ = self._repo._fds()
+        try:
+            return os.open(self._FOLDER, _DIR_FLAGS, dir_fd=root_fd)
+        except FileNotFoundError:
+            if not create:
+                return None
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(self._FOLDER, 0o700, dir_fd=root_fd)
+        return os.open(self._FOLDER, _DIR_FLAGS, dir_fd=root_fd)
+
+    def put(self, name: str, data: bytes) -> None:
+        _checked(name)
+        repo = self._repo
+        with repo._errors():
+            folder = self._folder(create=True)
+            assert folder is not None
+            try:
+                tmp = repo._write_temp(folder, data)
+                os.replace(tmp, name, src_dir_fd=folder, dst_dir_fd=folder)
+                repo._sync_dir(folder)
+            finally:
+                os.close(folder)
+
+    def read(self, name: str, offset: int, length: int) -> bytes | None:
+        return self.read_many([(name, offset, length)])[0]
+
+    def read_many(self, spans: list[tuple[str, int, int]]) -> list[bytes | None]:
+        out: list[bytes | None] = []
+        with self._repo._errors():
+            folder = self._folder(create=False)
+            if folder is None:
+                return [None] * len(spans)
+            try:
+                for name, offset, length in spans:
+                    out.append(self._pread(folder, _checked(name), offset, length))
+            finally:
+                os.close(folder)
+        return out
+
+    def read_tail(self, name: str, length: int) -> bytes | None:
+        with self._repo._errors():
+            folder = self._folder(create=False)
+            if folder is None:
+                return None
+            try:
+                return self._pread(folder, _checked(name), -length, length)
+            finally:
+                os.close(folder)
+
+    @staticmethod
+    def _pread(folder: int, name: str, offset: int, length: int) -> bytes | None:
+        """``length`` bytes at ``offset`` (negative: from the end) of segment ``name``."""
+        try:
+            fd = os.open(name, _READ_FLAGS, dir_fd=folder)
+        except FileNotFoundError:
+            return None
+        try:
+            if offset < 0:
+                offset = max(os.fstat(fd).st_size + offset, 0)
+            parts = []
+            while length > 0:
+                part = os.pread(fd, length, offset)
+                if not part:
+                    break
+                parts.append(part)
+                offset += len(part)
+                length -= len(part)
+            return b"".join(parts)
+        finally:
+            os.close(fd)
+
+    def delete(self, name: str) -> None:
+        with self._repo._errors():
+            folder = self._folder(create=False)
+            if folder is None:
+                return
+            try:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(_checked(name), dir_fd=folder)
+            finally:
+                os.close(folder)
+
+    def list(self) -> Iterator[tuple[str, int]]:
+        with self._repo._errors():
+            folder = self._folder(create=False)
+            if folder is None:
+                return
+            try:
+                with os.scandir(folder) as entries:
+                    for item in entries:
+                        if is_segment_name(item.name) and item.is_file(follow_symlinks=False):
+                            yield item.name, item.stat(follow_symlinks=False).st_size
+            finally:
+                os.close(folder)
+
+
+def _checked(name: str) -> str:
+    """``name`` if it is a segment name: nothing else is ever opened in the folder."""
+    if not is_segment_name(name):
+        raise IntegrityError(f"not a segment name: {name!r}")
+    return name

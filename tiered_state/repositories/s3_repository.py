@@ -108,6 +108,7 @@ from ..errors import (
 )
 from ..keys import compile_pattern, is_literal, literal_prefix, validate_key, validate_pattern
 from ..record import TOMBSTONE, Entry, Metadata, inflate, live_value, metadata_checksum, stored_metadata
+from ..segments import SegmentStore, is_segment_name
 from .base import Items, StateRepository, chunked
 
 __all__ = ["S3StateRepository"]
@@ -126,6 +127,8 @@ _CAS_ATTEMPTS = 8
 
 _HASHED = "!h"
 _MARKER = "!e"
+#: Segments live under this nested name (see _S3Segments).
+_SEGMENTS = "!s/"
 #: Sorts after every "!..." name (markers, hashed names) and before every
 #: encoded name (they start at "%"): a listing of the whole namespace that
 #: starts after it never pages through the markers.
@@ -490,9 +493,11 @@ class S3StateRepository(StateRepository):
     def _object(self, name: str) -> str:
         return self._base + name
 
-    def _list(self, name_prefix: str, start_after: str = "") -> Iterator[tuple[str, int]]:
+    def _list(self, name_prefix: str, start_after: str = "", *, nested: bool = False
+              ) -> Iterator[tuple[str, int]]:
         """(name, size) of every object under ``base + name_prefix``, page by
-        page (one page in memory at a time); names after ``start_after`` only."""
+        page (one page in memory at a time); names after ``start_after`` only;
+        names with a ``/`` (a nested namespace, segments) only if ``nested``."""
         full = self._base + name_prefix
         if len(full.encode("utf-8")) > _MAX_OBJECT_KEY_BYTES:
             return
@@ -509,7 +514,7 @@ class S3StateRepository(StateRepository):
             for obj in page.get("Contents", ()):
                 # Slice, never str.replace: the prefix may occur inside a name.
                 name = obj["Key"][start:]
-                if "/" not in name:  # deeper names belong to a nested namespace
+                if nested or "/" not in name:  # deeper names belong to a nested namespace
                     yield name, int(obj.get("Size", 0))
             token = page.get("NextContinuationToken")
             if not page.get("IsTruncated") or not token:
@@ -893,6 +898,10 @@ class S3StateRepository(StateRepository):
             if failed:
                 raise self._batch_failed("clear", failed, [])
             count += sum(1 for n in chunk if not n.startswith(_MARKER))
+        for chunk in chunked((n for n, _ in self._list(_SEGMENTS, nested=True)), _DELETE_CHUNK):
+            failed = self._delete_objects(chunk)
+            if failed:
+                raise self._batch_failed("clear", failed, [])
         return count
 
     def stats(self) -> dict[str, Any]:
@@ -1110,6 +1119,9 @@ class S3StateRepository(StateRepository):
             f"s3: bucket {self.bucket!r} refused the request ({code or status}): {hint}"
         )
 
+    def segments(self) -> SegmentStore:
+        return _S3Segments(self)
+
     def close(self) -> None:
         pool, self._pool = self._pool, None
         if pool is not None:
@@ -1121,6 +1133,70 @@ class S3StateRepository(StateRepository):
             f"<S3StateRepository bucket={self.bucket!r} prefix={self.prefix!r}{endpoint} "
             f"tier={self.tier}>"
         )
+
+
+class _S3Segments:
+    """Segments (:mod:`tiered_state.segments`) as objects ``<prefix>/!s/<name>``:
+    nested under a name no key's object has, so never listed as keys.
+
+    One PUT per segment, with the storage class its size allows; a record is
+    one GET with ``Range``; reads of several spans share the repository's pool.
+    """
+
+    def __init__(self, repo: S3StateRepository) -> None:
+        self._repo = repo
+
+    def _object(self, name: str) -> str:
+        if not is_segment_name(name):
+            raise IntegrityError(f"not a segment name: {name!r}")
+        return self._repo._object(_SEGMENTS + name)
+
+    def put(self, name: str, data: bytes) -> None:
+        repo = self._repo
+        repo._ready()
+        repo._put_object({"Bucket": repo.bucket, "Key": self._object(name), "Body": data,
+                          "ContentType": "application/octet-stream"}, storage_class=True)
+
+    def _get(self, name: str, byte_range: str) -> bytes | None:
+        repo = self._repo
+        with repo._errors("GET"):
+            try:
+                response = repo._client.get_object(Bucket=repo.bucket, Key=self._object(name),
+                                                   Range=byte_range)
+                body: bytes = response["Body"].read()
+            except repo._botocore.ClientError as exc:
+                code, status = _error_code(exc)
+                if code == "NoSuchKey" or (status == 404 and code != "NoSuchBucket"):
+                    return None
+                if code == "InvalidRange" or status == 416:
+                    return b""  # past the end: a short read, which the caller refuses
+                raise
+        return body
+
+    def read(self, name: str, offset: int, length: int) -> bytes | None:
+        return self._get(name, f"bytes={offset}-{offset + length - 1}")
+
+    def read_many(self, spans: list[tuple[str, int, int]]) -> list[bytes | None]:
+        if len(spans) <= 1:
+            return [self.read(*span) for span in spans]
+        pool = self._repo._executor()
+        return [future.result() for future in [pool.submit(self.read, *span) for span in spans]]
+
+    def read_tail(self, name: str, length: int) -> bytes | None:
+        return self._get(name, f"bytes=-{length}")
+
+    def delete(self, name: str) -> None:
+        repo = self._repo
+        with repo._errors("DELETE"):
+            repo._client.delete_object(Bucket=repo.bucket, Key=self._object(name))
+
+    def list(self) -> Iterator[tuple[str, int]]:
+        repo = self._repo
+        repo._ready()
+        for name, size in repo._list(_SEGMENTS, nested=True):
+            segment = name[len(_SEGMENTS):]
+            if is_segment_name(segment):
+                yield segment, size
 
 
 # ---------------------------------------------------------------- helpers
