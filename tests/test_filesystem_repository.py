@@ -1,7 +1,9 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -14,30 +16,42 @@ import pytest
 from tiered_state.config import open_repository
 from tiered_state.errors import BackendError, BatchError, ConfigurationError, IntegrityError
 from tiered_state.record import make_stub, make_tombstone
-from tiered_state.repositories.base import StateRepository
 from tiered_state.repositories.filesystem_repository import (
     FileSystemStateRepository,
     _locate,
     decode_name,
     encode_name,
 )
-
-from .conformance import AWKWARD_KEYS, RepositoryConformance, make
+from tiered_state.testing import AWKWARD_KEYS, RepositoryContract, make
 
 ROOT = str(Path(__file__).resolve().parent.parent)
 
 
-class TestFileSystemConformance(RepositoryConformance):
+class TestFileSystemConformance(RepositoryContract):
+    takes_no_secret = "file:// names a local folder: there is no password to give"
+
     @pytest.fixture
     def repository(self, tmp_path: Path) -> Iterator[FileSystemStateRepository]:
         with FileSystemStateRepository(tmp_path / "cold") as repo:
             yield repo
 
-    def test_repr_has_no_secret(self, repository: StateRepository) -> None:
-        # Overridden: repr shows the folder, and pytest names tmp_path after
-        # the test ("test_repr_has_no_secret0"); a path is not a secret.
-        text = repr(repository).replace(repository.root, "")  # type: ignore[attr-defined]
-        assert "password" not in text.lower() and "secret" not in text.lower()
+    @pytest.fixture
+    def repository_url(self, tmp_path: Path) -> str:
+        return (tmp_path / "cold").as_uri()
+
+    @contextlib.contextmanager
+    def break_key(self, repository: FileSystemStateRepository, key: str) -> Iterator[None]:  # type: ignore[override]
+        """A folder, not empty, where the file of ``key`` goes: nothing can
+        replace, read or unlink it."""
+        fan, name, _ = _locate(key)
+        path = Path(repository.root) / fan / name
+        if path.is_file():
+            path.unlink()
+        (path / "in-the-way").mkdir(parents=True)
+        try:
+            yield
+        finally:
+            shutil.rmtree(path)
 
 
 @pytest.fixture
@@ -307,7 +321,7 @@ def test_killed_writer_leaves_every_key_readable(tmp_path: Path) -> None:
     code = """
         import sys
         from tiered_state.repositories.filesystem_repository import FileSystemStateRepository
-        from tests.conformance import make
+        from tiered_state.testing import make
         repo = FileSystemStateRepository(sys.argv[1])
         i = 0
         while True:
@@ -369,7 +383,7 @@ def test_conditional_writes_are_atomic_across_processes(tmp_path: Path) -> None:
     code = """
         import sys
         from tiered_state.repositories.filesystem_repository import FileSystemStateRepository
-        from tests.conformance import make
+        from tiered_state.testing import make
         repo = FileSystemStateRepository(sys.argv[1], fsync=False)
         done = 0
         while done < 25:
@@ -398,7 +412,7 @@ def test_batch_conditionals_are_atomic_across_processes(tmp_path: Path) -> None:
     code = """
         import json, random, sys
         from tiered_state.repositories.filesystem_repository import FileSystemStateRepository
-        from tests.conformance import make
+        from tiered_state.testing import make
         repo = FileSystemStateRepository(sys.argv[1], fsync=False)
         keys = [f"c{i}" for i in range(12)]
         wins = dict.fromkeys(keys, 0)

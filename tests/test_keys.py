@@ -16,8 +16,7 @@ from tiered_state.keys import (
     validate_keys,
     validate_pattern,
 )
-
-from .conformance import AWKWARD_KEYS, INVALID_KEYS, PATTERNS
+from tiered_state.testing import AWKWARD_KEYS, INVALID_KEYS, PATTERNS
 
 
 @pytest.mark.parametrize("key", AWKWARD_KEYS)

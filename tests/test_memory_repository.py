@@ -11,15 +11,21 @@ from tiered_state.config import open_repository
 from tiered_state.errors import ConfigurationError, IntegrityError
 from tiered_state.record import Metadata, make_stub, make_tombstone
 from tiered_state.repositories.memory_repository import MemoryStateRepository
+from tiered_state.testing import RepositoryContract, make
 
-from .conformance import RepositoryConformance, make
 
+class TestMemoryConformance(RepositoryContract):
+    takes_no_secret = "memory:// has no credentials: the store is this process's own"
+    cannot_break_keys = "a dict under one lock: no store that could refuse one key"
 
-class TestMemoryConformance(RepositoryConformance):
     @pytest.fixture
     def repository(self) -> Iterator[MemoryStateRepository]:
         with MemoryStateRepository() as repo:
             yield repo
+
+    @pytest.fixture
+    def repository_url(self) -> str:
+        return "memory://"
 
     def test_tombstone_vanishes_at_once(self, repository: MemoryStateRepository) -> None:
         repository.store("t", *make("t", 2))

@@ -33,11 +33,11 @@ from tiered_state.metrics import (
 )
 from tiered_state.repositories.base import StateRepository
 from tiered_state.repositories.memory_repository import MemoryStateRepository
+from tiered_state.testing import make
 
-from .conformance import make
-from .support import free_port, unique_name
+from .support import free_port, require_module, unique_name
 
-statsd = pytest.importorskip("statsd")
+statsd = require_module("statsd")
 
 CONTRIB = Path(__file__).resolve().parent.parent / "contrib"
 SEED_COUNTERS = ("fetch", "store", "delete", "store_many", "delete_many")
@@ -162,7 +162,7 @@ def _postgres(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[StateR
     table = unique_name("ts_metrics")
     with open_repository(url, table=table) as repo:
         yield repo
-    psycopg2 = pytest.importorskip("psycopg2")
+    psycopg2 = require_module("psycopg2")
     conn = psycopg2.connect(url)
     conn.autocommit = True
     with conn.cursor() as cur:
@@ -324,7 +324,7 @@ def test_an_unresolvable_host_is_retried_and_never_raises(
 
 
 def test_errors_total_counts_a_server_that_is_down(server: StatsdServer) -> None:
-    pytest.importorskip("redis")
+    require_module("redis")
     metrics = StatsdMetrics("127.0.0.1", server.port, flush_interval=3600)
     url = f"redis://127.0.0.1:{free_port()}/0?socket_connect_timeout=0.2&socket_timeout=0.2"
     with InstrumentedRepository(open_repository(url), metrics) as repo:
@@ -538,7 +538,7 @@ def _all_names(backend: str) -> list[tuple[str, str]]:
 
 
 def test_statsd_exporter_mapping_gives_the_seed_prometheus_names() -> None:
-    yaml = pytest.importorskip("yaml")
+    yaml = require_module("yaml")
     import re
 
     config = yaml.safe_load((CONTRIB / "statsd_exporter.yml").read_text())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -22,11 +23,11 @@ from tiered_state.errors import (
     IntegrityError,
 )
 from tiered_state.record import make_metadata, make_stub, make_tombstone
+from tiered_state.testing import RepositoryContract, make, same_metadata
 
-from .conformance import RepositoryConformance, make, same_metadata
-from .support import TCPProxy, free_port, unique_name
+from .support import TCPProxy, free_port, require_module, unique_name
 
-psycopg2 = pytest.importorskip("psycopg2")
+psycopg2 = require_module("psycopg2")
 
 from tiered_state.repositories.postgres_repository import PostgresStateRepository  # noqa: E402
 
@@ -81,10 +82,46 @@ def raw(postgres_url: str) -> Iterator[Any]:
     conn.close()
 
 
-class TestPostgresConformance(RepositoryConformance):
+class TestPostgresConformance(RepositoryContract):
+    # secret_url: the default, a made-up password, which trust authentication accepts.
+
     @pytest.fixture
     def repository(self, repo: PostgresStateRepository) -> PostgresStateRepository:
         return repo
+
+    @pytest.fixture
+    def repository_url(self, postgres_url: str, table: str) -> str:
+        return postgres_url + ("&" if "?" in postgres_url else "?") + f"table={table}"
+
+    @contextlib.contextmanager
+    def break_key(self, repository: PostgresStateRepository, key: str) -> Iterator[None]:  # type: ignore[override]
+        """A trigger that raises on every insert, update and delete of ``key``."""
+        assert key.isalnum()  # spelt into the SQL below
+        repository.ping()  # the table exists
+        table = repository.table
+        conn = psycopg2.connect(**repository._connect_kwargs)
+        conn.autocommit = True
+        try:
+            with conn.cursor() as cur:
+                cur.execute(f"""
+                    CREATE FUNCTION {table}_refuse() RETURNS trigger LANGUAGE plpgsql AS $$
+                    BEGIN
+                        IF TG_OP = 'DELETE' THEN
+                            IF OLD.key = '{key}' THEN RAISE EXCEPTION 'refused'; END IF;
+                            RETURN OLD;
+                        END IF;
+                        IF NEW.key = '{key}' THEN RAISE EXCEPTION 'refused'; END IF;
+                        RETURN NEW;
+                    END $$;
+                    CREATE TRIGGER refuse BEFORE INSERT OR UPDATE OR DELETE ON {table}
+                        FOR EACH ROW EXECUTE FUNCTION {table}_refuse();
+                """)
+            yield
+        finally:
+            with conn.cursor() as cur:
+                cur.execute(f"DROP TRIGGER IF EXISTS refuse ON {table}; "
+                            f"DROP FUNCTION IF EXISTS {table}_refuse()")
+            conn.close()
 
 
 # ------------------------------------------------------------------ URL, config

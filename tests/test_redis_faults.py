@@ -22,12 +22,12 @@ import pytest
 import tiered_state
 from tiered_state.errors import BackendUnavailableError
 from tiered_state.record import Tier
+from tiered_state.testing import make
 
-from .conformance import make
 from .servers import PrivateRedis as RedisServer
-from .support import TCPProxy
+from .support import TCPProxy, require_module
 
-redis = pytest.importorskip("redis")
+redis = require_module("redis")
 
 from tiered_state.repositories.redis_repository import (  # noqa: E402
     RedisStateRepository,

@@ -6,6 +6,7 @@ moto's server mode in a subprocess on a free port (see ``conftest.s3_url``).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import threading
 import time
@@ -30,9 +31,9 @@ from tiered_state.repositories.s3_repository import (
     decode_name,
     encode_name,
 )
+from tiered_state.testing import AWKWARD_KEYS, RepositoryContract, make, with_password
 
-from .conformance import AWKWARD_KEYS, RepositoryConformance, make
-from .support import TCPProxy, free_port
+from .support import TCPProxy, free_port, require_module
 
 
 @pytest.fixture
@@ -41,8 +42,62 @@ def repository(s3_url: str) -> Iterator[S3StateRepository]:
         yield repo
 
 
-class TestS3Conformance(RepositoryConformance):
-    pass  # the module-level ``repository`` fixture serves the suite
+class TestS3Conformance(RepositoryContract):
+    # The module-level ``repository`` fixture serves the suite.
+
+    @pytest.fixture
+    def repository_url(self, s3_url: str) -> str:
+        return s3_url
+
+    @pytest.fixture
+    def secret_url(self, s3_url: str) -> str:
+        """The secret in the endpoint's user info (an s3:// URL carrying
+        credentials is refused; the endpoint's own is passed on)."""
+        base, _, query = s3_url.partition("?")
+        options = [f"endpoint_url={with_password(o.partition('=')[2])}"
+                   if o.startswith("endpoint_url=") else o for o in query.split("&")]
+        assert any(o.startswith("endpoint_url=") for o in options)
+        return base + "?" + "&".join(options)
+
+    @contextlib.contextmanager
+    def break_key(self, repository: S3StateRepository, key: str) -> Iterator[None]:  # type: ignore[override]
+        """The server answers AccessDenied to every request on ``key``'s
+        objects (its data and its expiry marker) -- as a bucket policy would."""
+        import botocore.exceptions
+
+        real, name = repository._client, repository._name(key)
+
+        def denied(operation: str) -> Exception:
+            return botocore.exceptions.ClientError(
+                {"Error": {"Code": "AccessDenied", "Message": "denied"},
+                 "ResponseMetadata": {"HTTPStatusCode": 403}}, operation)
+
+        class Denying:
+            def __getattr__(self, attribute: str) -> Any:
+                method = getattr(real, attribute)
+                if not callable(method) or attribute in ("get_paginator", "can_paginate"):
+                    return method
+
+                def call(**kwargs: Any) -> Any:
+                    if str(kwargs.get("Key", "")).endswith(name):
+                        raise denied(attribute)
+                    objects = kwargs.get("Delete", {}).get("Objects")
+                    if objects:
+                        refused = [o for o in objects if o["Key"].endswith(name)]
+                        kwargs["Delete"]["Objects"] = [o for o in objects if o not in refused]
+                        reply = method(**kwargs) if kwargs["Delete"]["Objects"] else {}
+                        reply.setdefault("Errors", []).extend(
+                            {"Key": o["Key"], "Code": "AccessDenied"} for o in refused)
+                        return reply
+                    return method(**kwargs)
+
+                return call
+
+        repository._client = Denying()
+        try:
+            yield
+        finally:
+            repository._client = real
 
 
 def raw_object(repo: S3StateRepository, key: str) -> dict[str, Any]:
@@ -214,6 +269,7 @@ def test_missing_bucket_is_a_configuration_error(s3_url: str) -> None:
 
 
 def test_unreachable_endpoint_fails_fast(monkeypatch: pytest.MonkeyPatch) -> None:
+    require_module("boto3")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "any")  # so the chain does not probe IMDS
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "any")
     port = free_port()  # nothing listens there

@@ -16,8 +16,7 @@ import tiered_state
 from tiered_state import TieringPolicy
 from tiered_state.repositories import sqlite_repository
 from tiered_state.repositories.sqlite_repository import SQLiteStateRepository
-
-from .conformance import make  # TODO-SWITCH: tiered_state.testing
+from tiered_state.testing import make
 
 VALUE = {"side": "buy", "note": "x" * 440}  # ~500 bytes encoded
 

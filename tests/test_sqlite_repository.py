@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -19,23 +20,37 @@ import pytest
 from tiered_state.config import open_repository
 from tiered_state.errors import BackendError, BackendUnavailableError, ConfigurationError, IntegrityError
 from tiered_state.record import make_stub, make_tombstone
-from tiered_state.repositories.base import StateRepository
 from tiered_state.repositories.sqlite_repository import SQLiteStateRepository
+from tiered_state.testing import RepositoryContract, make
 
-from .conformance import RepositoryConformance, make
 
+class TestSQLiteConformance(RepositoryContract):
+    takes_no_secret = "sqlite:// names a local file: there is no password to give"
 
-class TestSQLiteConformance(RepositoryConformance):
     @pytest.fixture
     def repository(self, tmp_path: Path) -> Iterator[SQLiteStateRepository]:
         with SQLiteStateRepository(tmp_path / "warm.db") as repo:
             yield repo
 
-    def test_repr_has_no_secret(self, repository: StateRepository) -> None:
-        # Overridden: repr shows the database path, and pytest names tmp_path
-        # after the test ("test_repr_has_no_secret0"); a path is not a secret.
-        text = repr(repository).replace(str(Path(repository.path).parent), "")  # type: ignore[attr-defined]
-        assert "password" not in text.lower() and "secret" not in text.lower()
+    @pytest.fixture
+    def repository_url(self, tmp_path: Path) -> str:
+        return f"sqlite:///{tmp_path / 'warm.db'}"
+
+    @contextlib.contextmanager
+    def break_key(self, repository: SQLiteStateRepository, key: str) -> Iterator[None]:  # type: ignore[override]
+        """Triggers that abort every insert, update and delete of ``key``."""
+        assert key.isalnum()  # spelt into the SQL below
+        ops = {"insert": "NEW", "update": "NEW", "delete": "OLD"}
+        conn = sqlite3.connect(repository.path, isolation_level=None)
+        try:
+            for op, row in ops.items():
+                conn.execute(f"CREATE TRIGGER refuse_{op} BEFORE {op.upper()} ON {repository.table} "
+                             f"WHEN {row}.key = '{key}' BEGIN SELECT RAISE(ABORT, 'refused'); END")
+            yield
+        finally:
+            for op in ops:
+                conn.execute(f"DROP TRIGGER IF EXISTS refuse_{op}")
+            conn.close()
 
 
 @pytest.fixture
@@ -238,7 +253,7 @@ def test_batch_conditionals_across_processes_are_exact(tmp_path: Path) -> None:
     code = """
         import json, sys
         from tiered_state.repositories.sqlite_repository import SQLiteStateRepository
-        from tests.conformance import make
+        from tiered_state.testing import make
         repo = SQLiteStateRepository(sys.argv[1], busy_timeout=30)
         w = int(sys.argv[2])
         claims = []
@@ -334,7 +349,7 @@ def test_several_processes_write_one_file_and_nothing_is_lost(tmp_path: Path) ->
     code = """
         import sys
         from tiered_state.repositories.sqlite_repository import SQLiteStateRepository
-        from tests.conformance import make
+        from tiered_state.testing import make
         repo = SQLiteStateRepository(sys.argv[1], busy_timeout=30)
         w = sys.argv[2]
         for i in range(150):
@@ -398,7 +413,7 @@ def test_changed_by_others_sees_another_process(repo: SQLiteStateRepository) -> 
     code = """
         import sys
         from tiered_state.repositories.sqlite_repository import SQLiteStateRepository
-        from tests.conformance import make
+        from tiered_state.testing import make
         SQLiteStateRepository(sys.argv[1]).store("k", *make(int(sys.argv[2])))
     """
     root = str(Path(__file__).resolve().parent.parent)
@@ -450,7 +465,7 @@ def test_changed_by_others_without_shm_falls_back_to_pragma(repo: SQLiteStateRep
 _WRITE_ELSEWHERE = """
     import sys
     from tiered_state.repositories.sqlite_repository import SQLiteStateRepository
-    from tests.conformance import make
+    from tiered_state.testing import make
     SQLiteStateRepository(sys.argv[1]).store(sys.argv[2], *make(int(sys.argv[3])))
 """
 

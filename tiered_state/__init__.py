@@ -6,6 +6,7 @@ import logging
 
 from .cache import LocalCache
 from .codec import Codec, JSONCodec, TypedJSONCodec
+from .config import register_backend
 from .errors import (
     BackendError,
     BackendUnavailableError,
@@ -65,5 +66,6 @@ __all__ = [
     "ValueTypeError",
     "open",
     "probe",
+    "register_backend",
     "upgrade",
 ]

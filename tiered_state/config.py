@@ -5,6 +5,17 @@ Each backend registers its URL schemes in :data:`_REGISTRY` as a
 imports no driver. A backend gets its driver through :func:`require`, whose
 error names the extra to install.
 
+Third-party backends join the registry in one of two ways:
+
+* :func:`register_backend` (``tiered_state.register_backend("dynamo",
+  "ts_dynamo:DynamoStateRepository", extra="tiered-state-dynamo")``), at run
+  time;
+* an entry point in the group ``tiered_state.backends`` of their
+  distribution (name: the scheme, value: ``"module:Class"``). Entry points
+  are read through :mod:`importlib.metadata` only when a URL names a scheme
+  the registry does not know -- never at import, never for a known scheme --
+  and the scheme found is then registered like any other.
+
 Options ride in the URL's query string (``redis://host/0?prefix=app:``); each
 backend's ``from_url`` documents its own. :func:`redact` hides passwords
 wherever a URL is shown.
@@ -17,6 +28,7 @@ import importlib
 import inspect
 import os
 import re
+import threading
 from collections.abc import Iterable, Iterator, Mapping
 from types import MappingProxyType, ModuleType
 from typing import TYPE_CHECKING, Any
@@ -28,15 +40,18 @@ if TYPE_CHECKING:
     from .repositories.base import StateRepository
 
 __all__ = [
+    "ENTRY_POINT_GROUP",
     "ENV_COLD",
     "ENV_HOT",
     "ENV_PATH",
     "ENV_STATSD",
     "ENV_WARM",
+    "backend_class",
     "encode_userinfo",
     "open_repository",
     "query_options",
     "redact",
+    "register_backend",
     "registry",
     "require",
     "unknown_options",
@@ -65,6 +80,106 @@ _REGISTRY: dict[str, str] = {
 
 #: Read-only view of the registry: scheme -> "module:Class".
 registry: Mapping[str, str] = MappingProxyType(_REGISTRY)
+
+#: The entry-point group in which a distribution declares backends: each
+#: entry point's name is a URL scheme, its value ``"module:Class"``.
+ENTRY_POINT_GROUP = "tiered_state.backends"
+
+# scheme -> what to install when the backend's module cannot be imported
+# (register_backend's ``extra``, else the distribution of its entry point).
+_INSTALL: dict[str, str] = {}
+# scheme -> the distribution whose entry point registered it, for messages.
+_DISTRIBUTION: dict[str, str] = {}
+# Registration and the entry-point lookup may run in several threads (two
+# tiers opened at once); the lock keeps each check-then-set whole.
+_REGISTRY_LOCK = threading.Lock()
+
+# RFC 3986 scheme characters, lower-case (schemes are case-insensitive and
+# scheme_of lower-cases them), without "+": what follows a "+" is the
+# backend's own variant (postgresql+psycopg2://, redis+cluster://) and is
+# never looked up.
+_SCHEME = re.compile(r"[a-z][a-z0-9.-]*\Z")
+_NAME = r"[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*"
+_TARGET = re.compile(rf"{_NAME}:{_NAME}\Z")
+
+
+def register_backend(
+    scheme: str, target: str, extra: str | None = None, *, replace: bool = False
+) -> None:
+    """Make ``scheme://`` URLs open the repository class ``target``.
+
+    ``target`` is a ``"module:Class"`` string, imported when a URL with this
+    scheme is first opened (not now), so registering costs nothing and a
+    backend's driver is imported only by those who use it. The class must
+    subclass :class:`~tiered_state.repositories.base.StateRepository` and
+    implement ``from_url``; :mod:`tiered_state.testing` holds the behaviour
+    it must show.
+
+    Registering a scheme again with the same target is allowed (and updates
+    ``extra``); with another target it is refused unless ``replace=True``, so
+    two packages cannot silently take each other's scheme -- built-in
+    schemes included. A distribution can instead declare the scheme as an
+    entry point in the group ``tiered_state.backends``; it is looked up only
+    when a URL names a scheme nothing registered, so a registered scheme
+    always wins over an entry point.
+
+    >>> import tiered_state
+    >>> from tiered_state.config import open_repository
+    >>> tiered_state.register_backend(
+    ...     "lru", "tiered_state.repositories.memory_repository:MemoryStateRepository")
+    >>> with open_repository("lru://?max_items=100") as repo:
+    ...     (repo.backend, repo.max_items)
+    ('memory', 100)
+
+    :param scheme: the URL scheme, without ``://``: a letter, then letters,
+        digits, ``.`` or ``-``; case-insensitive.
+    :param target: ``"module:Class"`` (``"ts_dynamo:DynamoStateRepository"``).
+    :param extra: what to ``pip install`` when the module cannot be imported
+        (``"tiered-state-dynamo"``, ``"tiered-state[s3]"``); the error then
+        names it.
+    :param replace: replace a scheme already registered to another target.
+    :raises ConfigurationError: a malformed scheme, target or extra, or a
+        scheme already registered to another target (without ``replace``).
+    """
+    name = _check_scheme(scheme)
+    if not isinstance(target, str) or not _TARGET.match(target.strip()):
+        raise ConfigurationError(
+            f"a backend target is a 'module:Class' string such as "
+            f"'my_package.backend:MyStateRepository', not {target!r}"
+        )
+    target = target.strip()
+    if extra is not None and (not isinstance(extra, str) or not extra.strip()
+                              or any(c.isspace() for c in extra.strip())):
+        raise ConfigurationError(
+            f"extra is the requirement to pip install (such as 'tiered-state-dynamo'), "
+            f"not {extra!r}"
+        )
+    with _REGISTRY_LOCK:
+        current = _REGISTRY.get(name)
+        if current is not None and current != target and not replace:
+            raise ConfigurationError(
+                f"the URL scheme {name!r} is already registered to {current!r}; "
+                "pass replace=True to register another backend for it"
+            )
+        if current != target:
+            _DISTRIBUTION.pop(name, None)
+            _INSTALL.pop(name, None)
+        _REGISTRY[name] = target
+        if extra is not None:
+            _INSTALL[name] = extra.strip()
+
+
+def _check_scheme(scheme: object) -> str:
+    """``scheme`` lower-cased, or a :class:`ConfigurationError` saying what a scheme is."""
+    name = scheme.strip().lower() if isinstance(scheme, str) else None
+    if name is None or not _SCHEME.match(name):
+        hint = (" ('+' is left to a backend's own variants, as in postgresql+psycopg2://)"
+                if isinstance(scheme, str) and "+" in scheme else "")
+        raise ConfigurationError(
+            "a URL scheme is a letter followed by letters, digits, '.' or '-' "
+            f"(no '://'), not {scheme!r}{hint}"
+        )
+    return name
 
 
 def require(module: str, extra: str) -> ModuleType:
@@ -272,16 +387,116 @@ def query_options(url: str) -> tuple[str, dict[str, str]]:
 
 
 def backend_class(scheme: str) -> type[StateRepository]:
-    """The repository class registered for ``scheme`` (imports its module)."""
-    try:
-        target = _REGISTRY[scheme]
-    except KeyError:
+    """The repository class registered for ``scheme`` (imports its module).
+
+    A scheme nothing registered is looked up among the entry points of the
+    group ``tiered_state.backends`` (see :func:`register_backend`).
+
+    :raises ConfigurationError: unknown scheme, or a registration that does
+        not name a repository class.
+    :raises MissingDependencyError: the backend's module cannot be imported.
+    """
+    target = _REGISTRY.get(scheme)
+    if target is None:
+        target = _from_entry_points(scheme)
+    if target is None:
         known = ", ".join(sorted(_REGISTRY))
-        raise ConfigurationError(f"unknown URL scheme {scheme!r}; known: {known}") from None
-    module_name, _, class_name = target.partition(":")
-    module = importlib.import_module(module_name)
-    cls: type[StateRepository] = getattr(module, class_name)
-    return cls
+        raise ConfigurationError(
+            f"unknown URL scheme {scheme!r}; known: {known} (a third-party backend is "
+            f"added with tiered_state.register_backend or an entry point in the group "
+            f"{ENTRY_POINT_GROUP!r})"
+        )
+    return _load(scheme, target)
+
+
+def _from_entry_points(scheme: str) -> str | None:
+    """Register ``scheme`` from the entry point declaring it, if one does;
+    return its target (None: no distribution declares it)."""
+    # Imported here: only a URL with an unknown scheme pays for reading the
+    # metadata of every installed distribution.
+    from importlib import metadata
+
+    try:
+        found = [ep for ep in metadata.entry_points(group=ENTRY_POINT_GROUP)
+                 if ep.name.strip().lower() == scheme]
+    except Exception as exc:  # a broken installed distribution: say so, no traceback
+        raise ConfigurationError(
+            f"reading the entry points of the group {ENTRY_POINT_GROUP!r} failed "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
+    if not found:
+        return None
+    claims = sorted({(_distribution(ep), ep.value.strip()) for ep in found})
+    if len({value for _, value in claims}) > 1:
+        listed = "; ".join(f"{dist!r} -> {value!r}" for dist, value in claims)
+        raise ConfigurationError(
+            f"the URL scheme {scheme!r} is declared by several entry points of the group "
+            f"{ENTRY_POINT_GROUP!r} ({listed}); uninstall one, or choose with "
+            "tiered_state.register_backend"
+        )
+    dist, value = claims[0]
+    # An entry point may name extras ("module:Class [fast]"); they are pip's business.
+    target = value.split("[", 1)[0].strip()
+    if not _TARGET.match(target):
+        raise ConfigurationError(
+            f"the entry point {found[0].name!r} of the distribution {dist!r} (group "
+            f"{ENTRY_POINT_GROUP!r}) is {value!r}, not a 'module:Class' string"
+        )
+    with _REGISTRY_LOCK:
+        if scheme not in _REGISTRY:  # another thread may have registered it meanwhile
+            _REGISTRY[scheme] = target
+            _DISTRIBUTION[scheme] = dist
+            _INSTALL.setdefault(scheme, dist)
+        return _REGISTRY[scheme]
+
+
+def _distribution(entry_point: Any) -> str:
+    """The name of the distribution that declares ``entry_point``."""
+    dist = getattr(entry_point, "dist", None)
+    name = getattr(dist, "name", None) if dist is not None else None
+    return str(name) if name else "an unknown distribution"
+
+
+def _load(scheme: str, target: str) -> type[StateRepository]:
+    """Import ``target`` ("module:Class") for ``scheme``, every failure a clear error."""
+    from .repositories.base import StateRepository
+
+    module_name, _, attribute = target.partition(":")
+    dist = _DISTRIBUTION.get(scheme)
+    origin = f" (from the distribution {dist!r})" if dist else ""
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        missing = exc.name or module_name
+        install = _INSTALL.get(scheme)
+        error = MissingDependencyError(missing.split(".")[0], install or "")
+        # Not the tiered-state extra the stock message names: a third-party
+        # backend is installed by its own distribution.
+        error.args = (
+            f"the {scheme}:// backend{origin} cannot be imported: no module named "
+            f"{missing!r}" + (f"; pip install {install!r}" if install else ""),
+        )
+        raise error from exc
+    except Exception as exc:
+        raise ConfigurationError(
+            f"the {scheme}:// backend{origin} failed to import: module {module_name!r} "
+            f"raised {type(exc).__name__}: {redact(str(exc))}"
+        ) from exc
+    found: Any = module
+    try:
+        for part in attribute.split("."):
+            found = getattr(found, part)
+    except AttributeError:
+        raise ConfigurationError(
+            f"the {scheme}:// backend{origin} names {target!r}, but module "
+            f"{module_name!r} has no {attribute!r}"
+        ) from None
+    if not (isinstance(found, type) and issubclass(found, StateRepository)):
+        raise ConfigurationError(
+            f"the {scheme}:// backend{origin} names {target!r}, which is not a "
+            "StateRepository subclass"
+        )
+    return found
 
 
 def open_repository(url: str, **options: Any) -> StateRepository:

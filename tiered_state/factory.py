@@ -120,8 +120,10 @@ def open(
 
     With no arguments: memory + SQLite + files under ``./.tiered_state`` (or
     ``TIERED_STATE_PATH``). ``path`` puts the embedded tiers elsewhere; each
-    tier may instead be a URL (``redis://``, ``postgresql://``, ``s3://``, ...)
-    or a ready repository, or ``"none"`` to switch it off. Unset tiers come
+    tier may instead be a URL (``redis://``, ``postgresql://``, ``s3://``, ...,
+    or the scheme of a third-party backend: see
+    :func:`~tiered_state.config.register_backend`) or a ready repository, or
+    ``"none"`` to switch it off. Unset tiers come
     from ``TIERED_STATE_HOT`` / ``_WARM`` / ``_COLD``; metrics from
     ``TIERED_STATE_STATSD=host:port`` when ``metrics`` is not given.
 
