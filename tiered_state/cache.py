@@ -30,6 +30,16 @@ class LocalCache:
     seen after at most ``ttl`` seconds -- that is its staleness bound, so keep
     ``ttl`` short, or leave the cache off where several processes write.
 
+    >>> from tiered_state import LocalCache
+    >>> bot = tiered_state.open(folder / "bot", cache=LocalCache(max_items=10_000, ttl=0.5))
+    >>> version = bot.set("position:BTC", {"qty": 1.5})
+    >>> bot.get("position:BTC")  # fills the cache: for 0.5 s, reads skip every tier
+    {'qty': 1.5}
+    >>> version = bot.set("position:BTC", {"qty": 2.0})  # this process's write: seen at once
+    >>> bot.get("position:BTC")
+    {'qty': 2.0}
+    >>> bot.close()
+
     :param max_items: most entries kept (least recently used evicted).
     :param max_bytes: most payload bytes kept.
     :param ttl: seconds an entry is trusted (or a :class:`datetime.timedelta`).

@@ -258,6 +258,16 @@ class JSONCodec:
     None; anything that would read back different raises
     :class:`~tiered_state.errors.SerializationError`. It is :func:`encode`
     and :func:`decode`.
+
+    >>> codec = JSONCodec()
+    >>> codec.encode({"side": "buy", "qty": 1.5})  # sorted keys, no spaces
+    '{"qty":1.5,"side":"buy"}'
+    >>> codec.decode('{"qty":1.5}')
+    {'qty': 1.5}
+    >>> codec.encode({"window": (9, 17)})
+    Traceback (most recent call last):
+      ...
+    tiered_state.errors.SerializationError: tuple is not stored by JSONCodec ...
     """
 
     name = ENCODING
@@ -532,6 +542,22 @@ class TypedJSONCodec:
     >>> codec = TypedJSONCodec()
     >>> codec.encode({"at": datetime.date(2024, 5, 1), "px": decimal.Decimal("1.50")})
     '{"at":{"$type":"date","value":"2024-05-01"},"px":{"$type":"decimal","value":"1.50"}}'
+
+    Registered classes round-trip too; the mapping fixes the name stored:
+
+    >>> import dataclasses, enum
+    >>> class Side(enum.Enum):
+    ...     BUY = "buy"
+    ...     SELL = "sell"
+    >>> @dataclasses.dataclass
+    ... class Fill:
+    ...     side: Side
+    ...     qty: decimal.Decimal
+    >>> codec = TypedJSONCodec(types={"Side": Side, "Fill": Fill})
+    >>> codec.encode(Side.BUY)
+    '{"$type":"enum","class":"Side","value":"BUY"}'
+    >>> codec.decode(codec.encode(Fill(Side.BUY, decimal.Decimal("0.5"))))
+    Fill(side=<Side.BUY: 'buy'>, qty=Decimal('0.5'))
     """
 
     name = TYPED_ENCODING

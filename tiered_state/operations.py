@@ -113,7 +113,8 @@ def memo_key(base: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> str:
 
 
 class Memoized(Protocol[R_co]):
-    """A function whose results are kept in a store (see :meth:`Operations.memoize`).
+    """A function whose results are kept in a store (see
+    :meth:`StateManager.memoize <tiered_state.StateManager.memoize>`).
 
     Calling it returns the stored result of the same arguments, or computes,
     stores and returns it -- once, whatever the number of concurrent callers.
@@ -211,6 +212,11 @@ class Operations:
             tier: TierLike = Tier.HOT) -> bool:
         """Store ``value`` only if ``key`` is absent.
 
+        >>> state.add("lock:nightly", {"by": "host-1"}), state.add("lock:nightly", {"by": "host-2"})
+        (True, False)
+        >>> state.get("lock:nightly")
+        {'by': 'host-1'}
+
         :returns: True if stored, False if the key exists (nothing written).
         """
         try:
@@ -227,6 +233,11 @@ class Operations:
         and processes: concurrent callers wait for its value and return it.
         If it raises, nothing is stored and the exception propagates (a
         waiting caller then tries in turn).
+
+        >>> state.get_or_set("report:2024-05", lambda: {"pnl": 12.5}, ttl=86400)
+        {'pnl': 12.5}
+        >>> state.get_or_set("report:2024-05", lambda: {"pnl": 0.0})  # stored: not called
+        {'pnl': 12.5}
 
         :raises ConfigurationError: a bad ``ttl`` or ``tier``, or a
             ``factory`` that is not callable -- before any read or write.
@@ -252,6 +263,18 @@ class Operations:
         callers compute once, as with :meth:`get_or_set`. The decorated
         function has ``.cache_key(*args, **kwargs)`` and
         ``.forget(*args, **kwargs)``.
+
+        >>> calls = []
+        >>> @state.memoize(ttl=60, name="quote")
+        ... def quote(symbol, venue="X"):
+        ...     calls.append(symbol)
+        ...     return {"symbol": symbol, "px": 100.0}
+        >>> quote("BTC")["px"], quote("BTC")["px"], calls  # computed once, then read
+        (100.0, 100.0, ['BTC'])
+        >>> quote.cache_key("BTC", venue="Y")
+        'quote("BTC",venue="Y")'
+        >>> quote.forget("BTC")
+        True
 
         :raises ConfigurationError: a bad ``ttl`` or ``tier`` (at decoration).
         """
@@ -320,6 +343,14 @@ class Operations:
              ttl: Seconds | None = None) -> int | float:
         """Add ``delta`` to the number under ``key`` (``default`` if absent); atomic.
 
+        >>> state.incr("fills:BTC"), state.incr("fills:BTC", 10), state.incr("fills:BTC", 0.5)
+        (1, 11, 11.5)
+        >>> version = state.set("bot:name", "alpha")
+        >>> state.incr("bot:name")
+        Traceback (most recent call last):
+          ...
+        tiered_state.errors.ValueTypeError: cannot incr 'bot:name': its value is str, not a number
+
         :param ttl: the record's new lifetime; None keeps the expiry it has
             (none for a record this call creates).
         :returns: the new value.
@@ -357,7 +388,11 @@ class Operations:
 
     def decr(self, key: str, delta: int | float = 1, default: int | float = 0,
              ttl: Seconds | None = None) -> int | float:
-        """:meth:`incr` by ``-delta``."""
+        """:meth:`incr` by ``-delta``.
+
+        >>> state.decr("orders:open", default=5), state.decr("orders:open", 2)
+        (4, 2)
+        """
         if not _is_number(delta):
             raise ValueTypeError(f"decr delta must be an int or float, not {type(delta).__name__}")
         return self.incr(key, -delta, default, ttl)
@@ -365,6 +400,14 @@ class Operations:
     def pop(self, key: str, default: Any = _RAISE) -> Any:
         """Delete ``key`` and return the value it had, atomically: the value
         returned is the one deleted.
+
+        >>> version = state.set("order:1", {"px": 100})
+        >>> state.pop("order:1"), state.pop("order:1", None)
+        ({'px': 100}, None)
+        >>> state.pop("order:1")
+        Traceback (most recent call last):
+          ...
+        KeyError: 'order:1'
 
         :raises KeyError: the key is absent and no ``default`` is given.
         """
