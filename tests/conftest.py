@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from .support import server_url
+from .support import require_module, server_url, skip_forbidden
 
 
 @pytest.fixture(autouse=True)
@@ -23,13 +23,15 @@ def _isolated_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> It
 
 @pytest.fixture(scope="session")
 def redis_url() -> str:
-    """Base URL of the real Redis (TIERED_STATE_TEST_REDIS_URL)."""
+    """Base URL of the real Redis (TIERED_STATE_TEST_REDIS_URL); needs the redis driver."""
+    require_module("redis")
     return server_url("redis")
 
 
 @pytest.fixture(scope="session")
 def postgres_url() -> str:
-    """URL of the real PostgreSQL (TIERED_STATE_TEST_POSTGRES_URL)."""
+    """URL of the real PostgreSQL (TIERED_STATE_TEST_POSTGRES_URL); needs psycopg2."""
+    require_module("psycopg2")
     return server_url("postgres")
 
 
@@ -37,6 +39,7 @@ def postgres_url() -> str:
 def redis_cluster() -> Iterator[Any]:
     """A private Redis Cluster (3 primaries + 3 replicas) for the session's tests
     that only read and write; tests that kill nodes start their own."""
+    require_module("redis")
     from .servers import PrivateRedisCluster
 
     with PrivateRedisCluster() as cluster:
@@ -46,6 +49,7 @@ def redis_cluster() -> Iterator[Any]:
 @pytest.fixture(scope="session")
 def redis_sentinel() -> Iterator[Any]:
     """A private primary + replica + three Sentinels, shared like redis_cluster."""
+    require_module("redis")
     from .servers import PrivateSentinel
 
     with PrivateSentinel() as sentinel:
@@ -57,15 +61,30 @@ def python() -> str:
     return sys.executable
 
 
+def _forbid_skip(report: pytest.TestReport | pytest.CollectReport) -> None:
+    """Under TIERED_STATE_TEST_REQUIRE_ALL=1 (set by .ci/run) a skip is a failure.
+
+    ``support.skip`` already fails instead of skipping; this catches every
+    other skip (a plain ``pytest.skip``, a helper in ``servers.py``), by the
+    same rule.
+    """
+    forbidden = skip_forbidden()
+    if report.skipped and forbidden and not hasattr(report, "wasxfail"):
+        report.outcome = "failed"
+        report.longrepr = f"skipped, but {forbidden}: {report.longrepr}"
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]):  # type: ignore[no-untyped-def]
-    """Under TIERED_STATE_TEST_REQUIRE_ALL=1 (set by .ci/run) a skip is a failure."""
     outcome = yield
-    report = outcome.get_result()
-    if report.skipped and os.environ.get("TIERED_STATE_TEST_REQUIRE_ALL") == "1":
-        if not hasattr(report, "wasxfail"):
-            report.outcome = "failed"
-            report.longrepr = f"skipped, but CI requires every test to run: {report.longrepr}"
+    _forbid_skip(outcome.get_result())
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_make_collect_report(collector: pytest.Collector):  # type: ignore[no-untyped-def]
+    # A module skipped as a whole (at import) never reaches runtest_makereport.
+    outcome = yield
+    _forbid_skip(outcome.get_result())
 
 
 @pytest.fixture(scope="session")
@@ -73,12 +92,16 @@ def _s3_endpoint() -> Iterator[str]:
     """Base s3:// URL: TIERED_STATE_TEST_S3_URL, else moto's server mode on a free port.
 
     moto runs as a separate process and is spoken to over HTTP like any S3
-    server; it is never an in-process mock.
+    server; it is never an in-process mock. Without boto3 (or, with no URL,
+    without moto) the S3 tests skip.
     """
+    require_module("boto3")
     url = os.environ.get("TIERED_STATE_TEST_S3_URL", "").strip()
     if url:
         yield url
         return
+    # moto.server, not moto: the server mode needs moto[server]'s flask too.
+    require_module("moto.server")
     import subprocess
 
     from .support import free_port, wait_for_port

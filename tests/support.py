@@ -1,18 +1,27 @@
-"""Test helpers: free ports, server URLs from the environment, TCP proxies to cut.
+"""Test helpers: free ports, server URLs and drivers, TCP proxies to cut.
 
-Server URLs come from ``TIERED_STATE_TEST_{REDIS,POSTGRES,S3}_URL``. Unset:
-the test is skipped with the reason. Set but unreachable: the test fails --
-``.ci/run`` sets them all, so CI never skips a backend.
+Server URLs come from ``TIERED_STATE_TEST_{REDIS,POSTGRES,S3}_URL``; drivers
+and test tools (redis, psycopg2, boto3, moto, statsd, pydantic...) come from
+the extras. A test that lacks one is skipped with the reason, so the no-extras
+tox envs run the zero-dependency core. Whether that skip is allowed is decided
+in one place, :func:`skip_forbidden`: not when TIERED_STATE_TEST_REQUIRE_ALL=1
+(``.ci/run`` sets it, so CI never skips a backend), and not when the test's
+backend has its URL set -- whoever set it means that backend's tests to run,
+so a missing driver there fails instead of hiding them. A URL that is set but
+unreachable fails the test too.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import select
 import socket
 import threading
 import time
 import uuid
+from types import ModuleType
+from typing import NoReturn
 
 import pytest
 
@@ -37,13 +46,84 @@ def wait_for_port(host: str, port: int, timeout: float = 30.0) -> None:
             time.sleep(0.05)
 
 
+def _url_variable(backend: str) -> str:
+    return f"TIERED_STATE_TEST_{backend.upper()}_URL"
+
+
+def skip_forbidden(backend: str | None = None) -> str | None:
+    """Why a skip must be a failure here, or None if skipping is fine.
+
+    The one rule for every skip in the suite (``skip`` below and the
+    ``conftest`` hook that turns any other skip into a failure use it):
+    TIERED_STATE_TEST_REQUIRE_ALL=1 forbids every skip; a set
+    ``TIERED_STATE_TEST_{BACKEND}_URL`` forbids skipping that backend's tests.
+    """
+    if os.environ.get("TIERED_STATE_TEST_REQUIRE_ALL") == "1":
+        return "TIERED_STATE_TEST_REQUIRE_ALL=1 requires every test to run"
+    if backend is not None and os.environ.get(_url_variable(backend), "").strip():
+        return f"{_url_variable(backend)} is set, so the {backend} tests must run"
+    return None
+
+
+def skip(reason: str, backend: str | None = None) -> NoReturn:
+    """Skip the test (or module) with ``reason``, or fail it if :func:`skip_forbidden` says so."""
+    forbidden = skip_forbidden(backend)
+    if forbidden:
+        pytest.fail(f"{reason}; but {forbidden}", pytrace=False)
+    pytest.skip(reason, allow_module_level=True)
+
+
 def server_url(kind: str) -> str:
     """The URL in ``TIERED_STATE_TEST_{KIND}_URL``, or skip the test with the reason."""
-    name = f"TIERED_STATE_TEST_{kind.upper()}_URL"
+    name = _url_variable(kind)
     url = os.environ.get(name, "").strip()
     if not url:
-        pytest.skip(f"{name} is not set (.ci/run sets it; see README 'Running the tests')")
+        skip(f"{name} is not set (.ci/run sets it; see README 'Running the tests')", kind)
     return url
+
+
+# Top-level module -> (the extra that installs it, the backend whose tests need it).
+# The backend ties the driver to its TIERED_STATE_TEST_*_URL: with the URL set,
+# a missing driver is a failure, not a skip.
+_MODULES: dict[str, tuple[str, str | None]] = {
+    "redis": ("redis", "redis"),
+    "psycopg2": ("postgres", "postgres"),
+    "boto3": ("s3", "s3"),
+    "botocore": ("s3", "s3"),
+    "statsd": ("statsd", None),
+    "orjson": ("fast", None),
+    "moto": ("test", None),  # the S3 server the tests start when no S3 URL is set
+    "diskcache": ("test", None),
+    "pydantic": ("test", None),
+    "yaml": ("test", None),  # PyYAML, which moto[server] brings
+}
+
+
+def require_module(name: str, minversion: str | None = None) -> ModuleType:
+    """Import ``name`` (a driver or test tool from an extra), or :func:`skip` with the install hint.
+
+    Used in place of ``pytest.importorskip``, at module level or in a test or
+    fixture, so that a missing redis, psycopg2 or boto3 follows the same rule
+    as a missing server.
+    """
+    extra, backend = _MODULES.get(name.split(".", 1)[0], ("test", None))
+    hint = f"pip install 'tiered-state[{extra}]'"
+    try:
+        module = importlib.import_module(name)
+    except ImportError as exc:
+        missing = f"{name} is not installed ({hint}): {exc}"
+    else:
+        missing = ""
+    if missing:  # outside the except: the report is the reason, not a chained traceback
+        skip(missing, backend)
+    if minversion is not None:
+        # packaging comes with pytest (pytest.importorskip compares versions with it too).
+        from packaging.version import Version
+
+        version = str(getattr(module, "__version__", "0"))
+        if Version(version) < Version(minversion):
+            skip(f"{name} {version} is older than {minversion} ({hint})", backend)
+    return module
 
 
 def unique_name(prefix: str = "ts") -> str:

@@ -32,7 +32,7 @@ from tiered_state.errors import ConfigurationError, IntegrityError, Serializatio
 from tiered_state.record import Entry, Tier, inflate, live_value, make_metadata, make_stub
 from tiered_state.repositories.base import StateRepository
 
-from .support import unique_name
+from .support import require_module, unique_name
 
 
 @pytest.mark.parametrize(
@@ -628,7 +628,7 @@ class Models(NamedTuple):
 def models() -> Models:
     """pydantic v2 models (pydantic is in the test extra; the no-extras tox
     envs, which prove the zero-dependency core, skip these tests)."""
-    pydantic = pytest.importorskip("pydantic", minversion="2", reason="pydantic is in the test extra")
+    pydantic = require_module("pydantic", minversion="2")
 
     class Leg(pydantic.BaseModel):  # type: ignore[misc,name-defined]
         venue: str
@@ -805,7 +805,7 @@ def filesystem_repo(tmp_path: Path) -> Iterator[StateRepository]:
 
 @pytest.fixture
 def postgres_repo(request: pytest.FixtureRequest) -> Iterator[StateRepository]:
-    psycopg2 = pytest.importorskip("psycopg2")
+    psycopg2 = require_module("psycopg2")
     postgres_url: str = request.getfixturevalue("postgres_url")
     from tiered_state.repositories.postgres_repository import PostgresStateRepository
 
@@ -823,7 +823,7 @@ def postgres_repo(request: pytest.FixtureRequest) -> Iterator[StateRepository]:
 
 @pytest.fixture
 def s3_repo(request: pytest.FixtureRequest) -> Iterator[StateRepository]:
-    pytest.importorskip("boto3")
+    require_module("boto3")
     from tiered_state.config import open_repository
 
     with open_repository(request.getfixturevalue("s3_url"), compress_min_bytes=64) as repo:
@@ -832,7 +832,7 @@ def s3_repo(request: pytest.FixtureRequest) -> Iterator[StateRepository]:
 
 @pytest.fixture
 def redis_repo(request: pytest.FixtureRequest) -> Iterator[StateRepository]:
-    redis = pytest.importorskip("redis")
+    redis = require_module("redis")
     redis_url: str = request.getfixturevalue("redis_url")
     from tiered_state.config import open_repository
 
@@ -1009,7 +1009,7 @@ def test_manager_never_reads_a_record_with_the_wrong_codec(tmp_path: Path) -> No
 
 def test_manager_typed_values_through_a_shared_hot_tier(tmp_path: Path,
                                                         request: pytest.FixtureRequest) -> None:
-    pytest.importorskip("redis")
+    require_module("redis")
     redis_url: str = request.getfixturevalue("redis_url")
     prefix = unique_name("ts") + ":"
     value = {"at": datetime.datetime(2024, 5, 1, tzinfo=PARIS), "side": Side.SELL}

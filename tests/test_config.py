@@ -22,7 +22,7 @@ from tiered_state.record import Tier
 from tiered_state.repositories.memory_repository import MemoryStateRepository
 from tiered_state.repositories.sqlite_repository import SQLiteStateRepository
 
-from .support import free_port, unique_name
+from .support import free_port, require_module, unique_name
 
 
 def test_registry_is_read_only_and_complete() -> None:
@@ -188,7 +188,7 @@ _DRIVERS = {"postgresql": "psycopg2", "s3": "boto3"}
 def _importorskip(url: str) -> None:
     driver = _DRIVERS.get(url.split("://", 1)[0])
     if driver:
-        pytest.importorskip(driver)
+        require_module(driver)
 
 
 def _assert_names_option(message: str, bad: str, meant: str, valid: set[str]) -> None:
@@ -286,7 +286,7 @@ def _closed_port() -> int:
 
 @pytest.fixture
 def pg_parts(postgres_url: str) -> dict[str, str]:
-    psycopg2 = pytest.importorskip("psycopg2")
+    psycopg2 = require_module("psycopg2")
     params: dict[str, str] = psycopg2.extensions.parse_dsn(postgres_url)
     return {"user": params.get("user", "postgres"), "host": params.get("host", "127.0.0.1"),
             "port": str(params.get("port", 5432)), "dbname": params["dbname"]}
@@ -295,7 +295,7 @@ def pg_parts(postgres_url: str) -> dict[str, str]:
 @pytest.fixture
 def pg_table(postgres_url: str) -> Iterator[str]:
     """A table name of its own, dropped afterwards."""
-    psycopg2 = pytest.importorskip("psycopg2")
+    psycopg2 = require_module("psycopg2")
     name = unique_name("ts_check")
     yield name
     conn = psycopg2.connect(postgres_url)
@@ -386,7 +386,7 @@ def test_check_unreachable_postgres(pg_parts: dict[str, str], tmp_path: Path) ->
 
 
 def test_check_unreachable_redis(tmp_path: Path) -> None:
-    pytest.importorskip("redis")
+    require_module("redis")
     store = tmp_path / "store"
     with pytest.raises(BackendUnavailableError):
         tiered_state.open(store, hot=f"redis://127.0.0.1:{_closed_port()}/0", check=True)
@@ -395,7 +395,7 @@ def test_check_unreachable_redis(tmp_path: Path) -> None:
 
 
 def test_check_unreachable_s3(tmp_path: Path) -> None:
-    pytest.importorskip("boto3")
+    require_module("boto3")
     url = f"s3://bucket/p?endpoint_url=http://127.0.0.1:{_closed_port()}&region=us-east-1&retries=1"
     with pytest.raises(BackendUnavailableError) as info:
         tiered_state.open(tmp_path, hot="none", warm="none", cold=url, check=True)
@@ -459,8 +459,8 @@ def test_check_without_credentials(s3_url: str, tmp_path: Path, monkeypatch: pyt
 def test_nothing_stored_when_a_server_check_fails(
     postgres_url: str, pg_parts: dict[str, str], pg_table: str, tmp_path: Path
 ) -> None:
-    psycopg2 = pytest.importorskip("psycopg2")
-    pytest.importorskip("boto3")
+    psycopg2 = require_module("psycopg2")
+    require_module("boto3")
     cold = f"s3://b/p?endpoint_url=http://127.0.0.1:{_closed_port()}&region=us-east-1&retries=1"
     with pytest.raises(BackendUnavailableError):
         tiered_state.open(tmp_path, hot="memory://", warm=_pg(pg_parts, query=f"table={pg_table}"),
@@ -487,8 +487,8 @@ def test_check_embedded_layout(tmp_path: Path) -> None:
 def test_check_server_layout(
     redis_url: str, pg_parts: dict[str, str], pg_table: str, s3_url: str, tmp_path: Path
 ) -> None:
-    pytest.importorskip("redis")
-    pytest.importorskip("boto3")
+    require_module("redis")
+    require_module("boto3")
     hot = redis_url + ("&" if "?" in redis_url else "?") + f"prefix={unique_name('chk')}:"
     warm = _pg(pg_parts, query=f"table={pg_table}")
     with tiered_state.open(tmp_path, hot=hot, warm=warm, cold=s3_url, check=True) as state:

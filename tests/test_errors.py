@@ -9,6 +9,8 @@ import pytest
 import tiered_state
 from tiered_state import errors
 
+from .support import require_module
+
 
 def test_tree() -> None:
     assert issubclass(errors.ConfigurationError, (errors.TieredStateError, ValueError))
@@ -56,7 +58,7 @@ def _human(message: str) -> str:
 @pytest.fixture
 def pg_repo() -> Any:
     """A repository that never connects: _raise is called with made-up driver errors."""
-    pytest.importorskip("psycopg2")
+    require_module("psycopg2")
     from tiered_state.repositories.postgres_repository import PostgresStateRepository
 
     return PostgresStateRepository(f"postgresql://app:{PASSWORD}@db.invalid:5432/app")
@@ -159,7 +161,7 @@ def test_postgres_statement_errors_name_no_method(pg_repo: Any) -> None:
 def test_postgres_bad_settings_against_the_server(postgres_url: str, query: str, named: str) -> None:
     """Settings libpq or the server refuse at connect: the configuration,
     reported at the first contact (read-only: the connection is refused)."""
-    pytest.importorskip("psycopg2")
+    require_module("psycopg2")
     from tiered_state.config import open_repository
 
     url = postgres_url + ("&" if "?" in postgres_url else "?") + query
@@ -173,7 +175,7 @@ def test_postgres_bad_settings_against_the_server(postgres_url: str, query: str,
 def stubbed_s3() -> Iterator[tuple[Any, Any]]:
     """An S3 repository whose client answers from a botocore Stubber: the
     refusals a local S3 server cannot be made to give (it checks no keys)."""
-    pytest.importorskip("boto3")
+    require_module("boto3")
     from botocore.stub import Stubber
 
     from tiered_state.config import open_repository
@@ -230,7 +232,7 @@ def test_s3_ping_outcomes(stubbed_s3: tuple[Any, Any]) -> None:
 def test_s3_bad_settings_are_configuration_errors(
     query: str, named: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    pytest.importorskip("boto3")
+    require_module("boto3")
     from tiered_state.config import open_repository
 
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))

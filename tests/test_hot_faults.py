@@ -35,9 +35,9 @@ import tiered_state
 from tiered_state.record import Tier
 
 from .servers import PrivateRedis
-from .support import TCPProxy
+from .support import TCPProxy, require_module
 
-redis = pytest.importorskip("redis")
+redis = require_module("redis")
 
 from tiered_state.repositories.redis_repository import unpack_record  # noqa: E402
 

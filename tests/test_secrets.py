@@ -21,7 +21,7 @@ from tiered_state.config import open_repository
 from tiered_state.errors import ConfigurationError, TieredStateError
 from tiered_state.record import make_metadata
 
-from .support import unique_name
+from .support import require_module, unique_name
 from .test_cli import cli
 
 SECRET = "Zq7Lx/Wm4Rp@Ky9Tb"
@@ -42,7 +42,7 @@ def _dead(url: str) -> str:
 def pg_secret_url(postgres_url: str) -> Iterator[str]:
     """The test server's URL with SECRET as the password (trust auth ignores
     it) and a table of its own, dropped afterwards."""
-    psycopg2 = pytest.importorskip("psycopg2")
+    psycopg2 = require_module("psycopg2")
     params = psycopg2.extensions.parse_dsn(postgres_url)
     table = unique_name("ts_secret")
     yield (f"postgresql://{params.get('user', 'postgres')}:{SECRET}@"
@@ -57,7 +57,7 @@ def pg_secret_url(postgres_url: str) -> Iterator[str]:
 
 @pytest.fixture
 def redis_secret_url(redis_url: str) -> str:
-    pytest.importorskip("redis")
+    require_module("redis")
     return redis_url.replace("redis://", f"redis://:{SECRET}@", 1)
 
 
@@ -102,7 +102,7 @@ def test_redis_repr(redis_secret_url: str) -> None:
 
 @pytest.mark.parametrize("url", S3_SECRET_URLS, ids=["userinfo", "encoded", "query"])
 def test_s3_repr(url: str) -> None:
-    pytest.importorskip("boto3")
+    require_module("boto3")
     with open_repository(url) as repository:
         assert_hidden(repr(repository))
         assert "***" in repr(repository)
@@ -127,7 +127,7 @@ BAD_URLS = [
 def test_configuration_errors(url: str) -> None:
     scheme = url.split("://", 1)[0]
     if scheme.startswith(("redis", "postgres", "s3")):
-        pytest.importorskip({"redis": "redis", "postgresql": "psycopg2", "s3": "boto3"}[scheme])
+        require_module({"redis": "redis", "postgresql": "psycopg2", "s3": "boto3"}[scheme])
     with pytest.raises(ConfigurationError) as info:
         open_repository(url)
     assert_hidden(str(info.value))

@@ -13,9 +13,8 @@ import time
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import pytest
-
 from .servers import CLUSTER_BUS_OFFSET, PrivateRedisCluster, PrivateSentinel, topology_port
+from .support import require_module
 
 FAILOVER_BOUND = 15.0  # seconds; measured ~2.5 s with a 1 s node timeout / down-after
 _T = TypeVar("_T")
@@ -23,7 +22,7 @@ _T = TypeVar("_T")
 
 def _eventually(call: Callable[[], _T], timeout: float = 10.0) -> _T:
     """``call()`` until it stops raising redis errors (a client finding the new topology)."""
-    redis = pytest.importorskip("redis")
+    redis = require_module("redis")
     deadline = time.monotonic() + timeout
     while True:
         try:
