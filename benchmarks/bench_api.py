@@ -2,7 +2,9 @@
 
 Run: ``python -m benchmarks.bench_api`` (under a minute; the Redis +
 PostgreSQL rows need ``TIERED_STATE_TEST_{REDIS,POSTGRES}_URL``). Both sides
-of every row go through the public API of the same store in the same run:
+of every row go through the public API of the same store in the same run,
+with the same values; there is no peer library here, the other side is the
+plain call the convenience operation is built on:
 
 * ``incr`` (a read and a compare-and-set) against ``set`` of the same keys
   (one write): target -- incr at least half set's throughput, i.e. a time
@@ -23,29 +25,18 @@ from typing import Any
 
 import tiered_state
 
-from .harness import measure, print_table, ratio, server_urls, write_json
+from .harness import at_most, compare, measure, print_rows, scaled, server_urls, write_json
 
-KEYS = 1000  # calls per timed round
-
-
-def row(layout: str, case: str, results: dict[str, Any], ours: str, base: str,
-        target: float | None) -> dict[str, Any]:
-    r = ratio(results, ours, base)
-    return {
-        "layout": layout,
-        "case": case,
-        "us_per_op": results[ours]["per_op_us"],
-        "vs": base,
-        "vs_us_per_op": results[base]["per_op_us"],
-        "ratio": r,
-        "target": f"<= {target}" if target else "-",
-        "met": ("yes" if r <= target else "NO") if target else "-",
-    }
+#: Calls per timed round: embedded calls take microseconds, server ones a
+#: round trip or more (fewer calls, the same rounds).
+EMBEDDED_KEYS = scaled(1000, 200)
+SERVER_KEYS = scaled(200, 50)
 
 
-def bench(layout: str, state: tiered_state.StateManager) -> tuple[list[dict[str, Any]], Any]:
-    counters = [f"counter:{i}" for i in range(KEYS)]
-    plain = [f"plain:{i}" for i in range(KEYS)]
+def bench(layout: str, state: tiered_state.StateManager, n: int
+          ) -> tuple[list[dict[str, Any]], Any]:
+    counters = [f"counter:{i}" for i in range(n)]
+    plain = [f"plain:{i}" for i in range(n)]
     state.set_many(dict.fromkeys(counters, 0))
     state.set_many(dict.fromkeys(plain, 0))
 
@@ -53,8 +44,8 @@ def bench(layout: str, state: tiered_state.StateManager) -> tuple[list[dict[str,
     def square(i: int) -> int:
         return i * i
 
-    memo_keys = [square.cache_key(i) for i in range(KEYS)]
-    for i in range(KEYS):
+    memo_keys = [square.cache_key(i) for i in range(n)]
+    for i in range(n):
         square(i)  # stored: every timed call is a hit
     for key in memo_keys:
         state.get(key)  # and in HOT, for both sides alike
@@ -68,7 +59,7 @@ def bench(layout: str, state: tiered_state.StateManager) -> tuple[list[dict[str,
             state.set(key, n)
 
     def memoized() -> None:
-        for i in range(KEYS):
+        for i in range(n):
             square(i)
 
     def get() -> None:
@@ -85,12 +76,16 @@ def bench(layout: str, state: tiered_state.StateManager) -> tuple[list[dict[str,
 
     results = measure({"incr": incr, "set": set_, "memoize hit": memoized, "get": get,
                        "get_or_set hit": get_or_set, "add (present)": add},
-                      ops=KEYS, rounds=7)
+                      ops=n, rounds=scaled(7, 3))
     rows = [
-        row(layout, "incr", results, "incr", "set", 2.0),
-        row(layout, "memoize hit", results, "memoize hit", "get", 1.3),
-        row(layout, "get_or_set hit", results, "get_or_set hit", "get", None),
-        row(layout, "add of a present key", results, "add (present)", "set", None),
+        compare(results, "incr", "set", measurement=f"``incr``, {layout}",
+                vs="``set`` of the same keys", target=at_most(2.0)),
+        compare(results, "memoize hit", "get", measurement=f"``memoize``-d call, a hit, {layout}",
+                vs="``get`` of its key", target=at_most(1.3)),
+        compare(results, "get_or_set hit", "get", measurement=f"``get_or_set``, a hit, {layout}",
+                vs="``get`` of the same key", readme=False),
+        compare(results, "add (present)", "set", measurement=f"``add`` of a present key, {layout}",
+                vs="``set`` of the same key", readme=False),
     ]
     return rows, {layout: results}
 
@@ -101,21 +96,22 @@ def main() -> None:
     folder = Path(tempfile.mkdtemp(prefix="bench-api-"))
     try:
         with tiered_state.open(folder / "embedded") as state:
-            got = bench("memory+sqlite", state)
+            got = bench("embedded", state, EMBEDDED_KEYS)
             rows.extend(got[0])
             raw.update(got[1])
         with server_urls("bench_api") as urls:
             if urls is not None:
                 with tiered_state.open(folder / "server", hot=urls[0], warm=urls[1],
                                        cold="none") as state:
-                    got = bench("redis+postgres", state)
+                    got = bench("Redis + PostgreSQL", state, SERVER_KEYS)
                 rows.extend(got[0])
                 raw.update(got[1])
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    print_table("Convenience operations vs the calls they build on (median of alternating "
-                "rounds; ratio = time / the 'vs' case's)", rows)
-    write_json("api", {"rows": rows, "raw": raw})
+    print_rows("convenience operations vs the calls they build on (ratio = our median time / "
+               "the other side's; lower is better)", rows)
+    write_json("api", rows, {"results": raw},
+               used_servers=("redis", "postgres") if "Redis + PostgreSQL" in raw else ())
 
 
 if __name__ == "__main__":

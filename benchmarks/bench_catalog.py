@@ -1,25 +1,27 @@
-"""The catalog design's performance targets, each measured against the raw thing in the same run.
+"""Whole-store operations through the public API: each against the raw drivers,
+a hand-written equivalent or its own floor, in the same run.
 
-Run: ``python -m benchmarks.bench_catalog`` (about two minutes on the 2-core
-development machine, well under the ten allowed; ``BENCH_CATALOG_QUICK=1``
-shrinks every size for a smoke run). The server cases need
-``TIERED_STATE_TEST_{REDIS,POSTGRES,S3}_URL`` and are reported SKIPPED
-without them. Everything is written under a unique Redis prefix, PostgreSQL
-table and S3 prefix, all removed at the end.
+Run: ``python -m benchmarks.bench_catalog`` (a few minutes on a quiet 2-core
+machine, eight on a busy one; ``BENCH_QUICK=1`` shrinks every size for a
+smoke run). The
+server case needs ``TIERED_STATE_TEST_{REDIS,POSTGRES,S3}_URL`` and is left
+out without them. Everything is written under a unique Redis prefix,
+PostgreSQL table and S3 prefix, all removed at the end.
 
-Every comparison goes through *public* APIs on both sides -- tiered-state's
-on ours, the driver's (or the other library's) on the raw side -- and the two
-sides are timed in the same run, alternating in rounds (``harness.measure``),
-so drift hits both alike. Where the target is about a user's call, encoding
-the value, its SHA-256 and its metadata are inside the timed loop on both
-sides. The cases:
+Our side is always the public API (``tiered_state.open(...)`` and the
+``StateManager`` it returns); the other side is named in each row. Both
+sides are timed in the same process, alternating in rounds
+(``harness.measure``), so drift hits both alike. Where the row is about a
+user's call, encoding the value, its SHA-256 and its metadata are inside the
+timed loop on both sides. The cases:
 
 a. ``get`` of an ABSENT key, server layout (Redis + PostgreSQL + S3) vs one
    redis-py ``GET`` plus one psycopg2 ``SELECT ... WHERE key = %s`` on a table
    of the library's shape (primary key index, pooled autocommit connection
    from ``psycopg2.pool``); target <= 1.2x. The COLD repository is wrapped so
    it counts every call, and its boto3 client counts every HTTP request
-   (botocore ``before-send``): both must stay at zero during the timed misses.
+   (botocore ``before-send``): both must stay at zero during the timed misses
+   (a positive control then shows both counters do see a write to COLD).
 b. ``set``, embedded default (``tiered_state.open(path)``: memory + SQLite +
    files) vs, per value: JSON with ``codec.encode``'s settings (a prebuilt
    ``json.JSONEncoder`` -- what ``json.dumps`` with those settings builds on
@@ -27,45 +29,47 @@ b. ``set``, embedded default (``tiered_state.open(path)``: memory + SQLite +
    the metadata dict, one ``INSERT ... ON CONFLICT(key) DO UPDATE`` of a row
    with the library's ten columns through ``sqlite3`` (WAL,
    ``synchronous=NORMAL``, autocommit) and a dict assignment; target <= 1.5x.
-c. ``get`` of a key held in HOT vs the HOT repository's own ``fetch``
-   (which also verifies the checksum and decodes): memory (embedded) and
-   Redis (server layout); target <= 1.5x.
-d. SQLite-only layout (``open(path, hot="none", cold="none")``) vs
-   ``diskcache.Cache`` (its own folder on the same disk), same values:
-   ``set`` >= 2x and ``get`` >= 1x diskcache's throughput.
-e. ``set_many`` of 10,000 records vs 10,000 single ``set`` calls (embedded
-   default), ``tier="warm"`` and ``tier="hot"``: >= 2.5x faster per record.
-   It runs after (a), in a process holding boto3's models (the number of
-   objects the garbage collector tracks is printed): ``set_many``'s ratio
-   depends on it, single sets' does not.
-f. ``sweep`` WARM -> COLD throughput vs the COLD backend's own ``store_many``
-   of the same records under the same names, in the same batch size
-   (``policy.batch_size``), files with fsync on as by default: >= 0.5x. Its
-   tracemalloc peak moving 10,000 vs 100,000 idle records must stay flat
-   (100k peak within 1.5x of the 10k peak; COLD without fsync there, which
-   changes the time, not what Python holds). Both sides' time is mostly
-   the file system creating one file per record (``open(O_CREAT)`` of the
-   temporary file, with or without fsync), whose latency varies from round
-   to round on a VM disk: five rounds, medians compared, ``os.sync()``
-   before each timed case and no folder removed until the last round.
-g. ``iter_records()`` streams: tracemalloc peak of a full pass, and time to
+c. ``set_many`` of 10,000 records vs 10,000 single ``set`` calls (embedded
+   default), ``tier="warm"`` and ``tier="hot"``: >= 2.5x the throughput per
+   record. It runs after (a), in a process holding boto3's models (the
+   number of objects the garbage collector tracks is printed):
+   ``set_many``'s ratio depends on it, single sets' does not.
+d. ``sweep`` WARM -> COLD throughput vs writing the same records as the
+   sweep does -- one segment per batch of ``policy.batch_size`` -- straight
+   to the file tier's segment store (built with ``tiered_state.segments.build``
+   and ``put``), fsync on as by default: >= 0.5x. This floor is a repository
+   call given payloads read before the timing: it leaves out the reads from
+   WARM, the read-back check and the commits the sweep makes. The
+   sweep's tracemalloc peak moving 10,000 vs 100,000 idle records must stay
+   flat (100k peak within 1.5x of the 10k peak; COLD without fsync there,
+   which changes the time, not what Python holds). Both sides' time is
+   mostly the file system creating one file per record (``open(O_CREAT)``
+   of the temporary file, with or without fsync), whose latency varies from
+   round to round on a VM disk: five rounds, medians compared,
+   ``os.sync()`` before each timed case and no folder removed until the
+   last round.
+e. ``iter_records()`` streams: tracemalloc peak of a full pass, and time to
    the first record, at 10,000 vs 1,000,000 records (SQLite catalog, records
    in WARM, built with ``set_many`` batches, COLD without fsync to keep the
    build short); flat = peak within 1.5x, first record within 2x or 2 ms.
-h. ``keys("prefix:000123*")`` (10 matches) at 10,000 vs 100,000 records,
+f. ``keys("prefix:000123*")`` (10 matches) at 10,000 vs 100,000 records,
    before and after a sweep moved every record to COLD: the same cost
    (within 1.5x) at both sizes, before and after.
-i. ``restore`` of 100,000 records as ``iter_records`` of another store
+g. ``restore`` of 100,000 records as ``iter_records`` of another store
    produced them, into a fresh embedded store, vs ``set_many`` of the same
    records (same keys and values, ``tier="warm"`` where restore puts them)
    into another fresh store: >= 0.8x the throughput.
 
-The big cases run fewer rounds ((e) 7, (f) 5, (i) 5) and the peak-memory
+Elsewhere: ``get`` from HOT against the HOT repository's own ``fetch`` is in
+``bench_manager``; the SQLite-only layout against ``diskcache`` is in
+``bench_embedded``, with the other embedded peers.
+
+The big cases run fewer rounds ((c) 7, (d) 5, (g) 5) and the peak-memory
 passes run once each: a traced pass over a million records takes half a
-minute here. The built
-stores are cached under one temporary folder for the whole run: the 10k and
-100k stores serve (g), (h), (i) and the memory half of (f) in that order
-(iter_records and keys never count as reads, so the records stay idle).
+minute here. The built stores are cached under one temporary folder for the
+whole run: the 10k and 100k stores serve (e), (f), (g) and the memory half
+of (d) in that order (iter_records and keys never count as reads, so the
+records stay idle).
 """
 
 from __future__ import annotations
@@ -78,7 +82,6 @@ import itertools
 import json
 import os
 import shutil
-import sqlite3
 import sys
 import tempfile
 import time
@@ -91,29 +94,40 @@ from urllib.parse import parse_qs, urlsplit
 
 import tiered_state
 from tiered_state import Record, StateManager, Tier, TieringPolicy
-from tiered_state.catalog import RESERVED_PREFIX, payload_name
+from tiered_state.catalog import RESERVED_PREFIX
 from tiered_state.repositories.base import StateRepository, chunked
 from tiered_state.repositories.filesystem_repository import FileSystemStateRepository
+from tiered_state.segments import build, new_name
 
-from .harness import measure, print_table, write_json
+from .harness import (
+    POSTGRES_URL,
+    QUICK,
+    REDIS_URL,
+    S3_URL,
+    at_most,
+    compare,
+    fact,
+    measure,
+    print_rows,
+    scaled,
+    throughput_at_least,
+    with_option,
+    write_json,
+)
+from .peers import RECORD_SCHEMA, RECORD_UPSERT, sqlite_connect, value
 
-QUICK = os.environ.get("BENCH_CATALOG_QUICK", "") not in ("", "0")
-SINGLE = 500 if QUICK else 2000  # operations per timed call of the single-key cases
-ROUNDS = 5 if QUICK else 15  # rounds of the single-key cases (cheap; the median tames noise)
-MISSES = 200 if QUICK else 500  # absent-key gets per timed call (server: ~0.2 ms each)
-BATCH = 2000 if QUICK else 10_000  # (e)
-SWEEP_N = 1000 if QUICK else 3000  # (f) throughput: records per timed sweep (fsync per file)
+SINGLE = scaled(2000, 500)  # operations per timed call of the single-key cases
+ROUNDS = scaled(15, 5)  # rounds of the single-key cases (cheap; the median tames noise)
+MISSES = scaled(500, 200)  # absent-key gets per timed call (server: ~0.2 ms each)
+BATCH = scaled(10_000, 2000)  # (c)
+SWEEP_N = scaled(3000, 1000)  # (d) throughput: records per timed sweep (fsync per file)
 SWEEP_BATCH = 500  # policy.batch_size, and the raw store_many batch
-#: Rounds of (f)'s throughput: creating a file on this VM's disk takes 0.3-0.7 ms
+#: Rounds of (d)'s throughput: creating a file on a VM's disk takes 0.3-0.7 ms
 #: and swings from round to round on both sides alike, so the median needs more.
-SWEEP_ROUNDS = 3 if QUICK else 5
+SWEEP_ROUNDS = scaled(5, 3)
 SMALL, MEDIUM, LARGE = (2000, 20_000, 50_000) if QUICK else (10_000, 100_000, 1_000_000)
-RESTORE_N = MEDIUM  # (i)
-PATTERN = "prefix:000123*"  # (h): 10 keys, prefix:0001230 .. prefix:0001239, at every size
-
-REDIS_URL = os.environ.get("TIERED_STATE_TEST_REDIS_URL", "").strip()
-POSTGRES_URL = os.environ.get("TIERED_STATE_TEST_POSTGRES_URL", "").strip()
-S3_URL = os.environ.get("TIERED_STATE_TEST_S3_URL", "").strip()
+RESTORE_N = MEDIUM  # (g)
+PATTERN = "prefix:000123*"  # (f): 10 keys, prefix:0001230 .. prefix:0001239, at every size
 
 #: json.dumps with codec.encode's settings, built once (json.dumps builds a
 #: new encoder on every call when given non-default settings).
@@ -122,57 +136,17 @@ _DUMPS = json.JSONEncoder(
 ).encode
 
 
-def value(i: int, salt: int) -> dict[str, Any]:
-    return {"i": i, "salt": salt, "qty": 1.5 * i, "side": "buy", "note": "x" * 64}
-
-
 def key_of(i: int) -> str:
     return f"prefix:{i:07d}"
 
 
-def _with(url: str, option: str) -> str:
-    return url + ("&" if "?" in url else "?") + option
-
-
-# ---------------------------------------------------------------- reporting
-ROWS: list[dict[str, Any]] = []
+#: (case letter, row): printed and written in letter order, measured in another.
+ROWS: list[tuple[str, dict[str, Any]]] = []
 DATA: dict[str, Any] = {}
 
 
-def _us(seconds: float) -> str:
-    return f"{seconds * 1e6:,.1f} us"
-
-
-def _rate(per_s: float) -> str:
-    return f"{per_s:,.0f} rec/s"
-
-
-def _kib(n: float) -> str:
-    return f"{n / 1024:,.0f} KiB"
-
-
-def report(case: str, ours: str, raw: str, value_: float, shown: str, target: str, met: bool | None
-           ) -> None:
-    ROWS.append({"case": case, "ours": ours, "raw": raw, "ratio or x": shown, "target": target,
-                 "met": "SKIPPED" if met is None else ("met" if met else "MISSED"), "value": value_})
-
-
-def time_ratio(case: str, results: dict[str, dict[str, float]], ours: str, raw: str,
-               limit: float) -> float:
-    """Report our median time per op / the raw one's (lower is better)."""
-    r = results[ours]["median_s"] / results[raw]["median_s"]
-    report(case, _us(results[ours]["per_op_us"] / 1e6), _us(results[raw]["per_op_us"] / 1e6),
-           r, f"{r:.2f}x time", f"<= {limit}x time", r <= limit)
-    return r
-
-
-def speedup(case: str, results: dict[str, dict[str, float]], ours: str, raw: str,
-            at_least: float, *, unit: str = "throughput") -> float:
-    """Report our throughput / the raw one's (higher is better)."""
-    x = results[raw]["median_s"] / results[ours]["median_s"]
-    report(case, _rate(results[ours]["ops_per_s"]), _rate(results[raw]["ops_per_s"]),
-           x, f"{x:.2f}x {unit}", f">= {at_least}x {unit}", x >= at_least)
-    return x
+def add(letter: str, row: dict[str, Any]) -> None:
+    ROWS.append((letter, row))
 
 
 # ---------------------------------------------------------------- a COLD tier that counts
@@ -203,12 +177,10 @@ for _name, _member in vars(StateRepository).items():
 abc.update_abstractmethods(CountingRepository)  # type: ignore[type-abstract]
 
 
-# ---------------------------------------------------------------- (a), (c) server layout
+# ---------------------------------------------------------------- (a) server layout
 def bench_server(tmp: Path) -> None:
     if not (REDIS_URL and POSTGRES_URL and S3_URL):
-        for case in ("a. get ABSENT key (redis+postgres+s3)", "c. get HOT key (redis)"):
-            report(case, "-", "-", float("nan"), "-", "-", None)
-        print("server layout skipped: set TIERED_STATE_TEST_{REDIS,POSTGRES,S3}_URL")
+        print("(a) server layout left out: set TIERED_STATE_TEST_{REDIS,POSTGRES,S3}_URL")
         return
     import boto3
     import psycopg2
@@ -236,8 +208,8 @@ def bench_server(tmp: Path) -> None:
     client.meta.events.register("before-send.s3", count_request)
     s3 = S3StateRepository(parts.netloc, f"bench-catalog-{tag}", client=client, create_bucket=True)
     cold = CountingRepository(s3)  # type: ignore[abstract]  # methods set after the class
-    state = tiered_state.open(tmp / "server", hot=_with(REDIS_URL, f"prefix={prefix}"),
-                              warm=_with(POSTGRES_URL, f"table={table}"), cold=cold)
+    state = tiered_state.open(tmp / "server", hot=with_option(REDIS_URL, f"prefix={prefix}"),
+                              warm=with_option(POSTGRES_URL, f"table={table}"), cold=cold)
     r = redis.Redis.from_url(REDIS_URL)
     pool = psycopg2.pool.ThreadedConnectionPool(1, 4, POSTGRES_URL)
     admin = psycopg2.connect(POSTGRES_URL)
@@ -308,31 +280,14 @@ def bench_server(tmp: Path) -> None:
         control_calls = cold.total() - before_control
         control_requests = s3_requests[0] - requests_control
         assert control_calls > 0 and control_requests > 0, (control_calls, control_requests)
-        time_ratio("a. get ABSENT key (redis+postgres+s3)", miss, "ours get (absent)",
-                   "redis GET + pg SELECT", 1.2)
-        misses = MISSES * ROUNDS
-        report(f"a. COLD calls during {misses:,} timed misses", f"{sum(cold_calls.values())} calls, "
-               f"{cold_requests} S3 requests",
-               f"control: {control_calls} calls, {control_requests} requests", 0.0, "0",
-               "0 calls, 0 requests", True)
-
-        hot = state.repositories[Tier.HOT]
-        assert all(state.get_record(k).tier is Tier.HOT for k in present[:20])  # type: ignore[union-attr]
-        fetch = hot.fetch
-
-        def ours_hot() -> None:
-            for k in present:
-                get(k)
-
-        def raw_hot() -> None:
-            for k in present:
-                fetch(k)
-
-        hot_results = measure({"ours get (HOT, redis)": ours_hot, "redis repository fetch": raw_hot},
-                              ops=SINGLE, rounds=ROUNDS)
-        time_ratio("c. get HOT key (redis)", hot_results, "ours get (HOT, redis)",
-                   "redis repository fetch", 1.5)
-        DATA["server"] = {"miss": miss, "hot": hot_results, "cold_calls_during_misses": cold_calls,
+        add("a", compare(miss, "ours get (absent)", "redis GET + pg SELECT",
+                         measurement="``get`` of an absent key, Redis + PostgreSQL + S3",
+                         vs="redis-py ``GET`` + psycopg2 point ``SELECT``", target=at_most(1.2)))
+        add("a", fact(f"calls and S3 requests reaching COLD during {MISSES * ROUNDS:,} timed misses",
+                      "control: a write to COLD and a read of it", ours=sum(cold_calls.values())
+                      + cold_requests, other=control_calls + control_requests, unit="count",
+                      target="0", met=not cold_calls and cold_requests == 0, show_ratio=False))
+        DATA["server"] = {"miss": miss, "cold_calls_during_misses": cold_calls,
                           "s3_requests_during_misses": cold_requests,
                           "control_calls": control_calls, "control_s3_requests": control_requests,
                           "cold_calls_total": dict(cold.calls)}
@@ -350,32 +305,13 @@ def bench_server(tmp: Path) -> None:
             admin.close()
 
 
-# ---------------------------------------------------------------- (b), (c) embedded default
-_RAW_SCHEMA = """
-CREATE TABLE IF NOT EXISTS raw (
-    key TEXT PRIMARY KEY NOT NULL, payload TEXT NOT NULL, checksum TEXT NOT NULL,
-    size_bytes INTEGER NOT NULL, version INTEGER NOT NULL, created_at REAL NOT NULL,
-    updated_at REAL NOT NULL, last_accessed REAL NOT NULL, expires_at REAL, encoding TEXT NOT NULL
-);
-CREATE INDEX IF NOT EXISTS raw_expires ON raw (expires_at, key) WHERE expires_at IS NOT NULL;
-"""
-_RAW_UPSERT = (
-    "INSERT INTO raw (key, payload, checksum, size_bytes, version, created_at, updated_at,"
-    " last_accessed, expires_at, encoding) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(key) DO UPDATE SET"
-    " payload=excluded.payload, checksum=excluded.checksum, size_bytes=excluded.size_bytes,"
-    " version=excluded.version, created_at=excluded.created_at, updated_at=excluded.updated_at,"
-    " last_accessed=excluded.last_accessed, expires_at=excluded.expires_at, encoding=excluded.encoding"
-)
-
-
+# ---------------------------------------------------------------- (b) embedded default
 def bench_embedded(tmp: Path) -> None:
     state = tiered_state.open(tmp / "embedded")
     keys = [f"bench:{i:05d}" for i in range(SINGLE)]
     state.set_many({k: value(i, 0) for i, k in enumerate(keys)})
-    conn = sqlite3.connect(tmp / "raw.db", isolation_level=None)  # autocommit, as the library
-    conn.execute("PRAGMA journal_mode = WAL")
-    conn.execute("PRAGMA synchronous = NORMAL")
-    conn.executescript(_RAW_SCHEMA)
+    conn = sqlite_connect(tmp / "raw.db")  # autocommit, WAL, NORMAL: as the library
+    conn.executescript(RECORD_SCHEMA)
     hot: dict[str, tuple[str, dict[str, Any]]] = {}
     # One salt sequence per side: both store the same values, a new one each round.
     ours_salts, raw_salts = itertools.count(1), itertools.count(1)
@@ -399,90 +335,30 @@ def bench_embedded(tmp: Path) -> None:
             version = next(versions)
             md = {"checksum": digest, "size_bytes": len(data), "version": version,
                   "created_at": now, "updated_at": now, "expires_at": None, "encoding": "json"}
-            execute(_RAW_UPSERT, (k, payload, digest, len(data), version, now, now, now, None, "json"))
+            execute(RECORD_UPSERT, (k, payload, digest, len(data), version, now, now, now, None,
+                                    "json"))
             hot[k] = (payload, md)
 
     ours_set()
     raw_set()
     sets = measure({"ours set (embedded)": ours_set, "json+sha256+sqlite3 upsert+dict": raw_set},
                    ops=SINGLE, rounds=ROUNDS)
-    time_ratio("b. set, embedded default", sets, "ours set (embedded)",
-               "json+sha256+sqlite3 upsert+dict", 1.5)
-
-    memory = state.repositories[Tier.HOT]
-    assert all(state.get_record(k).tier is Tier.HOT for k in keys[:20])  # type: ignore[union-attr]
-    get, fetch = state.get, memory.fetch
-
-    def ours_get() -> None:
-        for k in keys:
-            get(k)
-
-    def raw_get() -> None:
-        for k in keys:
-            fetch(k)
-
-    gets = measure({"ours get (HOT, memory)": ours_get, "memory repository fetch": raw_get},
-                   ops=SINGLE, rounds=ROUNDS)
-    time_ratio("c. get HOT key (memory)", gets, "ours get (HOT, memory)", "memory repository fetch",
-               1.5)
-    DATA["embedded"] = {"set": sets, "get_hot": gets}
+    add("b", compare(sets, "ours set (embedded)", "json+sha256+sqlite3 upsert+dict",
+                     measurement="embedded default ``set`` (memory + SQLite + files)",
+                     vs="by hand: JSON, SHA-256, sqlite3 upsert, dict", target=at_most(1.5)))
+    DATA["embedded"] = {"set": sets}
     conn.close()
     state.close()
 
 
-# ---------------------------------------------------------------- (d) SQLite only vs diskcache
-def bench_diskcache(tmp: Path) -> None:
-    import diskcache  # type: ignore[import-untyped]
-
-    state = tiered_state.open(tmp / "sqlite-only", hot="none", cold="none")
-    cache = diskcache.Cache(str(tmp / "diskcache"))
-    keys = [f"bench:{i:05d}" for i in range(SINGLE)]
-    for i, k in enumerate(keys):
-        state.set(k, value(i, 0))
-        cache.set(k, value(i, 0))
-    # One salt sequence per side: both store the same values, a new one each round.
-    ours_salts, raw_salts = itertools.count(1), itertools.count(1)
-    put, get = state.set, state.get
-    dc_set, dc_get = cache.set, cache.get
-
-    def ours_set() -> None:
-        s = next(ours_salts)
-        for i, k in enumerate(keys):
-            put(k, value(i, s))
-
-    def raw_set() -> None:
-        s = next(raw_salts)
-        for i, k in enumerate(keys):
-            dc_set(k, value(i, s))
-
-    def ours_get() -> None:
-        for k in keys:
-            get(k)
-
-    def raw_get() -> None:
-        for k in keys:
-            dc_get(k)
-
-    sets = measure({"ours set (sqlite only)": ours_set, "diskcache set": raw_set}, ops=SINGLE,
-                   rounds=ROUNDS)
-    gets = measure({"ours get (sqlite only)": ours_get, "diskcache get": raw_get}, ops=SINGLE,
-                   rounds=ROUNDS)
-    assert state.get(keys[0]) == cache.get(keys[0])
-    speedup("d. set, sqlite only vs diskcache", sets, "ours set (sqlite only)", "diskcache set", 2.0)
-    speedup("d. get, sqlite only vs diskcache", gets, "ours get (sqlite only)", "diskcache get", 1.0)
-    DATA["diskcache"] = {"set": sets, "get": gets}
-    cache.close()
-    state.close()
-
-
-# ---------------------------------------------------------------- (e) set_many vs single sets
+# ---------------------------------------------------------------- (c) set_many vs single sets
 def bench_set_many(tmp: Path) -> None:
     # set_many keeps ~a dozen objects per record alive during the call, enough
     # to trigger a full (generation 2) collection, whose cost grows with every
     # object the process holds; single sets trigger none. The process has
     # imported boto3, redis and psycopg2 by now, as an application would.
     heap = len(gc.get_objects())
-    print(f"(e) runs with {heap:,} objects tracked by the garbage collector", flush=True)
+    print(f"(c) runs with {heap:,} objects tracked by the garbage collector", flush=True)
     state = tiered_state.open(tmp / "set-many")
     keys = [f"bench:{i:05d}" for i in range(BATCH)]
     state.set_many({k: value(i, 0) for i, k in enumerate(keys)})
@@ -501,9 +377,9 @@ def bench_set_many(tmp: Path) -> None:
 
         results = measure({f"{BATCH:,} set(tier={tier})": singles,
                            f"set_many({BATCH:,}, tier={tier})": many}, ops=BATCH, rounds=7)
-        speedup(f"e. set_many({BATCH:,}) vs single sets, tier={tier}", results,
-                f"set_many({BATCH:,}, tier={tier})", f"{BATCH:,} set(tier={tier})", 2.5,
-                unit="per record")
+        add("c", compare(results, f"set_many({BATCH:,}, tier={tier})", f"{BATCH:,} set(tier={tier})",
+                         measurement=f"``set_many`` ({BATCH:,}, ``tier={tier!r}``), per record",
+                         vs=f"{BATCH:,} single ``set`` calls", target=throughput_at_least(2.5)))
         out[tier] = results
     DATA["set_many"] = {**out, "gc_tracked_objects": heap}
     state.close()
@@ -521,7 +397,7 @@ def idle_store(folder: Path, n: int, *, fsync: bool) -> StateManager:
     return state
 
 
-# ---------------------------------------------------------------- (f) sweep throughput
+# ---------------------------------------------------------------- (d) sweep throughput
 def bench_sweep_rate(tmp: Path) -> None:
     made = itertools.count()
     current: dict[str, Any] = {}
@@ -530,15 +406,14 @@ def bench_sweep_rate(tmp: Path) -> None:
     def fresh_store() -> None:
         state = idle_store(tmp / f"sweep-{next(made)}", SWEEP_N, fsync=True)
         opened.append(state)
-        # The same records, as the raw side will store them: payload names,
-        # no expiry (what the sweep writes below the catalog).
+        # The same records, as the raw side will store them: no expiry
+        # (what the sweep writes below the catalog), a segment per batch.
         warm = state.repositories[Tier.WARM]
         entries = [e for batch in warm.scan(SWEEP_BATCH, idle_before=time.time()) for e in batch
                    if not e.key.startswith(RESERVED_PREFIX)]  # the store's format record
         assert len(entries) == SWEEP_N, len(entries)
         current["batches"] = [
-            {payload_name(e.key, e.version): (e.payload, {**e.metadata, "expires_at": None})
-             for e in chunk}
+            {e.key: (e.payload, {**e.metadata, "expires_at": None}) for e in chunk}
             for chunk in chunked(entries, SWEEP_BATCH)
         ]
         current["state"] = state
@@ -555,23 +430,26 @@ def bench_sweep_rate(tmp: Path) -> None:
         assert report_.moved == SWEEP_N and report_.failed == 0, report_.as_dict()
 
     def store_many() -> None:
-        cold = current["cold"]
+        store = current["cold"].segments()
         for batch in current["batches"]:
-            cold.store_many(batch)
+            name = new_name()
+            store.put(name, build(name, batch)[0])
 
     # No folder is removed between rounds: deleting thousands of fsynced
     # files right before a timed case would load the journal under it.
-    results = measure({"sweep WARM->COLD": sweep, "file store_many": store_many}, ops=SWEEP_N,
+    results = measure({"sweep WARM->COLD": sweep, "file segment writes": store_many}, ops=SWEEP_N,
                       rounds=SWEEP_ROUNDS, before={"sweep WARM->COLD": fresh_store,
-                                                   "file store_many": fresh_cold})
+                                                   "file segment writes": fresh_cold})
     for thing in opened:
         thing.close()
     for folder in tmp.glob("sweep-*"):
         shutil.rmtree(folder, ignore_errors=True)
     for folder in tmp.glob("raw-cold-*"):
         shutil.rmtree(folder, ignore_errors=True)
-    speedup(f"f. sweep {SWEEP_N:,} WARM->COLD vs file store_many (fsync)", results,
-            "sweep WARM->COLD", "file store_many", 0.5)
+    add("d", compare(results, "sweep WARM->COLD", "file segment writes",
+                     measurement=f"``sweep`` of {SWEEP_N:,} records WARM -> COLD (fsync on)",
+                     vs="floor: the same segments written to the file tier directly",
+                     target=throughput_at_least(0.5)))
     DATA["sweep_rate"] = results
 
 
@@ -589,12 +467,13 @@ def sweep_peaks(stores: dict[int, StateManager]) -> None:
         peaks[n] = {"peak_bytes": peak, "seconds_traced": seconds}
     small, big = peaks[SMALL]["peak_bytes"], peaks[MEDIUM]["peak_bytes"]
     growth = big / small
-    report(f"f. sweep peak memory, {MEDIUM:,} vs {SMALL:,} idle keys", _kib(big), _kib(small),
-           growth, f"{growth:.2f}x", "<= 1.5x (flat)", growth <= 1.5)
+    add("d", fact(f"``sweep`` peak memory (tracemalloc), {MEDIUM:,} idle records",
+                  f"the same, {SMALL:,} records", ours=big / 1024, other=small / 1024, unit="KiB",
+                  target="<= 1.5 (flat)", met=growth <= 1.5))
     DATA["sweep_peaks"] = peaks
 
 
-# ---------------------------------------------------------------- (g) iter_records
+# ---------------------------------------------------------------- (e) iter_records
 def bench_iter_records(stores: dict[int, StateManager]) -> None:
     def first(state: StateManager) -> Callable[[], None]:
         def run() -> None:
@@ -617,17 +496,17 @@ def bench_iter_records(stores: dict[int, StateManager]) -> None:
     t_small = firsts[f"first record ({SMALL:,})"]["median_s"]
     t_large = firsts[f"first record ({LARGE:,})"]["median_s"]
     allowed = max(2 * t_small, t_small + 0.002)
-    report(f"g. iter_records time to first record, {LARGE:,} vs {SMALL:,}",
-           f"{t_large * 1e3:.2f} ms", f"{t_small * 1e3:.2f} ms", t_large / t_small,
-           f"{t_large / t_small:.2f}x", "within 2x or +2 ms", t_large <= allowed)
+    add("e", fact(f"``iter_records`` time to the first record, {LARGE:,} records",
+                  f"the same, {SMALL:,} records", ours=t_large, other=t_small, unit="s",
+                  target="<= 2 or +2 ms", met=t_large <= allowed))
     p_small, p_large = peaks[SMALL]["peak_bytes"], peaks[LARGE]["peak_bytes"]
-    report(f"g. iter_records peak memory, full pass {LARGE:,} vs {SMALL:,}", _kib(p_large),
-           _kib(p_small), p_large / p_small, f"{p_large / p_small:.2f}x", "<= 1.5x (flat)",
-           p_large <= 1.5 * p_small)
+    add("e", fact(f"``iter_records`` peak memory (tracemalloc), full pass of {LARGE:,}",
+                  f"the same, {SMALL:,} records", ours=p_large / 1024, other=p_small / 1024,
+                  unit="KiB", target="<= 1.5 (flat)", met=p_large <= 1.5 * p_small))
     DATA["iter_records"] = {"first": firsts, "peaks": peaks}
 
 
-# ---------------------------------------------------------------- (h) keys
+# ---------------------------------------------------------------- (f) keys
 def bench_keys(stores: dict[int, StateManager], when: str) -> None:
     reps = 200
     expected = [key_of(i) for i in range(1230, 1240)]
@@ -642,16 +521,15 @@ def bench_keys(stores: dict[int, StateManager], when: str) -> None:
         assert state.keys(PATTERN) == expected
     results = measure({f"keys {SMALL:,}": listing(stores[SMALL]),
                        f"keys {MEDIUM:,}": listing(stores[MEDIUM])}, ops=reps, rounds=9)
-    small = results[f"keys {SMALL:,}"]["median_s"]
-    big = results[f"keys {MEDIUM:,}"]["median_s"]
-    r = big / small
-    report(f"h. keys({PATTERN!r}) {when}, {MEDIUM:,} vs {SMALL:,}",
-           _us(big / reps), _us(small / reps), r, f"{r:.2f}x", "within 1.5x",
-           1 / 1.5 <= r <= 1.5)
+    row = compare(results, f"keys {MEDIUM:,}", f"keys {SMALL:,}",
+                  measurement=f"``keys({PATTERN!r})`` {when}, {MEDIUM:,} records",
+                  vs=f"the same, {SMALL:,} records")
+    row.update(target="0.67 to 1.5 (flat)", met=1 / 1.5 <= row["ratio"] <= 1.5)
+    add("f", row)
     DATA.setdefault("keys", {})[when] = results
 
 
-# ---------------------------------------------------------------- (i) restore
+# ---------------------------------------------------------------- (g) restore
 def bench_restore(tmp: Path, source: StateManager) -> None:
     records: list[Record] = list(source.iter_records())
     assert len(records) == RESTORE_N and all(r.tier is Tier.WARM for r in records[:10])
@@ -684,8 +562,10 @@ def bench_restore(tmp: Path, source: StateManager) -> None:
                       before={"restore": fresh("restore"), "set_many": fresh("set_many")})
     drop("restore")
     drop("set_many")
-    speedup(f"i. restore({RESTORE_N:,}) vs set_many of the same records", results, "restore",
-            "set_many", 0.8)
+    add("g", compare(results, "restore", "set_many",
+                     measurement=f"``restore`` of {RESTORE_N:,} records into a fresh store",
+                     vs="``set_many`` of the same records, ``tier='warm'``",
+                     target=throughput_at_least(0.8)))
     DATA["restore"] = results
 
 
@@ -693,61 +573,49 @@ def main() -> int:
     started = time.perf_counter()
     root = Path(tempfile.mkdtemp(prefix="bench-catalog-", dir=os.environ.get("BENCH_DIR")))
     stores: dict[int, StateManager] = {}
-    try:
-        steps: list[tuple[str, Callable[[], None]]] = [
-            ("a, c: server layout", lambda: bench_server(root)),
-            ("b, c: embedded default", lambda: bench_embedded(root)),
-            ("d: sqlite only vs diskcache", lambda: bench_diskcache(root)),
-            ("e: set_many vs single sets", lambda: bench_set_many(root)),
-            ("f: sweep throughput", lambda: bench_sweep_rate(root)),
-        ]
+
+    def run(steps: list[tuple[str, Callable[[], None]]]) -> None:
         for title, step in steps:
             t = time.perf_counter()
             step()
             print(f"[{time.perf_counter() - started:6.1f}s] {title} ({time.perf_counter() - t:.1f}s)",
                   flush=True)
+
+    try:
+        run([("a: server layout", lambda: bench_server(root)),
+             ("b: embedded default", lambda: bench_embedded(root)),
+             ("c: set_many vs single sets", lambda: bench_set_many(root)),
+             ("d: sweep throughput", lambda: bench_sweep_rate(root))])
         t = time.perf_counter()
         for n in (SMALL, MEDIUM, LARGE):
             stores[n] = idle_store(root / f"store-{n}", n, fsync=False)
         print(f"[{time.perf_counter() - started:6.1f}s] built stores of {SMALL:,}, {MEDIUM:,} and "
               f"{LARGE:,} records ({time.perf_counter() - t:.1f}s)", flush=True)
-        steps = [
-            ("g: iter_records", lambda: bench_iter_records(stores)),
-            ("i: restore", lambda: bench_restore(root, stores[MEDIUM])),
-            ("h: keys before the sweep", lambda: bench_keys({n: stores[n] for n in (SMALL, MEDIUM)},
-                                                            "before sweep")),
-            ("f: sweep peak memory", lambda: sweep_peaks({n: stores[n] for n in (SMALL, MEDIUM)})),
-            ("h: keys after the sweep", lambda: bench_keys({n: stores[n] for n in (SMALL, MEDIUM)},
-                                                           "after sweep")),
-        ]
-        for title, step in steps:
-            t = time.perf_counter()
-            step()
-            print(f"[{time.perf_counter() - started:6.1f}s] {title} ({time.perf_counter() - t:.1f}s)",
-                  flush=True)
+        two = {n: stores[n] for n in (SMALL, MEDIUM)}
+        run([("e: iter_records", lambda: bench_iter_records(stores)),
+             ("g: restore", lambda: bench_restore(root, stores[MEDIUM])),
+             ("f: keys before the sweep", lambda: bench_keys(two, "before a sweep")),
+             ("d: sweep peak memory", lambda: sweep_peaks(two)),
+             ("f: keys after the sweep", lambda: bench_keys(two, "after a sweep"))])
         warm = stores[MEDIUM].repositories[Tier.WARM]
         entry = warm.fetch_record(key_of(1234))
-        assert entry is not None and entry.kind == "stub"  # (h) "after" really listed stubs
+        assert entry is not None and entry.kind == "stub"  # (f) "after" really listed stubs
     finally:
         for state in stores.values():
             state.close()
         shutil.rmtree(root, ignore_errors=True)
-    ROWS.sort(key=lambda row: row["case"][:2])  # by target letter; measured in another order
-    print_table("catalog targets (ours vs raw in the same run, alternating rounds; "
-                "time ratio: lower is better, x: higher is better)",
-                [{k: v for k, v in row.items() if k != "value"} for row in ROWS])
-    missed = [row["case"] for row in ROWS if row["met"] == "MISSED"]
-    judged = [row for row in ROWS if row["met"] != "SKIPPED"]
-    import importlib.util
-
-    print("\nvalues decoded with " + ("orjson (the [fast] extra)" if importlib.util.find_spec("orjson")
-                                     else "json (orjson not installed)"))
-    print(f"{len(judged) - len(missed)} of {len(judged)} met"
-          + (f"; MISSED: {'; '.join(missed)}" if missed else "")
+    rows = [row for _, row in sorted(ROWS, key=lambda pair: pair[0])]
+    print_rows("whole-store operations (ratio = our median time / the other side's, or our "
+               "measure / the other; lower is better)", rows)
+    missed = [row["measurement"] for row in rows if row["met"] is False]
+    print(f"\n{sum(1 for row in rows if row['met'])} of {sum(1 for row in rows if row['met'] is not None)}"
+          " targets met" + (f"; MISSED: {'; '.join(missed)}" if missed else "")
           + f" (total {time.perf_counter() - started:.0f}s{', QUICK sizes' if QUICK else ''})")
-    write_json("catalog", {"quick": QUICK, "rows": ROWS, "raw": DATA,
-                           "sizes": {"single": SINGLE, "misses": MISSES, "batch": BATCH,
-                                     "sweep": SWEEP_N, "stores": [SMALL, MEDIUM, LARGE]}})
+    write_json("catalog", rows, {"results": DATA,
+                                 "sizes": {"single": SINGLE, "misses": MISSES, "batch": BATCH,
+                                           "sweep": SWEEP_N, "stores": [SMALL, MEDIUM, LARGE]}},
+               used_servers=("redis", "postgres", "s3") if REDIS_URL and POSTGRES_URL and S3_URL
+               else ())
     return 0
 
 

@@ -1,10 +1,11 @@
 """StateManager overhead over its own backends, in the same run.
 
-Run: ``python -m benchmarks.bench_manager`` (about a minute; the Redis +
-PostgreSQL rows need ``TIERED_STATE_TEST_{REDIS,POSTGRES}_URL``). Every case
-is a ratio of medians over alternating rounds, the manager's public call
-against the same manager's repositories (``state.repositories``) called
-directly:
+Run: ``python -m benchmarks.bench_manager`` (under a minute; the Redis +
+PostgreSQL rows need ``TIERED_STATE_TEST_{REDIS,POSTGRES}_URL``). No peer
+library here: every row sets the manager's public call against the same
+manager's repositories (``state.repositories``) called directly -- a floor
+of our own, labelled as such -- doing the same work, ratio of medians over
+alternating rounds:
 
 * ``get`` of a key held in HOT vs the HOT repository's own ``fetch`` (which
   also verifies the checksum and decodes); target <= 1.5x. Memory, and Redis.
@@ -16,15 +17,15 @@ directly:
 
   - a hand-written write-through: ``catalog.store`` + ``hot.store`` -- what
     a user would write by hand, with no protection against a concurrent
-    writer or a stale HOT copy; target <= 1.2x (kept from 0.1);
-  - the catalog protocol's own backend calls (docs/design.rst, "The write
-    path"): invalidate HOT (memory: ``delete``; Redis: a placeholder,
-    ``store_if_newer`` of a stub one version below), the conditional entry
-    write ``store_if_newer`` in the catalog, the copy ``store_if_newer`` in
-    HOT. The ratio to it is the manager's own overhead; no target.
+    writer or a stale HOT copy; target <= 1.2x;
+  - the backend calls the manager's write path makes, in its order:
+    invalidate HOT (memory: ``delete``; Redis: a placeholder,
+    ``store_if_newer`` of a stub one version below, so a racing reader
+    cannot fill HOT with the old value), the conditional entry write
+    ``store_if_newer`` in the catalog, the copy ``store_if_newer`` in HOT.
+    The ratio to it is the manager's own overhead; no target.
 
-The sweep's throughput and memory, formerly here, are targets (f) of
-``bench_catalog``, measured there with the harness's alternating rounds.
+The sweep's throughput and memory are measured by ``bench_catalog``.
 """
 
 from __future__ import annotations
@@ -41,9 +42,12 @@ from tiered_state import codec
 from tiered_state.record import VersionClock, make_metadata, make_stub
 from tiered_state.repositories.base import StateRepository
 
-from .harness import measure, print_table, ratio, server_urls, write_json
+from .harness import at_most, compare, measure, print_rows, scaled, server_urls, write_json
 
-KEYS = 2000  # keys per timed call of get / set
+#: Keys per timed call of get / set: embedded layouts take microseconds per
+#: call, the server ones a round trip or more (fewer keys, the same rounds).
+EMBEDDED_KEYS = scaled(2000, 300)
+SERVER_KEYS = scaled(300, 100)
 HOT, WARM = tiered_state.Tier.HOT, tiered_state.Tier.WARM
 
 
@@ -51,24 +55,11 @@ def value(i: int, salt: int) -> dict[str, Any]:
     return {"i": i, "salt": salt, "qty": 1.5 * i, "side": "buy", "note": "x" * 64}
 
 
-def row(name: str, results: dict[str, dict[str, float]], raw: str, target: float | None
-        ) -> dict[str, Any]:
-    r = ratio(results, name, raw)
-    return {
-        "case": name,
-        "us_per_op": results[name]["per_op_us"],
-        "vs": raw,
-        "raw_us_per_op": results[raw]["per_op_us"],
-        "ratio": r,
-        "target": f"<= {target}" if target else "-",
-        "met": ("yes" if r <= target else "NO") if target else "-",
-    }
-
-
-def bench_get_hot(label: str, state: tiered_state.StateManager) -> tuple[list[dict[str, Any]], Any]:
+def bench_get_hot(label: str, state: tiered_state.StateManager, n: int
+                  ) -> tuple[list[dict[str, Any]], Any]:
     """``state.get`` of keys held in HOT vs the HOT repository's own ``fetch``."""
     hot = state.repositories[HOT]
-    keys = [f"bench:get:{i}" for i in range(KEYS)]
+    keys = [f"bench:get:{i}" for i in range(n)]
     state.set_many({k: value(i, 0) for i, k in enumerate(keys)})
     assert all(state.get_record(k).tier is HOT for k in keys[:10])  # type: ignore[union-attr]
     get, fetch = state.get, hot.fetch
@@ -82,15 +73,16 @@ def bench_get_hot(label: str, state: tiered_state.StateManager) -> tuple[list[di
             fetch(k)
 
     name, raw_name = f"get from HOT ({label})", f"{label} fetch"
-    results = measure({name: ours, raw_name: raw}, ops=KEYS, rounds=9)
-    return [row(name, results, raw_name, 1.5)], results
+    results = measure({name: ours, raw_name: raw}, ops=n, rounds=scaled(9, 3))
+    return [compare(results, name, raw_name, measurement=f"``get`` of a key in HOT, {label}",
+                    vs=f"floor: the {label} repository's ``fetch``", target=at_most(1.5))], results
 
 
-def bench_get_catalog(label: str, state: tiered_state.StateManager
+def bench_get_catalog(label: str, state: tiered_state.StateManager, n: int
                       ) -> tuple[list[dict[str, Any]], Any]:
     """``state.get`` of keys in the catalog (no HOT) vs the catalog repository's ``fetch``."""
     catalog = state.repositories[state.catalog_tier]
-    keys = [f"bench:cat:{i}" for i in range(KEYS)]
+    keys = [f"bench:cat:{i}" for i in range(n)]
     state.set_many({k: value(i, 0) for i, k in enumerate(keys)})
     get, fetch = state.get, catalog.fetch
 
@@ -103,16 +95,18 @@ def bench_get_catalog(label: str, state: tiered_state.StateManager
             fetch(k)
 
     name, raw_name = f"get from the catalog ({label})", f"{label} fetch"
-    results = measure({name: ours, raw_name: raw}, ops=KEYS, rounds=9)
-    return [row(name, results, raw_name, None)], results
+    results = measure({name: ours, raw_name: raw}, ops=n, rounds=scaled(9, 3))
+    return [compare(results, name, raw_name, measurement=f"``get``, {label} alone (no HOT)",
+                    vs=f"floor: the {label} repository's ``fetch``", readme=False)], results
 
 
-def bench_set(label: str, state: tiered_state.StateManager) -> tuple[list[dict[str, Any]], Any]:
+def bench_set(label: str, state: tiered_state.StateManager, n: int
+              ) -> tuple[list[dict[str, Any]], Any]:
     """``state.set`` vs a hand-written write-through and vs the protocol's backend calls."""
     hot: StateRepository = state.repositories[HOT]
     catalog: StateRepository = state.repositories[state.catalog_tier]
     shared = hot.shared  # Redis: placeholders; memory: a delete
-    keys = [f"bench:set:{i}" for i in range(KEYS)]
+    keys = [f"bench:set:{i}" for i in range(n)]
     salts = {name: itertools.count(1) for name in ("ours", "store x2", "protocol")}
     clock = VersionClock()  # versions as the manager makes them (and above its own)
 
@@ -148,9 +142,14 @@ def bench_set(label: str, state: tiered_state.StateManager) -> tuple[list[dict[s
     ours()
     name = f"set ({label})"
     floor_hand, floor_protocol = f"{label}: store x2 by hand", f"{label}: protocol calls"
-    results = measure({name: ours, floor_hand: by_hand, floor_protocol: protocol}, ops=KEYS,
-                      rounds=7)
-    return [row(name, results, floor_hand, 1.2), row(name, results, floor_protocol, None)], results
+    results = measure({name: ours, floor_hand: by_hand, floor_protocol: protocol}, ops=n,
+                      rounds=scaled(7, 3))
+    return [
+        compare(results, name, floor_hand, measurement=f"``set``, {label}",
+                vs="by hand: encode, ``store`` in the catalog and in HOT", target=at_most(1.2)),
+        compare(results, name, floor_protocol, measurement=f"``set``, {label}",
+                vs="floor: the write path's own backend calls"),
+    ], results
 
 
 def main() -> None:
@@ -164,24 +163,25 @@ def main() -> None:
 
     try:
         with tiered_state.open(folder / "embedded") as state:
-            add(bench_get_hot("memory", state))
-            add(bench_set("memory+sqlite", state))
+            add(bench_get_hot("memory", state, EMBEDDED_KEYS))
+            add(bench_set("memory + SQLite", state, EMBEDDED_KEYS))
         with tiered_state.open(folder / "sqlite", hot="none") as state:
-            add(bench_get_catalog("sqlite", state))
+            add(bench_get_catalog("SQLite", state, EMBEDDED_KEYS))
         with server_urls("bench_manager") as urls:
             if urls is not None:
                 with tiered_state.open(folder / "server", hot=urls[0], warm=urls[1],
                                        cold="none") as state:
-                    add(bench_get_hot("redis", state))
-                    add(bench_set("redis+postgres", state))
+                    add(bench_get_hot("Redis", state, SERVER_KEYS))
+                    add(bench_set("Redis + PostgreSQL", state, SERVER_KEYS))
                 with tiered_state.open(folder / "pg", hot="none", warm=urls[1],
                                        cold="none") as state:
-                    add(bench_get_catalog("postgres", state))
+                    add(bench_get_catalog("PostgreSQL", state, SERVER_KEYS))
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    print_table("StateManager vs its own backends (median of alternating rounds; ratio = our "
-                "time / the 'vs' case's)", rows)
-    write_json("manager", {"rows": rows, "raw": raw_results})
+    print_rows("StateManager vs its own backends (ratio = our median time / the other side's; "
+               "lower is better)", rows)
+    write_json("manager", rows, {"results": raw_results},
+               used_servers=("redis", "postgres") if any("Redis" in k for k in raw_results) else ())
 
 
 if __name__ == "__main__":

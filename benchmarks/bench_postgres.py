@@ -1,46 +1,77 @@
-"""PostgresStateRepository vs raw psycopg2, same server, same run.
+"""PostgreSQL: tiered-state against raw psycopg2, same server, same run.
 
-Run: ``python -m benchmarks.bench_postgres`` with ``TIERED_STATE_TEST_POSTGRES_URL``
-set (default ``postgresql://postgres@127.0.0.1:5432/test``).
+Run: ``python -m benchmarks.bench_postgres`` (about a minute and a half)
+with ``TIERED_STATE_TEST_POSTGRES_URL`` set (default
+``postgresql://postgres@127.0.0.1:5432/test``). Every table is this run's own
+and dropped at the end.
 
-Targets: ``store_many`` of 10k records at >= 0.8x the throughput of
-raw ``execute_values``; a single ``fetch`` <= 1.25x a raw point SELECT;
-``iter_keys`` over 100k rows in bounded memory (tracemalloc peak for 10k keys
-vs 100k keys).
+**API** -- a PostgreSQL-only store, ``tiered_state.open(hot="none",
+warm="postgresql://...?table=...", cold="none")``, called with Python values,
+against psycopg2 on a ``(key TEXT PRIMARY KEY, value JSONB)`` table with
+``json.dumps`` inside the timed loop (psycopg2 decodes ``jsonb`` itself on
+reads): ``set`` vs an autocommit ``INSERT ... ON CONFLICT DO UPDATE``, ``get``
+vs a point ``SELECT``, ``set_many`` of 10k vs ``execute_values`` in one
+transaction, ``get_many`` of 10k vs ``SELECT ... WHERE key = ANY(%s)``. Both
+sides commit the same way on the same server (the server's
+``synchronous_commit``). No target.
 
-For the catalog design, one row without a target: ``store_if_newer`` -- the
-conditional entry write every ``set`` makes when PostgreSQL is the catalog
-(a prepared upsert ``... WHERE version < new``) -- next to the same upsert
-sent raw through a psycopg2 cursor, one row per call, new versions each time.
-The raw side is a plain cursor (no PREPARE), as a user would write it; the
-library PREPAREs its point statements, which is why its fetch can beat the
-raw SELECT.
+**repository** -- ``PostgresStateRepository`` opened with
+``open_repository`` against psycopg2 writing the same rows (the backend's
+columns, payloads and metadata encoded before the timing on both sides).
+Targets, as time ratios (ours / raw): ``store_many`` of 10k records <= 1.25
+(at least 0.8x the throughput of raw ``execute_values``); a single ``fetch``
+<= 1.25 a raw point ``SELECT``; ``iter_keys`` over 100k rows in bounded
+memory (tracemalloc peak for 100k keys under twice the 10k peak + 256 KiB).
+The raw side is a plain cursor (no ``PREPARE``), as a user would write it;
+the library prepares its point statements, which is why its ``fetch`` can
+beat the raw ``SELECT``. Without a target: ``store_if_newer`` -- the
+conditional entry write every ``set`` makes when PostgreSQL holds the
+catalog -- next to the same upsert sent raw, and ``fetch_many`` of 10k next
+to a raw ``ANY`` select.
 """
 
 from __future__ import annotations
 
 import os
+import tempfile
 import time
 import tracemalloc
-import uuid
+from pathlib import Path
 from typing import Any
 
 import psycopg2
 from psycopg2.extras import execute_values
 
+import tiered_state
 from tiered_state import codec
+from tiered_state.config import open_repository
 from tiered_state.record import make_metadata
-from tiered_state.repositories import postgres_repository as pgmod
-from tiered_state.repositories.postgres_repository import PostgresStateRepository, _canonical
 
-from .harness import measure, print_table, ratio, write_json
-
-URL = os.environ.get(
-    "TIERED_STATE_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test"
+from .harness import (
+    compare,
+    drop_postgres_table,
+    fact,
+    measure,
+    peer_rows,
+    print_rows,
+    scaled,
+    throughput_at_least,
+    unique,
+    with_option,
+    write_json,
 )
-N_BATCH = 10_000
-N_KEYS = 100_000
-N_FETCH = 500
+from .peers import Values, dumps, value, writer
+
+URL = (os.environ.get("TIERED_STATE_TEST_POSTGRES_URL", "").strip()
+       or "postgresql://postgres@127.0.0.1:5432/test")
+BATCH = scaled(10_000, 2000)
+N_KEYS = scaled(100_000, 20_000)
+SINGLE = scaled(500, 100)
+ROUNDS = scaled(7, 3)
+TARGET = throughput_at_least(0.8)
+
+Rows = list[dict[str, Any]]
+Results = dict[str, dict[str, float]]
 
 _RAW_UPSERT = (
     "INSERT INTO {t} (key, data, checksum, size_bytes, version, created_at, updated_at, "
@@ -52,14 +83,89 @@ _RAW_UPSERT = (
 _RAW_ROW = "(%s, %s::jsonb, %s, %s, %s, to_timestamp(%s), to_timestamp(%s), to_timestamp(%s), %s)"
 
 
+def keys_of(n: int, prefix: str = "k") -> list[str]:
+    return [f"{prefix}{i:06d}" for i in range(n)]
+
+
+# ---------------------------------------------------------------- API level
+def run_api(folder: Path) -> tuple[Rows, Results]:
+    table, raw_table = unique("bench_pg_api"), unique("bench_pg_kv")
+    state = tiered_state.open(folder, hot="none", warm=with_option(URL, f"table={table}"),
+                              cold="none")
+    conn = psycopg2.connect(URL)
+    conn.autocommit = True
+    cur = conn.cursor()
+    try:
+        cur.execute(f'CREATE TABLE "{raw_table}" (key TEXT PRIMARY KEY, value JSONB NOT NULL)')
+        upsert = (f'INSERT INTO "{raw_table}" (key, value) VALUES (%s, %s) '
+                  "ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+        upsert_many = (f'INSERT INTO "{raw_table}" (key, value) VALUES %s '
+                       "ON CONFLICT (key) DO UPDATE SET value = excluded.value")
+        select = f'SELECT value FROM "{raw_table}" WHERE key = %s'
+        select_many = f'SELECT key, value FROM "{raw_table}" WHERE key = ANY(%s)'
+        keys = keys_of(BATCH)
+        few = keys[:SINGLE]
+        values, few_values = Values(BATCH), Values(SINGLE)
+        state.set_many(dict(zip(keys, values.pools[0])))
+        execute_values(cur, upsert_many, [(k, dumps(v)) for k, v in zip(keys, values.pools[0])],
+                       page_size=1000)
+        get = state.get
+
+        def raw_get() -> None:
+            for k in few:
+                cur.execute(select, (k,))
+                cur.fetchone()
+
+        def ours_set_many() -> None:
+            state.set_many(dict(zip(keys, values.next("ours"))))
+
+        def raw_set_many() -> None:
+            conn.autocommit = False  # one transaction, as set_many's
+            execute_values(cur, upsert_many, [(k, dumps(v)) for k, v in zip(keys, values.next("raw"))],
+                           page_size=1000)
+            conn.commit()
+            conn.autocommit = True
+
+        def ours_get_many() -> None:
+            assert len(state.get_many(keys)) == BATCH
+
+        def raw_get_many() -> None:
+            cur.execute(select_many, (keys,))
+            assert len(dict(cur.fetchall())) == BATCH
+
+        single = measure({"set": writer(state.set, few, few_values, "ours"),
+                          "upsert + json.dumps": writer(lambda k, v: cur.execute(upsert, (k, dumps(v))),
+                                                        few, few_values, "raw"),
+                          "get": lambda: [get(k) for k in few], "point SELECT": raw_get},
+                         ops=SINGLE, rounds=ROUNDS)
+        batch = measure({"set_many": ours_set_many, "execute_values + json.dumps": raw_set_many,
+                         "get_many": ours_get_many, "SELECT ANY": raw_get_many},
+                        ops=BATCH, rounds=scaled(5, 3))
+        cur.execute(select, (keys[9],))
+        row = cur.fetchone()
+        assert row is not None and state.get(keys[9]) == row[0]
+    finally:
+        state.close()
+        cur.execute(f'DROP TABLE IF EXISTS "{raw_table}"')
+        conn.close()
+        drop_postgres_table(URL, table)
+    results = {**single, **batch}
+    return peer_rows(results, "PostgreSQL-only store", [
+        ("set", "upsert + json.dumps", "psycopg2 upsert of ``json.dumps`` (jsonb)"),
+        ("get", "point SELECT", "psycopg2 point ``SELECT`` (jsonb decoded)"),
+        ("set_many", "execute_values + json.dumps",
+         f"psycopg2 ``execute_values`` of {BATCH:,} ``json.dumps``"),
+        ("get_many", "SELECT ANY", "psycopg2 ``SELECT ... = ANY(%s)``"),
+    ], BATCH), results
+
+
+# ---------------------------------------------------------------- repository level
 def items(n: int, prefix: str = "k") -> dict[str, tuple[str, Any]]:
     now = time.time()
     out = {}
-    for i in range(n):
-        payload = codec.encode(
-            {"i": i, "name": f"item-{i}", "qty": i * 1.5, "tags": ["a", "b"], "ok": True}
-        )
-        out[f"{prefix}{i:06d}"] = (payload, make_metadata(payload, i + 1, now=now))
+    for i, key in enumerate(keys_of(n, prefix)):
+        payload = codec.encode(value(i))
+        out[key] = (payload, make_metadata(payload, i + 1, now=now))
     return out
 
 
@@ -71,28 +177,15 @@ def raw_rows(batch: dict[str, tuple[str, Any]]) -> list[tuple[Any, ...]]:
     ]
 
 
-def main() -> None:
-    table = f"bench_{uuid.uuid4().hex[:8]}"
-    repo = PostgresStateRepository(URL, table=table)
+def run_repository() -> tuple[Rows, dict[str, Any]]:
+    table = unique("bench_pg")
+    repo = open_repository(with_option(URL, f"table={table}"))
     raw = psycopg2.connect(URL)
     raw.autocommit = True
     cur = raw.cursor()
-    rows: list[dict[str, Any]] = []
-    results: dict[str, Any] = {}
     try:
-        batch = items(N_BATCH)
+        batch = items(BATCH)
         repo.store_many(batch)  # creates the table; every timed round is an update
-
-        # ---- store_many of 10k: COPY (kept), execute_values inside the library, raw
-        def ours_copy() -> None:
-            repo.store_many(batch)
-
-        def ours_values() -> None:
-            saved, pgmod._COPY_MIN = pgmod._COPY_MIN, 10**9
-            try:
-                repo.store_many(batch)
-            finally:
-                pgmod._COPY_MIN = saved
 
         def raw_values() -> None:
             raw.autocommit = False  # one transaction, like the library's
@@ -101,33 +194,17 @@ def main() -> None:
             raw.commit()
             raw.autocommit = True
 
-        store = measure(
-            {"ours store_many (COPY)": ours_copy,
-             "ours store_many (execute_values)": ours_values,
-             "raw execute_values": raw_values},
-            ops=N_BATCH, rounds=5,
-        )
-        store_ratio = ratio(store, "ours store_many (COPY)", "raw execute_values")
-        values_ratio = ratio(store, "ours store_many (execute_values)", "raw execute_values")
+        store = measure({"store_many": lambda: repo.store_many(batch),
+                         "raw execute_values": raw_values}, ops=BATCH, rounds=scaled(5, 3))
 
-        # ---- single fetch vs a raw point SELECT (psycopg2 decodes the jsonb)
-        keys = list(batch)[:N_FETCH]
-
-        def ours_fetch() -> None:
-            for key in keys:
-                repo.fetch(key)
+        keys = list(batch)[:SINGLE]
 
         def raw_fetch() -> None:
             for key in keys:
                 cur.execute(f"SELECT data FROM {table} WHERE key = %s", (key,))
                 cur.fetchone()
 
-        fetch = measure({"ours fetch": ours_fetch, "raw point SELECT": raw_fetch},
-                        ops=N_FETCH, rounds=25)
-        fetch_ratio = ratio(fetch, "ours fetch", "raw point SELECT")
-
-        # ---- the catalog's conditional write (every set) vs the same upsert raw
-        single = list(batch.items())[:N_FETCH]
+        single = list(batch.items())[:SINGLE]
         versions = iter(range(10**6, 10**12))
         cas_sql = (_RAW_UPSERT.format(t=table).replace("VALUES %s", f"VALUES {_RAW_ROW}")
                    + f" WHERE {table}.version < excluded.version")
@@ -143,30 +220,24 @@ def main() -> None:
                                       md["encoding"]))
                 assert cur.rowcount == 1
 
-        cas = measure({"ours store_if_newer": ours_cas, "raw conditional upsert": raw_cas},
-                      ops=N_FETCH, rounds=15)
-        fetch.update(cas)
+        fetch = measure({"fetch": lambda: [repo.fetch(k) for k in keys],
+                         "raw point SELECT": raw_fetch,
+                         "store_if_newer": ours_cas, "raw conditional upsert": raw_cas},
+                        ops=SINGLE, rounds=scaled(15, 3))
 
-        # ---- fetch_many of 10k: the cost of re-encoding JSONB to canonical text
         all_keys = list(batch)
-
-        def ours_fetch_many() -> None:
-            repo.fetch_many(all_keys)
 
         def raw_fetch_many() -> None:
             cur.execute(f"SELECT key, data FROM {table} WHERE key = ANY(%s)", (all_keys,))
             cur.fetchall()
 
-        many = measure({"ours fetch_many": ours_fetch_many, "raw ANY select": raw_fetch_many},
-                       ops=N_BATCH, rounds=5)
-        texts = [p for p, _ in batch.values()]
-        start = time.perf_counter()
-        for text in texts:
-            _canonical(codec.decode(text))
-        reencode_us = (time.perf_counter() - start) / len(texts) * 1e6
+        many = measure({"fetch_many": lambda: repo.fetch_many(all_keys),
+                        "raw ANY select": raw_fetch_many}, ops=BATCH, rounds=scaled(5, 3))
 
-        # ---- keys over 100k rows: streaming and memory
-        repo.store_many(items(N_KEYS - N_BATCH, prefix="z"))
+        # keys over N_KEYS rows: streaming and memory
+        more = items(N_KEYS - BATCH, prefix="z")
+        for start in range(0, len(more), BATCH):
+            repo.store_many(dict(list(more.items())[start:start + BATCH]))
 
         def ours_keys() -> None:
             for _ in repo.iter_keys("*"):
@@ -182,11 +253,10 @@ def main() -> None:
             raw.rollback()
             raw.autocommit = True
 
-        listing = measure({"ours iter_keys (100k)": ours_keys,
-                           "raw server-side cursor (100k)": raw_keys},
+        listing = measure({"iter_keys": ours_keys, "raw server-side cursor": raw_keys},
                           ops=N_KEYS, rounds=3)
         peaks = {}
-        for label, pattern, expect in (("10k", "k*", N_BATCH), ("100k", "*", N_KEYS)):
+        for label, pattern, expect in (("small", "k*", BATCH), ("large", "*", N_KEYS)):
             tracemalloc.start()
             count = sum(1 for _ in repo.iter_keys(pattern))
             peaks[label] = tracemalloc.get_traced_memory()[1]
@@ -197,43 +267,44 @@ def main() -> None:
         list_peak = tracemalloc.get_traced_memory()[1]
         tracemalloc.stop()
         assert listed == N_KEYS
-
-        for name, res in {**store, **fetch, **many, **listing}.items():
-            rows.append({"case": name, "median_ms": res["median_s"] * 1000,
-                         "per_op_us": res["per_op_us"], "ops_per_s": res["ops_per_s"]})
-        print_table("PostgreSQL: tiered-state vs raw psycopg2", rows)
-        summary = [
-            {"check": "store_many 10k throughput vs raw execute_values",
-             "value": 1 / store_ratio, "target": ">= 0.8x",
-             "ok": 1 / store_ratio >= 0.8},
-            {"check": "store_many 10k via execute_values in the library (not kept)",
-             "value": 1 / values_ratio, "target": "(for comparison)", "ok": "-"},
-            {"check": "fetch time vs raw point SELECT",
-             "value": fetch_ratio, "target": "<= 1.25x", "ok": fetch_ratio <= 1.25},
-            {"check": "store_if_newer time vs raw conditional upsert",
-             "value": ratio(cas, "ours store_if_newer", "raw conditional upsert"),
-             "target": "(info)", "ok": "-"},
-            {"check": "fetch_many 10k time vs raw ANY select",
-             "value": ratio(many, "ours fetch_many", "raw ANY select"), "target": "-",
-             "ok": "-"},
-            {"check": "re-encode JSONB text to canonical, us/record",
-             "value": reencode_us, "target": "-", "ok": "-"},
-            {"check": "iter_keys tracemalloc peak KiB, 10k keys",
-             "value": peaks["10k"] / 1024, "target": "~ same as 100k", "ok": "-"},
-            {"check": "iter_keys tracemalloc peak KiB, 100k keys",
-             "value": peaks["100k"] / 1024, "target": "bounded",
-             "ok": peaks["100k"] < 2 * peaks["10k"] + 256 * 1024},
-            {"check": "keys() (a list) tracemalloc peak KiB, 100k keys",
-             "value": list_peak / 1024, "target": "(grows, for contrast)", "ok": "-"},
-        ]
-        print_table("Targets", summary)
-        results = {"cases": {**store, **fetch, **many, **listing}, "summary": summary,
-                   "tracemalloc_peak_bytes": {**peaks, "keys_list_100k": list_peak}}
-        write_json("postgres", results)
     finally:
         repo.close()
-        cur.execute(f"DROP TABLE IF EXISTS {table}")
+        cur.execute(f'DROP TABLE IF EXISTS "{table}"')
         raw.close()
+    n, big = f"{BATCH:,}", f"{N_KEYS:,}"
+    rows = [
+        compare(store, "store_many", "raw execute_values", level="repository",
+                measurement=f"PostgreSQL ``store_many`` ({n})",
+                vs="psycopg2 ``execute_values``, the same rows", target=TARGET),
+        compare(fetch, "fetch", "raw point SELECT", level="repository",
+                measurement="PostgreSQL ``fetch``", vs="psycopg2 point ``SELECT``", target=TARGET),
+        compare(fetch, "store_if_newer", "raw conditional upsert", level="repository",
+                measurement="PostgreSQL ``store_if_newer``",
+                vs="psycopg2 upsert ``WHERE version <``", readme=False),
+        compare(many, "fetch_many", "raw ANY select", level="repository",
+                measurement=f"PostgreSQL ``fetch_many`` ({n})", vs="psycopg2 ``SELECT ... ANY``",
+                readme=False),
+        compare(listing, "iter_keys", "raw server-side cursor", level="repository",
+                measurement=f"PostgreSQL ``iter_keys`` over {big} keys",
+                vs="psycopg2 server-side cursor", readme=False),
+        fact(f"PostgreSQL ``iter_keys`` peak memory (tracemalloc), {big} keys",
+             f"the same, {n} keys", ours=peaks["large"] / 1024, other=peaks["small"] / 1024,
+             unit="KiB", level="repository", target="< 2 x + 256 KiB (bounded)",
+             met=peaks["large"] < 2 * peaks["small"] + 256 * 1024),
+    ]
+    return rows, {"store_many": store, "single": fetch, "fetch_many": many, "keys": listing,
+                  "tracemalloc_peak_bytes": {**peaks, "keys_list": list_peak}}
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory(prefix="bench-postgres-", dir=os.environ.get("BENCH_DIR")) as tmp:
+        api_rows, api = run_api(Path(tmp))
+    repo_rows, repo = run_repository()
+    rows = api_rows + repo_rows
+    print_rows("PostgreSQL: tiered-state vs raw psycopg2 (ratio = our median time / the other "
+               "side's; lower is better)", rows)
+    write_json("postgres", rows, {"results": {"api": api, "repository": repo}},
+               used_servers=("postgres",))
 
 
 if __name__ == "__main__":
