@@ -35,9 +35,9 @@ def _open(config: dict[str, Any]) -> tiered_state.StateManager:
     policy = tiered_state.TieringPolicy(
         cold_after=config.get("cold_after", 0.05), hot_ttl=config.get("hot_ttl", 30),
         batch_size=config.get("batch_size", 50), purge_after=config.get("purge_after", 2.0),
-        # Compacts a segment as soon as a tenth of it is dead, so that a short
+        # Compacts a segment as soon as any of it is dead, so that a short
         # history has compactions racing the writers in it.
-        compact_below=config.get("compact_below", 0.9),
+        compact_below=config.get("compact_below", 1.0),
     )
     return tiered_state.open(config["path"], hot=config["hot"], warm=config["warm"],
                              cold=config["cold"], policy=policy)

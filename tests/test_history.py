@@ -232,7 +232,9 @@ def check(logs: Path, kills: int, label: str, *, compaction: bool = False) -> No
                f"the sweeps: {sweeps}")
     print(summary)
     if compaction:
-        assert sweeps.get("moved") and sweeps.get("compacted") and sweeps.get("segments_deleted"), \
+        # Records reach segments by the sweep's moves or by packing the
+        # migrator's demotes, whichever the timing favours; both compact.
+        assert sweeps.get("compacted") and sweeps.get("segments_deleted"), \
             f"no compaction ran under the history: {summary}"
     if not report.ok:
         lines = [summary, "NOT LINEARIZABLE:"]
