@@ -58,7 +58,7 @@ Tagged JSON (``typed-json``)
     fields; the constructor rebuilds the rest), ``pydantic`` the model's own
     JSON (``model_dump_json(round_trip=True)``, rebuilt with
     ``model_validate_json``, so fields round-trip as pydantic round-trips
-    them). Everything else is plain JSON, and output is deterministic.
+    them; a set field's items sorted as above). Everything else is plain JSON, and output is deterministic.
 
     Decoding never imports anything named by the data: a class tag is looked
     up among the classes the codec was given, and an unknown one raises
@@ -385,6 +385,24 @@ def _enc_set(codec: TypedJSONCodec, value: Any) -> Any:
     return {_TAG: type(value).__name__, "value": items}
 
 
+def _sorted_sets(python: Any, data: Any) -> Any:
+    """``data`` (a pydantic model's JSON) with every list that is a set in
+    ``python`` (the same model dumped as Python objects) sorted by its items'
+    text: pydantic writes a set in iteration order, which differs from one
+    process to the next (string hashing is salted), and equal values must
+    give equal payloads. Where the two dumps differ in shape (a serializer
+    only for JSON), ``data`` is left as pydantic wrote it.
+    """
+    if isinstance(python, (set, frozenset)) and isinstance(data, list) and len(data) == len(python):
+        return sorted(data, key=_canonical)
+    if isinstance(python, dict) and isinstance(data, dict):
+        return {key: _sorted_sets(python[key], item) if key in python else item
+                for key, item in data.items()}
+    if isinstance(python, (list, tuple)) and isinstance(data, list) and len(data) == len(python):
+        return [_sorted_sets(p, d) for p, d in zip(python, data)]
+    return data
+
+
 def _enc_bytes(codec: TypedJSONCodec, value: bytes | bytearray) -> Any:
     return {_TAG: type(value).__name__, "value": base64.b64encode(value).decode("ascii")}
 
@@ -678,6 +696,7 @@ class TypedJSONCodec:
         else:  # pydantic: the model's own JSON, which its validator reads back
             try:
                 data = json.loads(value.model_dump_json(round_trip=True))
+                data = _sorted_sets(value.model_dump(round_trip=True), data)
             except ValueError as exc:  # PydanticSerializationError: bytes not UTF-8...
                 raise SerializationError(
                     f"cannot encode {type(value).__name__}: pydantic cannot write it as JSON "
