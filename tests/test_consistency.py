@@ -233,8 +233,8 @@ def test_new_thread_and_forked_child_never_serve_an_overwritten_value(tmp_path: 
 # -------------------------------------------------------------------- 8
 def test_get_many_repairs_like_get_and_keys_lists_the_catalog(tmp_path: Path) -> None:
     with _open(tmp_path) as state:
-        state.set_many({"a": 1, "b": 2, "c": 3}, tier="warm")
-        assert state.demote("a", to="cold") is True
+        state.set_many({"b": 2, "c": 3}, tier="warm")
+        state.set("a", 1, tier="cold")  # one object, named by key and version
         assert state.promote("a", to="warm") is True  # a valid copy of v(a) stays in COLD
         warm = state.repositories[tiered_state.Tier.WARM]
         entry = warm.fetch_record("a")

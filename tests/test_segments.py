@@ -289,6 +289,151 @@ def test_a_bulk_write_to_cold_is_one_segment_and_a_single_write_one_object(layou
         assert len(segments_of(state)) == 2
 
 
+def test_a_single_demote_is_a_one_record_segment_and_a_sweep_packs_them(layout: dict[str, Any]
+                                                                        ) -> None:
+    with opened(layout, cold_after=None) as state:
+        state.set_many(values(3), tier="warm")
+        for key in values(3):
+            assert state.demote(key, to="cold")
+        assert len(segments_of(state)) == 3 and state.repositories[COLD].keys() == []
+        report = state.sweep()
+        assert (report.compacted, report.failed) == (3, 0)
+        assert len(segments_of(state)) == 1
+        assert state.get_many(list(values(3))) == values(3)
+        state.set("lone", 1, tier="warm")
+        state.demote("lone", to="cold")
+        assert state.sweep().compacted == 0  # one record alone is no cheaper elsewhere
+        assert len(segments_of(state)) == 2
+
+
+def test_a_version_demoted_again_while_its_object_is_packed_stays_readable(
+        layout: dict[str, Any], monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pack deletes an object once its stub points at the new segment. If
+    the key is promoted and demoted again at the same version in between, the
+    new stub must not point at an object of that version's name, which the
+    pack is about to delete (the demote once wrote exactly that object)."""
+    with opened(layout, cold_after=None) as state, opened(layout, cold_after=None) as other:
+        state.set("a", {"a": 1}, tier="cold")  # one object each: what a pack packs
+        state.set("b", {"b": 2}, tier="cold")
+        real = Catalog.drop_payloads
+        raced: list[bool] = []
+
+        def racing(catalog: Catalog, versions: Any) -> None:
+            if versions and not raced:  # the pack's drop, after its stubs moved
+                raced.append(other.promote("a", to="warm") and other.demote("a", to="cold"))
+            real(catalog, versions)
+
+        monkeypatch.setattr(Catalog, "drop_payloads", racing)
+        report = state.sweep()
+        assert raced == [True] and report.packed == 2
+        monkeypatch.undo()
+        assert state.get("a", promote=False) == {"a": 1} and other.get("a") == {"a": 1}
+        assert state.get("b") == {"b": 2}
+        assert state.repositories[COLD].keys() == []
+
+
+@pytest.mark.parametrize("moves", [1, 3, 100])
+def test_a_read_follows_a_record_the_sweep_moves_away_and_never_calls_it_corrupt(
+        tmp_path: Path, moves: int) -> None:
+    """Between a read's catalog lookup and its ranged read, another process
+    moves the record to a new segment and deletes the old one (as a
+    compaction does). The read follows it; if it keeps moving, the read fails
+    with a BackendError to try again -- never an IntegrityError."""
+    layout = {"path": str(tmp_path / "store")}
+    with opened(layout, cold_after=None, promote_to=None) as state, \
+            opened(layout, cold_after=None) as other:
+        state.set("k", {"v": 1}, tier="warm")
+        state.demote("k", to="cold")
+        store = state._catalog.segments
+        real = store.read_many
+        moved: list[str] = []
+
+        def moving(spans: list[tuple[str, int, int]]) -> list[bytes | None]:
+            if len(moved) < moves:
+                assert other.promote("k", to="warm") and other.demote("k", to="cold")
+                store.delete(spans[0][0])
+                moved.append(spans[0][0])
+            return real(spans)
+
+        store.read_many = moving  # type: ignore[method-assign]
+        if moves < 9:
+            assert state.get("k") == {"v": 1} and len(moved) == moves
+        else:
+            with pytest.raises(tiered_state.BackendError, match="moved below the catalog"):
+                state.get("k")
+            assert len(moved) == 9  # the first read and eight more
+        store.read_many = real  # type: ignore[method-assign]
+        assert state.get("k") == {"v": 1} and other.get("k") == {"v": 1}
+
+
+def test_a_segment_collected_before_it_is_read_back_is_never_pointed_at(tmp_path: Path) -> None:
+    """Another process's sweep may delete a new segment between its write and
+    its read-back, once every record in it has moved on: the move then loses
+    like any race, and a write writes again with new versions."""
+    layout = {"path": str(tmp_path / "store")}
+    with opened(layout) as state, opened(layout) as other:
+        store = state._catalog.segments
+        real = store.put
+        collected: list[str] = []
+
+        def collected_at_once(name: str, data: bytes) -> None:
+            real(name, data)
+            if not collected:
+                other.set_many({"a": "newer", "b": "newer"}, tier="warm")  # both moved on
+                store.delete(name)
+                collected.append(name)
+
+        store.put = collected_at_once  # type: ignore[method-assign]
+        state.set_many({"a": 1, "b": 2}, tier="warm")
+        report = state.sweep()
+        assert collected and (report.moved, report.skipped, report.failed) == (0, 2, 0)
+        assert state.get_many(["a", "b"], promote=False) == {"a": "newer", "b": "newer"}
+        assert state.get_record("a", promote=False).tier is Tier.WARM
+
+        written: list[str] = []
+
+        def first_one_collected(name: str, data: bytes) -> None:
+            real(name, data)
+            if not written:
+                store.delete(name)
+            written.append(name)
+
+        store.put = first_one_collected  # type: ignore[method-assign]
+        versions = state.set_many({"c": 3, "d": 4}, tier="cold")  # written again, new versions
+        assert len(written) == 2 and state.get_many(["c", "d"]) == {"c": 3, "d": 4}
+        assert {state.get_record(k, promote=False).version for k in "cd"} == set(versions.values())
+        assert written[1] in segments_of(state) and written[0] not in segments_of(state)
+
+
+def test_touch_racing_a_compaction_never_names_the_retired_segment(layout: dict[str, Any]) -> None:
+    """A touch of a record in COLD that a compaction moves to a new segment
+    (same version) between the touch's read and its write: the old segment
+    is deleted, and the touched entry must not name it."""
+    with opened(layout, cold_after=None, promote_to=None) as state, \
+            opened(layout, cold_after=None, compact_below=1.0) as other:
+        state.set_many({"k": {"v": 1}, "gone": 0}, tier="cold")
+        version = state.get_record("k").version
+        repo = state._catalog.repo
+        real = repo.store_if_version
+        retired = segments_of(state)
+
+        def compacted_first(*args: Any) -> bool:
+            if set(segments_of(state)) == set(retired):
+                other.delete("gone")  # a dead frame: compacted at once
+                report = other.sweep()
+                assert report.compacted == 1 and report.segments_deleted == 1
+            return real(*args)
+
+        repo.store_if_version = compacted_first  # type: ignore[method-assign]
+        assert state.touch("k", 3600) is True
+        repo.store_if_version = real  # type: ignore[method-assign]
+        assert not set(retired) & set(segments_of(state))
+        record = state.get_record("k")
+        assert record.value == {"v": 1} and record.version == version
+        assert record.expires_at is not None and record.expires_at > time.time() + 3000
+        assert other.get("k") == {"v": 1}
+
+
 def test_compaction_keeps_every_value_and_frees_the_dead_bytes(layout: dict[str, Any]) -> None:
     with opened(layout) as state:
         state.set_many(values(1000), tier="warm")

@@ -59,6 +59,10 @@ RESERVED_PREFIX = "__tiered_state__:"
 _HEX = frozenset("0123456789abcdef")
 #: Segment footers kept per process (a few KiB each).
 _FOOTER_CACHE = 4096
+#: How many more times a read follows a key whose payload moved away between
+#: its catalog read and its payload read (each time a sweep finished a move of
+#: that very key in between) before it gives up with a BackendError.
+_READ_AGAIN = 8
 
 
 def payload_name(key: str, version: int) -> str:
@@ -215,7 +219,7 @@ class Catalog:
         return tier is self.tier or self.payload_tier is None or tier is not self.payload_tier
 
     # ------------------------------------------------------------ reads
-    def resolve(self, entries: Mapping[str, Entry], now: float, *, _again: int = 3
+    def resolve(self, entries: Mapping[str, Entry], now: float, *, _again: int = _READ_AGAIN
                 ) -> tuple[dict[str, Resolved], list[str]]:
         """The values of live catalog entries: values as they are, stubs with
         their payloads read and checked against the stub.
@@ -232,6 +236,8 @@ class Catalog:
 
         :returns: ``(key -> Resolved, corrupt keys)``; dead entries (absent,
             expired, tombstones) are in neither.
+        :raises BackendError: a key's payload moved away again each time it
+            was read (a lost race, not damage: reading again will do).
         """
         found: dict[str, Resolved] = {}
         stubs: dict[str, Entry] = {}
@@ -262,17 +268,22 @@ class Catalog:
                 else:
                     found[key] = Resolved(value, self.payload_tier or self.tier)
             if missing:
-                now_entries = self.repo.fetch_many(missing) if _again else {}
+                now_entries = self.repo.fetch_many(missing)
                 # Moved on: a newer version, or the same one elsewhere (compacted
                 # into another segment, or promoted into the catalog).
                 moved = {k: e for k, e in now_entries.items()
                          if e.version != stubs[k].version or e.payload != stubs[k].payload}
                 for key in missing:
-                    if key in moved or (_again and key not in now_entries):
+                    if key in moved or key not in now_entries:
                         continue  # replaced or deleted since it was read: not corrupt
                     log.error("the payload of key %r (%s) is missing or fails its checksum",
                               key, names[key] or stubs[key].payload)
                     corrupt.append(key)
+                if moved and not _again:
+                    raise BackendError(
+                        f"{len(moved)} key(s) moved below the catalog each of the "
+                        f"{_READ_AGAIN + 1} times they were read, a sweep compacting them "
+                        f"meanwhile; read them again: {sorted(moved)[:5]}")
                 if moved:
                     more, still = self.resolve(moved, now, _again=_again - 1)
                     found.update(more)

@@ -492,7 +492,8 @@ class StateManager(Operations):
             ticket = hot.before_write(versions) if hot is not None else None
             try:
                 if payloads:
-                    errors = self._store_below(payloads, entries)
+                    errors = self._store_below(payloads, entries, fresh=all(
+                        it.fixed is None for it in pending if it.key in payloads))
                     if time.monotonic() - started > GARBAGE_GRACE / 2:
                         raise _TooSlow  # the sweep may count these payloads as garbage already
                 if ticket is not None:
@@ -555,15 +556,22 @@ class StateManager(Operations):
         return keep
 
     def _store_below(self, payloads: dict[str, tuple[str, Metadata]],
-                     entries: dict[str, tuple[str, Metadata]]) -> dict[str, BaseException]:
-        """Store the payloads of a write aimed below the catalog: a batch as one
-        segment where the tier keeps segments (its stubs then replace the ones
-        in ``entries``), otherwise one object each.
+                     entries: dict[str, tuple[str, Metadata]], *, fresh: bool
+                     ) -> dict[str, BaseException]:
+        """Store the payloads of a write aimed below the catalog as one segment
+        where the tier keeps segments (its stubs then replace the ones in
+        ``entries``), otherwise one object each.
+
+        A single payload of a version this write made (``fresh``) is one
+        object, as cheap as a one-record segment: its name, from key and
+        version, was never used. A restored version may have been below
+        before, and an object of it could be deleted by a sweep retiring the
+        old one; a segment's name is always new.
 
         :returns: ``key -> error`` for the payloads not stored.
         """
         catalog = self._catalog
-        if catalog.segments is None or len(payloads) < 2:
+        if catalog.segments is None or (len(payloads) == 1 and fresh):
             return catalog.store_payloads(payloads)
         try:
             _, stubs = catalog.store_segment(payloads)
@@ -933,9 +941,11 @@ class StateManager(Operations):
         """Give ``key`` a new lifetime in every tier: ``ttl`` from now (None:
         no expiry). Its value and version stay as they are.
 
-        The catalog entry is rewritten with one conditional write. Copies in
-        HOT are dropped rather than rewritten -- one with the old expiry must
-        never outlive the record -- so the next reads come from the catalog
+        The catalog entry is rewritten with one conditional write; a record
+        in COLD comes back into the catalog's tier, as with ``promote(key,
+        to="warm")``. Copies in HOT are dropped rather than rewritten -- one
+        with the old expiry must never outlive the record -- so the next
+        reads come from the catalog
         (and, with Redis as HOT, keep doing so until the key's next write or
         for at most five minutes).
 
@@ -953,11 +963,23 @@ class StateManager(Operations):
         expires_in = _check_ttl(ttl)
         if self._unchecked:
             self._ready()
-        repo = self._catalog.repo
+        catalog = self._catalog
+        repo = catalog.repo
         entry = repo.fetch_record(key)
         now = time.time()
         if entry is None or not entry.live(now):
             return False
+        if entry.kind == STUB:
+            # The value goes into the catalog rather than the stub back: a stub
+            # written again could name a segment or object the sweep retired
+            # since the read (compacted or packed at the same version).
+            found, corrupt = catalog.resolve({key: entry}, now)
+            if corrupt:
+                self._count("integrity_errors")
+                raise IntegrityError(f"every copy of {key!r} fails its checksum", key)
+            if key not in found:
+                return False
+            entry = found[key].entry
         metadata = entry.metadata.copy()
         metadata["expires_at"] = None if expires_in is None else now + expires_in
         # Refused only if a write or delete came in since the read: the touch

@@ -83,7 +83,8 @@ class TieringPolicy:
         also the most records one COLD segment holds.
     :param compact_below: a sweep rewrites COLD segments whose live fraction
         of bytes has fallen below this (overwrites and deletes leave dead
-        bytes behind), packing their live records into a new segment. 0: never.
+        bytes behind), packing their live records into a new segment; it packs
+        the one-record segments a single demote writes the same way. 0: never.
     :param purge_after: seconds a dead entry -- a delete's tombstone, an
         expired record -- stays in the catalog before a sweep purges it. While
         it stays it orders later writes of its key after it, so a write that

@@ -233,7 +233,12 @@ class Sweeper:
                 report._fail(corrupt, "checksum mismatch in the catalog and no valid copy; not moved")
         if not items:
             return 0
-        if catalog.segments is not None and len(items) > 1:
+        if catalog.segments is not None:
+            # Even one record: a move copies a version the catalog already
+            # holds, and that version may have been below before (demoted,
+            # promoted, demoted again). An object is named by key and version,
+            # so writing it again would recreate a name that a pack or a
+            # compaction may be deleting right then; a segment's name is new.
             return self._commit_segment(items, report, "moved")
         try:
             failed = catalog.store_payloads(items)
@@ -331,11 +336,14 @@ class Sweeper:
 
     # ------------------------------------------------------------ segments
     def segments(self, report: SweepReport, now: float) -> None:
-        """Delete segments nothing points at, compact mostly dead ones."""
+        """Delete segments nothing points at; compact mostly dead ones, and
+        pack the one-record segments single moves write, as :meth:`pack`
+        packs objects."""
         catalog = self.catalog
         threshold = self.policy.compact_below
         sparse: list[tuple[str, dict[str, Entry]]] = []
         waiting = 0
+        dead = False  # whether a segment in ``sparse`` has dead bytes to give back
         for segment in catalog.scan_segments(now):
             name, footer, entries, live = segment.name, segment.footer, segment.entries, segment.live
             if not live:
@@ -348,13 +356,15 @@ class Sweeper:
                     if self._delete_segment(name):
                         report.segments_deleted += 1
                 continue
-            if segment.live_bytes < threshold * footer.frame_bytes:
+            wasted = segment.live_bytes < threshold * footer.frame_bytes
+            if wasted or (threshold and len(footer.frames) == 1):
                 sparse.append((name, live))
                 waiting += len(live)
+                dead = dead or wasted
                 if waiting >= self._batch:
                     self.compact(sparse, report)
-                    sparse, waiting = [], 0
-        if sparse:
+                    sparse, waiting, dead = [], 0, False
+        if dead or waiting > 1:  # one lone record is no cheaper in a new segment
             self.compact(sparse, report)
 
     def compact(self, sparse: list[tuple[str, dict[str, Entry]]], report: SweepReport) -> None:
