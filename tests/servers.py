@@ -29,9 +29,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, TypeVar
 
-import pytest
-
-from .support import free_port
+from .support import free_port, require_module, skip
 
 __all__ = ["PrivatePostgres", "PrivateRedis", "PrivateRedisCluster", "PrivateSentinel", "RedisNode"]
 
@@ -80,10 +78,10 @@ class PrivateRedis(_Owned):
 
     def __init__(self, *, persistence: bool = False, port: int | None = None,
                  start: bool = True) -> None:
-        redis = pytest.importorskip("redis")
+        redis = require_module("redis")
         binary = shutil.which("redis-server")
         if binary is None:
-            pytest.skip("redis-server is not installed")
+            skip("redis-server is not installed", "redis")
         self._redis = redis
         self.binary = binary
         self.persistence = persistence
@@ -258,10 +256,10 @@ class PrivatePostgres(_Owned):
 
     def __init__(self, dbname: str = "test", *, port: int | None = None,
                  settings: dict[str, str] | None = None) -> None:
-        pytest.importorskip("psycopg2")
+        require_module("psycopg2")
         bindir = _pg_bindir()
         if bindir is None:
-            pytest.skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed")
+            skip("PostgreSQL server binaries (initdb, pg_ctl) are not installed", "postgres")
         self.bindir = bindir
         self.dbname = dbname
         self.port = port or free_port()
@@ -298,7 +296,7 @@ class PrivatePostgres(_Owned):
             try:
                 user = pwd.getpwnam("postgres")
             except KeyError:
-                pytest.skip("running as root and there is no postgres user to run initdb as")
+                skip("running as root and there is no postgres user to run initdb as", "postgres")
             for path in (self.root, self.sockets):
                 os.chown(path, user.pw_uid, user.pw_gid)
             self._as_postgres = ["runuser", "-u", "postgres", "--"]
@@ -438,7 +436,7 @@ def _redis_binaries(*tools: str) -> dict[str, str]:
     for tool in ("redis-server", *tools):
         path = shutil.which(tool)
         if path is None:
-            pytest.skip(f"{tool} is not installed")
+            skip(f"{tool} is not installed", "redis")
         found[tool] = path
     return found
 
@@ -569,7 +567,7 @@ class _Topology(_Owned):
     """Shared plumbing: a temp root with one directory per process, all killed by close()."""
 
     def __init__(self, prefix: str, *tools: str) -> None:
-        self._redis = pytest.importorskip("redis")
+        self._redis = require_module("redis")
         self.binaries = _redis_binaries(*tools)
         self.root = Path(tempfile.mkdtemp(prefix=prefix))
         self._all: list[RedisNode] = []  # every process ever started, for close()
