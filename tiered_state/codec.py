@@ -58,7 +58,8 @@ Tagged JSON (``typed-json``)
     fields; the constructor rebuilds the rest), ``pydantic`` the model's own
     JSON (``model_dump_json(round_trip=True)``, rebuilt with
     ``model_validate_json``, so fields round-trip as pydantic round-trips
-    them; a set field's items sorted as above). Everything else is plain JSON, and output is deterministic.
+    them; a set field's items are sorted as above). Everything else is plain
+    JSON, and output is deterministic.
 
     Decoding never imports anything named by the data: a class tag is looked
     up among the classes the codec was given, and an unknown one raises

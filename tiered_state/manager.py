@@ -945,9 +945,8 @@ class StateManager(Operations):
         in COLD comes back into the catalog's tier, as with ``promote(key,
         to="warm")``. Copies in HOT are dropped rather than rewritten -- one
         with the old expiry must never outlive the record -- so the next
-        reads come from the catalog
-        (and, with Redis as HOT, keep doing so until the key's next write or
-        for at most five minutes).
+        reads come from the catalog (and, with Redis as HOT, keep doing so
+        until the key's next write or for at most five minutes).
 
         >>> version = state.set("session:42", {"user": 7}, ttl=60)
         >>> state.touch("session:42", 3600), state.touch("session:43", 3600)
