@@ -7,6 +7,7 @@ records went COLD (38 MB after sweeping 100k records of 500 bytes).
 from __future__ import annotations
 
 import multiprocessing
+import multiprocessing.synchronize
 import os
 import sqlite3
 import time
@@ -55,6 +56,35 @@ def test_a_sweep_to_cold_shrinks_the_embedded_warm_file(tmp_path: Path, monkeypa
         assert got == {f"pos:{i}": dict(VALUE, i=i) for i in range(count)}
         # A second sweep has nothing to give back.
         assert state.sweep().reclaimed_bytes == 0
+
+
+def _open_and_write(path: str, barrier: multiprocessing.synchronize.Barrier, n: int) -> None:
+    barrier.wait(timeout=30)
+    with tiered_state.open(path) as state:
+        state.set(f"k{n}", n, tier="warm")
+
+
+def test_a_new_file_is_incremental_however_many_processes_create_it(tmp_path: Path) -> None:
+    """The mode is set before the header is written, by whichever process
+    writes it; a process that finds the file begun leaves it alone."""
+    ctx = multiprocessing.get_context("spawn")
+    for round_ in range(3):
+        path = tmp_path / f"store{round_}"
+        barrier = ctx.Barrier(4)
+        procs = [ctx.Process(target=_open_and_write, args=(str(path), barrier, n)) for n in range(4)]
+        for proc in procs:
+            proc.start()
+        for proc in procs:
+            proc.join(timeout=60)
+        assert [proc.exitcode for proc in procs] == [0] * 4
+        conn = sqlite3.connect(path / "warm.db")
+        try:
+            assert conn.execute("PRAGMA auto_vacuum").fetchone()[0] == 2
+            assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        finally:
+            conn.close()
+        with tiered_state.open(path) as state:
+            assert state.get_many([f"k{n}" for n in range(4)]) == {f"k{n}": n for n in range(4)}
 
 
 def test_a_file_without_auto_vacuum_is_rewritten_once(tmp_path: Path) -> None:

@@ -470,12 +470,6 @@ class SQLiteStateRepository(StateRepository):
             )
             try:
                 conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-                if os.path.getsize(self.path) == 0:
-                    # A new file, before its header is written (by the switch
-                    # to WAL): then the pages deletes free can be given back by
-                    # reclaim_space() without rewriting the file. Set on every
-                    # connection, the pragma would be a write of its own.
-                    conn.execute("PRAGMA auto_vacuum = INCREMENTAL")
                 mode = self._wal(conn)
                 conn.execute(f"PRAGMA synchronous = {self.synchronous}")
                 # LIKE must be case sensitive: keys are. (It also lets a
@@ -528,7 +522,8 @@ class SQLiteStateRepository(StateRepository):
         return conn
 
     def _wal(self, conn: sqlite3.Connection) -> str:
-        """Put the file in WAL mode (once per file; later connections find it so).
+        """Put the file in WAL mode (once per file; later connections find it
+        so), a new file with incremental auto-vacuum first.
 
         Switching needs an exclusive lock and SQLite answers SQLITE_BUSY at
         once, without its busy handler, when another process is opening the
@@ -541,6 +536,13 @@ class SQLiteStateRepository(StateRepository):
             mode = str(c.execute("PRAGMA journal_mode").fetchone()[0])
             if mode.lower() == "wal":
                 return mode
+            if c.execute("PRAGMA page_count").fetchone()[0] == 0:
+                # Still empty: the setting costs nothing now and is written
+                # with the header, so the pages deletes free can later be
+                # given back by reclaim_space() without rewriting the file.
+                # On a file another process has just begun, it would be a
+                # write of its own -- one more thing the retry covers.
+                c.execute("PRAGMA auto_vacuum = INCREMENTAL")
             return str(c.execute("PRAGMA journal_mode = WAL").fetchone()[0])
 
         return self._write(switch, conn=conn)
