@@ -398,7 +398,9 @@ def run_description(name: str, used_servers: Iterable[str] = ()) -> dict[str, An
     used = list(used_servers)
     knobs = [f"{k}={os.environ[k]}" for k in KNOBS if os.environ.get(k, "").strip()]
     commit = _git("rev-parse", "--short", "HEAD")
-    dirty = bool(_git("status", "--porcelain", "--untracked-files=no"))
+    # Changed code, not the results earlier scripts of the same run wrote.
+    dirty = bool(_git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                      ":(exclude)benchmarks/results", ":(exclude)README.rst"))
     finished = time.time()
     return {
         "command": " ".join([*knobs, "python", "-m", f"benchmarks.bench_{name}"]),
