@@ -736,6 +736,32 @@ def _busy() -> sqlite3.OperationalError:
     return exc
 
 
+def test_a_busy_error_without_its_code_is_retried_too(tmp_path: Path) -> None:
+    """Python 3.10's sqlite3 gives no error code: a busy error is known by
+    SQLite's message then (unretried, four processes opening a new store at
+    once failed on 3.10 only). Another error without a code is not retried."""
+    repo = SQLiteStateRepository(tmp_path / "r.db", busy_timeout=0.5)
+    refusals = iter([sqlite3.OperationalError("database is locked"), None])
+
+    def refused_once(conn: sqlite3.Connection) -> int:
+        error = next(refusals)
+        if error is not None:
+            raise error
+        return conn.execute("SELECT 7").fetchone()[0]  # type: ignore[no-any-return]
+
+    assert repo._write(refused_once) == 7
+    calls: list[int] = []
+
+    def table_locked(conn: sqlite3.Connection) -> None:
+        calls.append(1)
+        raise sqlite3.OperationalError("database table is locked")
+
+    with pytest.raises(BackendError):
+        repo._write(table_locked)
+    assert calls == [1]
+    repo.close()
+
+
 def test_a_write_refused_at_once_is_retried_until_the_busy_timeout(tmp_path: Path) -> None:
     """SQLite answers some SQLITE_BUSY without waiting (the WAL switch, a stale
     snapshot): such a write is tried again, never failed before busy_timeout."""

@@ -149,6 +149,19 @@ _NOT_VALUE = f"('{STUB}', '{TOMBSTONE}')"
 #: message goes on to quote the value, so it is never shown).
 _UNDECODABLE = "Could not decode to UTF-8"
 _SQLITE_BUSY = 5
+#: SQLite's message for SQLITE_BUSY and each of its extended codes.
+_BUSY_TEXT = "database is locked"
+
+
+def _busy(exc: BaseException) -> bool:
+    """True for SQLITE_BUSY (any extended code): nothing was written, and
+    the same work may succeed when tried again. By the error code where
+    sqlite3 gives one (Python 3.11 on), else by SQLite's own message for it:
+    on 3.10 every busy error would otherwise fail at once, unretried."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    if isinstance(code, int):
+        return code & 0xFF == _SQLITE_BUSY
+    return isinstance(exc, sqlite3.OperationalError) and str(exc).startswith(_BUSY_TEXT)
 
 
 def _undecodable(exc: BaseException) -> bool:
@@ -641,10 +654,8 @@ class SQLiteStateRepository(StateRepository):
                         raise
                     return result
                 except (sqlite3.Error, OSError) as exc:
-                    code = getattr(exc, "sqlite_errorcode", None)
-                    busy = isinstance(code, int) and code & 0xFF == _SQLITE_BUSY
                     left = deadline - time.monotonic() - pause
-                    if not busy or left <= 0:
+                    if not _busy(exc) or left <= 0:
                         raise self._translate(exc) from exc
                 time.sleep(pause)
                 pause = min(pause * 2, 0.05)
