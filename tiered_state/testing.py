@@ -164,6 +164,29 @@ def make(
     return payload, make_metadata(payload, version, now=time.time() if now is None else now, ttl=ttl)
 
 
+def run_threads(work: Callable[[int], None], count: int = 4, timeout: float = 60.0) -> None:
+    """Run ``work(0)`` .. ``work(count - 1)`` on threads at once; fail the test
+    on the first exception any of them raised, or if one is still running
+    after ``timeout`` seconds (a hung backend must not hang the suite)."""
+    errors: list[BaseException] = []
+
+    def guarded(t: int) -> None:
+        try:
+            work(t)
+        except BaseException as exc:  # noqa: BLE001 - reported by the calling thread
+            errors.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(t,), daemon=True) for t in range(count)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + timeout
+    for thread in threads:
+        thread.join(max(deadline - time.monotonic(), 0.0))
+    assert not any(thread.is_alive() for thread in threads), f"threads still running after {timeout} s"
+    if errors:
+        raise errors[0]
+
+
 def same_metadata(got: Metadata, want: Metadata) -> bool:
     """Metadata equal, allowing timestamps the store keeps to the microsecond."""
     for field in ("checksum", "size_bytes", "version", "encoding"):
@@ -810,28 +833,19 @@ class RepositoryContract:
         greatest version wins and every successful CAS saw the version it replaced."""
         subject.store("race", *make(0, 1))
         wins: list[tuple[int, int]] = []
-        errors: list[BaseException] = []
         lock = threading.Lock()
 
         def work(t: int) -> None:
-            try:
-                for i in range(25):
-                    current = subject.fetch_record("race")
-                    assert current is not None
-                    new = current.version + 1 + t  # distinct threads may pick the same
-                    if subject.store_if_version("race", *make([t, i], new), expected=current.version):
-                        with lock:
-                            wins.append((current.version, new))
-                    subject.store_many_if_newer({"newest": make([t, i], 1000 * t + i + 1)})
-            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
-                errors.append(exc)
+            for i in range(25):
+                current = subject.fetch_record("race")
+                assert current is not None
+                new = current.version + 1 + t  # distinct threads may pick the same
+                if subject.store_if_version("race", *make([t, i], new), expected=current.version):
+                    with lock:
+                        wins.append((current.version, new))
+                subject.store_many_if_newer({"newest": make([t, i], 1000 * t + i + 1)})
 
-        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert errors == []
+        run_threads(work)
         # The successful swaps form one chain: each replaced the previous winner.
         chain = sorted(wins)
         assert [old for old, _ in chain][1:] == [new for _, new in chain][:-1]
@@ -985,20 +999,10 @@ class RepositoryContract:
         assert not leaks, f"the secret shows in: {leaks}"
 
     def test_concurrent_writers(self, subject: StateRepository) -> None:
-        errors: list[BaseException] = []
-
         def work(t: int) -> None:
-            try:
-                for i in range(50):
-                    subject.store(f"t{t}-{i}", *make([t, i]))
-                    assert subject.fetch(f"t{t}-{i}") == [t, i]
-            except BaseException as exc:  # noqa: BLE001 - reported by the main thread
-                errors.append(exc)
+            for i in range(50):
+                subject.store(f"t{t}-{i}", *make([t, i]))
+                assert subject.fetch(f"t{t}-{i}") == [t, i]
 
-        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        assert errors == []
+        run_threads(work)
         assert len(subject.keys("t*")) == 200
